@@ -1,0 +1,213 @@
+"""Configuration of the hierarchical (superclass + class) EfficientNetV2-S classifier for CIFAR-100."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import PretrainedConfig
+
+# The official CIFAR-100 tables: fine names in official (alphabetical) order, the 20 superclass
+# names in official order, and the superclass index of every fine class.
+CIFAR100_FINE_LABELS = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+]  # fmt: skip
+CIFAR100_COARSE_LABELS = [
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
+    "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
+    "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "large_omnivores_and_herbivores",
+    "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals", "trees",
+    "vehicles_1", "vehicles_2",
+]  # fmt: skip
+CIFAR100_FINE_TO_COARSE = [
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+]  # fmt: skip
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+# torchvision's efficientnet_v2_s().features has 8 stages: 0 stem, 1-3 FusedMBConv, 4-6 MBConv, 7 head conv.
+NUM_BACKBONE_STAGES = 8
+
+
+class HierarchicalEfficientNetV2Config(PretrainedConfig):
+    r"""
+    Configuration of [`HierarchicalEfficientNetV2ForImageClassification`]: an EfficientNetV2-S backbone with a
+    coarse head (superclasses) and a fine head (classes) that also sees the coarse logits.
+
+    The defaults describe CIFAR-100 (100 classes in 20 superclasses of 5) with the official label tables.
+
+    Args:
+        fine_to_coarse (`list[int]`, *optional*, defaults to the official CIFAR-100 table):
+            Superclass index of every fine class; its length is the number of fine classes.
+        id2label (`dict[int, str]`, *optional*, defaults to the 100 CIFAR-100 fine names):
+            Fine class names (`label2id` is derived from it).
+        coarse_label_names (`list[str]`, *optional*, defaults to the 20 CIFAR-100 superclass names):
+            Superclass names; the length is the number of superclasses.
+        num_frozen_stages (`int`, *optional*, defaults to 4):
+            How many of the 8 torchvision feature stages (`features[0]` ... `features[7]`) are frozen, counted
+            from the input. The default 4 freezes the stem and the three FusedMBConv stages (`features[0:4]`,
+            24/48/64 channels, under 5% of the backbone's parameters): no gradient, BatchNorm kept in eval mode.
+        dropout (`float`, *optional*, defaults to 0.2):
+            Dropout on the pooled features before both heads.
+        drop_path_rate (`float`, *optional*, defaults to 0.2):
+            Stochastic-depth rate of the backbone (torchvision's `stochastic_depth_prob`).
+        fine_head_uses_coarse_logits (`bool`, *optional*, defaults to `True`):
+            Whether the fine head's input is the pooled features concatenated with the coarse logits.
+        coarse_loss_weight (`float`, *optional*, defaults to 1.0):
+            Loss = fine cross-entropy + `coarse_loss_weight` x coarse cross-entropy.
+        label_smoothing (`float`, *optional*, defaults to 0.0):
+            Label smoothing applied inside both cross-entropies.
+        backbone_weights (`str`, *optional*, defaults to `"imagenet"`):
+            Initial backbone weights when a model is built fresh: `"imagenet"` (torchvision `IMAGENET1K_V1`),
+            `None` (random initialisation) or the path of a torchvision state dict (`.pth` or `.safetensors`).
+            Ignored by `from_pretrained`, which loads the saved weights.
+        image_size (`int`, *optional*, defaults to 224):
+            Input resolution. 224 is the default for GPU training: CIFAR's 32 px images upsampled so that
+            the ImageNet features apply (384, the resolution of the ImageNet weights, is a little more accurate
+            and about 3x slower); 32 trains fastest on CPU.
+        image_mean (`list[float]`, *optional*, defaults to the ImageNet mean):
+            Per-channel mean used for normalisation.
+        image_std (`list[float]`, *optional*, defaults to the ImageNet standard deviation):
+            Per-channel standard deviation used for normalisation.
+        channels_last (`bool`, *optional*, defaults to `False`):
+            Keep weights and activations in channels-last memory format (faster with mixed precision on GPU).
+
+    Example:
+
+    ```python
+    >>> from configuration_hierarchical import HierarchicalEfficientNetV2Config
+    >>> config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
+    >>> config.num_labels, config.num_coarse_labels
+    (100, 20)
+    >>> config.id2label[config.coarse_children(17)[0]]
+    'maple_tree'
+    ```
+    """
+
+    model_type = "hierarchical_efficientnet_v2"
+
+    def __init__(
+        self,
+        fine_to_coarse: list[int] | None = None,
+        coarse_label_names: list[str] | None = None,
+        num_frozen_stages: int = 4,
+        dropout: float = 0.2,
+        drop_path_rate: float = 0.2,
+        fine_head_uses_coarse_logits: bool = True,
+        coarse_loss_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        backbone_weights: str | None = "imagenet",
+        image_size: int = 224,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        channels_last: bool = False,
+        num_channels: int = 3,
+        **kwargs,
+    ):
+        if kwargs.get("id2label") is None and kwargs.get("num_labels") is None:
+            kwargs["id2label"] = dict(enumerate(CIFAR100_FINE_LABELS))
+        if kwargs.get("id2label") is not None:
+            kwargs["label2id"] = {name: int(i) for i, name in kwargs["id2label"].items()}
+        self.fine_to_coarse = list(CIFAR100_FINE_TO_COARSE if fine_to_coarse is None else fine_to_coarse)
+        self.coarse_label_names = list(CIFAR100_COARSE_LABELS if coarse_label_names is None else coarse_label_names)
+        self.num_frozen_stages = num_frozen_stages
+        self.dropout = dropout
+        self.drop_path_rate = drop_path_rate
+        self.fine_head_uses_coarse_logits = fine_head_uses_coarse_logits
+        self.coarse_loss_weight = coarse_loss_weight
+        self.label_smoothing = label_smoothing
+        self.backbone_weights = os.fspath(backbone_weights) if backbone_weights is not None else None
+        self.image_size = image_size
+        self.image_mean = list(IMAGENET_MEAN if image_mean is None else image_mean)
+        self.image_std = list(IMAGENET_STD if image_std is None else image_std)
+        self.channels_last = channels_last
+        self.num_channels = num_channels
+        super().__init__(**kwargs)
+        self.validate_hierarchy()
+
+    @property
+    def num_coarse_labels(self) -> int:
+        """Number of superclasses."""
+        return len(self.coarse_label_names)
+
+    def validate_hierarchy(self) -> None:
+        """Check every field of the configuration; raise `ValueError` naming the field and the bad value."""
+        num_fine, num_coarse = len(self.fine_to_coarse), len(self.coarse_label_names)
+        if num_fine != self.num_labels:
+            raise ValueError(
+                f"fine_to_coarse has {num_fine} entries but there are {self.num_labels} fine labels (id2label); "
+                "it needs one superclass index per fine class"
+            )
+        for fine, coarse in enumerate(self.fine_to_coarse):
+            if isinstance(coarse, bool) or not isinstance(coarse, int) or not 0 <= coarse < num_coarse:
+                raise ValueError(
+                    f"fine_to_coarse[{fine}] = {coarse!r} is not a superclass index in [0, {num_coarse}) "
+                    f"(coarse_label_names has {num_coarse} names)"
+                )
+        empty = sorted(set(range(num_coarse)) - set(self.fine_to_coarse))
+        if empty:
+            raise ValueError(
+                f"superclass {empty[0]} ({self.coarse_label_names[empty[0]]!r}) has no fine class in fine_to_coarse; "
+                f"superclasses without classes: {empty}"
+            )
+        for field, names in (
+            ("id2label", list(self.id2label.values())),
+            ("coarse_label_names", self.coarse_label_names),
+        ):
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            if duplicates:
+                raise ValueError(f"{field} has duplicate names: {duplicates}")
+        if sorted(self.id2label) != list(range(num_fine)):
+            raise ValueError(f"id2label keys must be 0..{num_fine - 1}, got {sorted(self.id2label)[:5]}...")
+        if not isinstance(self.num_frozen_stages, int) or not 0 <= self.num_frozen_stages <= NUM_BACKBONE_STAGES:
+            raise ValueError(f"num_frozen_stages must be in [0, {NUM_BACKBONE_STAGES}], got {self.num_frozen_stages!r}")
+        for field in ("dropout", "drop_path_rate", "label_smoothing"):
+            value = getattr(self, field)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{field} must be in [0, 1), got {value!r}")
+        if self.coarse_loss_weight < 0:
+            raise ValueError(f"coarse_loss_weight must be >= 0, got {self.coarse_loss_weight!r}")
+        if not isinstance(self.image_size, int) or self.image_size < 16:
+            raise ValueError(f"image_size must be an integer >= 16, got {self.image_size!r}")
+        if self.num_channels != 3:
+            raise ValueError(f"num_channels must be 3 (the backbone takes RGB input), got {self.num_channels!r}")
+        for field in ("image_mean", "image_std"):
+            value = getattr(self, field)
+            if len(value) != self.num_channels or (field == "image_std" and min(value) <= 0):
+                raise ValueError(f"{field} must hold {self.num_channels} values (std > 0), got {value!r}")
+        if self.backbone_weights not in (None, "imagenet") and not str(self.backbone_weights).endswith(
+            (".pth", ".pt", ".safetensors")
+        ):
+            raise ValueError(
+                f"backbone_weights must be 'imagenet', None or a .pth/.pt/.safetensors file, got {self.backbone_weights!r}"
+            )
+
+    def fine_to_coarse_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The fine-to-coarse mapping as a `(num_labels,)` int64 tensor."""
+        return torch.tensor(self.fine_to_coarse, dtype=torch.long, device=device)
+
+    def hierarchy_matrix(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """A `(num_labels, num_coarse_labels)` 0/1 float matrix: row `f` has a 1 at the superclass of `f`."""
+        matrix = torch.zeros(self.num_labels, self.num_coarse_labels, device=device)
+        matrix[torch.arange(self.num_labels), self.fine_to_coarse_tensor(device)] = 1.0
+        return matrix
+
+    def coarse_children(self, coarse_id: int) -> list[int]:
+        """Fine class indices that belong to superclass `coarse_id`."""
+        return [fine for fine, coarse in enumerate(self.fine_to_coarse) if coarse == coarse_id]
+
+
+__all__ = ["HierarchicalEfficientNetV2Config"]
