@@ -1,0 +1,850 @@
+"""Data pipeline of the hierarchical CIFAR-100 classifier: loading, validation, transforms and collation.
+
+`prepare_datasets` turns any supported source into splits with the columns `image`, `labels`, `coarse_labels`
+and `index`; `apply_transforms` attaches the per-image transforms; `HierarchicalCollator` builds batches (with
+optional MixUp/CutMix on fine and coarse targets alike). All training randomness is drawn from seeds derived from
+(seed, epoch, row index), never from the global RNG, so a resumed run sees the same augmentations as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import math
+import os
+import pickle
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import pyarrow.parquet
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features
+from datasets import Image as ImageFeature
+from torchvision.transforms import v2
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging
+
+from configuration_hierarchical import HierarchicalEfficientNetV2Config
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
+
+logger = logging.get_logger(__name__)
+
+AUGMENTATION_POLICIES = ("original", "trivialaugment", "randaugment", "autoaugment", "none")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+CIFAR_PYTHON_FILES = ("train", "test", "meta")
+LOCAL_DATA_HINT = "--dataset_name ../shared/data/cifar100-real"
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from, which columns and splits to use, and how training images are augmented."""
+
+    dataset_name: str = field(
+        default="uoft-cs/cifar100",
+        metadata={
+            "help": "A Hub dataset id; a local folder, file or glob of parquet/arrow files in the uoft-cs/cifar100 "
+            "schema (shards named train-*/test-* become those splits); an image folder with one subfolder per "
+            "class (or 'imagefolder' together with --data_dir); or an original cifar-100-python folder."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Data folder of a Hub dataset, or the folder of --dataset_name imagefolder."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where the datasets library caches what it loads."})
+    image_column_name: str = field(default="img", metadata={"help": "Column that holds the images."})
+    label_column_name: str = field(default="fine_label", metadata={"help": "Column that holds the fine labels."})
+    coarse_label_column_name: str = field(
+        default="coarse_label",
+        metadata={"help": "Column that holds the superclass labels; derived from the fine labels when absent."},
+    )
+    train_split_name: str = field(default="train", metadata={"help": "Name of the training split in the source."})
+    validation_split_name: str = field(
+        default="validation", metadata={"help": "Name of the validation split in the source, if it has one."}
+    )
+    test_split_name: str = field(default="test", metadata={"help": "Name of the test split in the source."})
+    train_val_split: float = field(
+        default=0.1,
+        metadata={
+            "help": "Fraction of the training split carved out (with the training seed, stratified by class) as the "
+            "validation split when the source has none; 0 carves nothing."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training rows (after splitting); default all."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N validation rows (after splitting); default all."}
+    )
+    max_predict_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N test rows; default all."}
+    )
+    augmentation: str = field(
+        default="original",
+        metadata={
+            "help": "Augmentation policy after crop and flip: 'original' (rotation + colour jitter), "
+            "'trivialaugment', 'randaugment', 'autoaugment' (CIFAR-10 policy) or 'none'.",
+            "choices": AUGMENTATION_POLICIES,
+        },
+    )
+    rotation_degrees: float = field(
+        default=15.0, metadata={"help": "Maximum rotation of the 'original' policy, in degrees; 0 disables it."}
+    )
+    color_jitter: float = field(
+        default=0.4,
+        metadata={"help": "Brightness, contrast and saturation jitter of the 'original' policy; 0 disables it."},
+    )
+    horizontal_flip: bool = field(default=True, metadata={"help": "Flip training images horizontally at random."})
+    random_crop: bool = field(
+        default=True,
+        metadata={"help": "Random crop with zero padding (4 px at 32 px, scaled with larger sources), CIFAR-style."},
+    )
+    random_erasing: float = field(
+        default=0.0, metadata={"help": "Probability of erasing a random rectangle of a training image."}
+    )
+    mixup_alpha: float = field(default=0.0, metadata={"help": "MixUp Beta(alpha, alpha) parameter; 0 disables it."})
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix Beta(alpha, alpha) parameter; 0 disables it."})
+    mix_prob: float = field(
+        default=1.0, metadata={"help": "Probability that a training batch is mixed when an alpha is above 0."}
+    )
+    cutmix_switch_prob: float = field(
+        default=0.5, metadata={"help": "Probability of CutMix rather than MixUp when both alphas are above 0."}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.train_val_split < 1.0:
+            raise ValueError(f"train_val_split must be in [0, 1), got {self.train_val_split!r}")
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of rows (or unset for all), got {value!r}")
+        if self.augmentation not in AUGMENTATION_POLICIES:
+            raise ValueError(f"augmentation must be one of {list(AUGMENTATION_POLICIES)}, got {self.augmentation!r}")
+        for name in ("rotation_degrees", "color_jitter", "mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("random_erasing", "mix_prob", "cutmix_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability and must be in [0, 1], got {getattr(self, name)!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_raw_datasets(args: DataArguments) -> DatasetDict:
+    """Load the source that `args.dataset_name` names, with the source's own splits and columns."""
+    if args.dataset_name == "imagefolder":
+        if args.data_dir is None:
+            raise ValueError("--dataset_name imagefolder needs --data_dir, the folder with one subfolder per class")
+        return load_image_folder(_existing_path(args.data_dir, "data_dir"), args)
+    path = os.path.expanduser(args.dataset_name)
+    if any(char in path for char in "*?["):  # a glob pattern
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise FileNotFoundError(f"--dataset_name {args.dataset_name!r}: the pattern matches no file")
+        return load_data_files(files, os.path.commonpath([os.path.dirname(p) for p in files]), args)
+    if os.path.isfile(path):
+        return load_data_files([path], os.path.dirname(path), args)
+    if os.path.isdir(path):
+        return load_local_folder(path, args)
+    if not _is_hub_id(args.dataset_name):
+        raise FileNotFoundError(f"--dataset_name {args.dataset_name!r}: no such file or folder")
+    return load_hub_dataset(args)
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub dataset id (`name` or `owner/name`) rather than a local path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+
+
+def _existing_path(path: str, option: str) -> str:
+    """`path` with `~` expanded; `FileNotFoundError` naming `option` when it does not exist."""
+    expanded = os.path.expanduser(path)
+    if not os.path.exists(expanded):
+        raise FileNotFoundError(f"--{option} {path!r}: no such file or folder")
+    return expanded
+
+
+def load_hub_dataset(args: DataArguments) -> DatasetDict:
+    """Load a Hub dataset; a clear error (no network traceback) when it cannot be reached."""
+    try:
+        return datasets.load_dataset(
+            args.dataset_name, args.dataset_config_name, data_dir=args.data_dir, cache_dir=args.cache_dir
+        )
+    except OSError as error:  # ConnectionError, OfflineModeIsEnabled, DatasetNotFoundError, HfHubHTTPError
+        raise FileNotFoundError(
+            f"The dataset {args.dataset_name!r} could not be downloaded from the Hugging Face Hub "
+            f"({type(error).__name__}: {error}), and there is no local file or folder of that name. This machine "
+            "may be offline: pass a local folder instead, e.g. "
+            f"{LOCAL_DATA_HINT} (parquet shards in the uoft-cs/cifar100 schema), an image folder with one "
+            "subfolder per class, or an extracted cifar-100-python folder."
+        ) from None
+
+
+def load_local_folder(path: str, args: DataArguments) -> DatasetDict:
+    """Load a local folder: `save_to_disk` output, cifar-100-python files, parquet/arrow shards or an image folder."""
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
+        loaded = datasets.load_from_disk(path)
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({args.train_split_name: loaded})
+    for folder in (path, os.path.join(path, "cifar-100-python")):
+        if all(os.path.isfile(os.path.join(folder, name)) for name in CIFAR_PYTHON_FILES):
+            return load_cifar_python(folder)
+    files = _list_files(path)
+    for extension in DATA_FILE_BUILDERS:
+        data_files = [f for f in files if f.endswith(extension)]
+        if data_files:
+            return load_data_files(data_files, path, args)
+    if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+        return load_image_folder(path, args)
+    raise FileNotFoundError(
+        f"--dataset_name {path!r} holds no parquet or arrow files, no images and no cifar-100-python files "
+        f"({', '.join(CIFAR_PYTHON_FILES)})"
+    )
+
+
+def _list_files(root: str) -> list[str]:
+    """Every file under `root`, sorted, skipping hidden files and folders."""
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith((".", "__")))
+        found.extend(os.path.join(folder, n) for n in sorted(names) if not n.startswith((".", "__")))
+    return found
+
+
+def load_data_files(files: list[str], root: str, args: DataArguments) -> DatasetDict:
+    """Load parquet or arrow files; a file's split is the split name its path (relative to `root`) starts with."""
+    extensions = {os.path.splitext(f)[1].lower() for f in files}
+    if len(extensions) != 1 or next(iter(extensions)) not in DATA_FILE_BUILDERS:
+        raise ValueError(
+            f"--dataset_name {args.dataset_name!r}: expected only .parquet or only .arrow files, got {sorted(extensions)}"
+        )
+    builder = DATA_FILE_BUILDERS[extensions.pop()]
+    split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
+    split_of = {f: _split_of(os.path.relpath(f, root), split_names) for f in files}
+    unnamed = [f for f, split in split_of.items() if split is None]
+    if len(unnamed) == len(files):
+        data_files = {args.train_split_name: files}
+    elif unnamed:
+        raise ValueError(
+            f"{len(unnamed)} of {len(files)} data files are not named after a split {list(split_names)}, e.g. "
+            f"{unnamed[0]!r}; name every file (or its folder) after its split, or none of them to use all as training"
+        )
+    else:
+        data_files = {split: [f for f in files if split_of[f] == split] for split in dict.fromkeys(split_of.values())}
+    if builder == "parquet":  # datasets cannot build an empty split: say so before it tries
+        for split, split_files in data_files.items():
+            if sum(pyarrow.parquet.read_metadata(f).num_rows for f in split_files) == 0:
+                raise ValueError(f"split {split!r} of {args.dataset_name!r} is empty (files: {split_files})")
+    logger.info(f"Loading {builder} files: { {split: len(names) for split, names in data_files.items()} }")
+    return datasets.load_dataset(builder, data_files=data_files, cache_dir=args.cache_dir)
+
+
+def _split_of(relative_path: str, split_names: tuple[str, ...]) -> str | None:
+    """The split whose name starts a component of `relative_path` (`train-00000-of-00001.parquet`, `test/x.arrow`)."""
+    for part in relative_path.split(os.sep):
+        for name in split_names:
+            if re.match(rf"{re.escape(name)}([-_.]|$)", part):
+                return name
+    return None
+
+
+def load_image_folder(path: str, args: DataArguments) -> DatasetDict:
+    """Load an image folder (one subfolder per class, optionally under train/ and test/ folders)."""
+    return datasets.load_dataset("imagefolder", data_dir=path, cache_dir=args.cache_dir)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickler for the original CIFAR-100 python files that refuses every global but numpy array reconstruction.
+
+    Those files only hold dicts of lists, bytes and numpy arrays; any other global (such as `os.system` in a
+    crafted file) raises `pickle.UnpicklingError` before anything is called.
+    """
+
+    ALLOWED_GLOBALS = {
+        ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Return an allowed numpy global; refuse anything else."""
+        if (module, name) not in self.ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused to load the global {module}.{name}: CIFAR-100 python files only need numpy arrays"
+            )
+        return self.ALLOWED_GLOBALS[(module, name)]
+
+
+def read_cifar_pickle(path: str) -> dict[bytes, Any]:
+    """Read one file of the original cifar-100-python folder (a dict with bytes keys) with `CifarUnpickler`."""
+    with open(path, "rb") as file:
+        content = CifarUnpickler(file, encoding="bytes").load()
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a dict as in the cifar-100-python files, got {type(content).__name__}")
+    return content
+
+
+def load_cifar_python(folder: str) -> DatasetDict:
+    """Load the original `cifar-100-python` folder (`train`, `test`, `meta`) into the Hub's `uoft-cs/cifar100` schema."""
+    meta = read_cifar_pickle(os.path.join(folder, "meta"))
+    features = Features(
+        {
+            "img": ImageFeature(),
+            "fine_label": ClassLabel(names=[name.decode() for name in meta[b"fine_label_names"]]),
+            "coarse_label": ClassLabel(names=[name.decode() for name in meta[b"coarse_label_names"]]),
+        }
+    )
+    splits = {}
+    for split in ("train", "test"):
+        content = read_cifar_pickle(os.path.join(folder, split))
+        data = np.asarray(content[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{os.path.join(folder, split)}: b'data' must have shape (N, 3072), got {data.shape}")
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3), stored channel-first
+        columns = {
+            "img": [{"bytes": _png_bytes(image), "path": None} for image in images],
+            "fine_label": list(content[b"fine_labels"]),
+            "coarse_label": list(content[b"coarse_labels"]),
+        }
+        splits[split] = Dataset.from_dict(columns, features=features)
+    return DatasetDict(splits)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    """PNG encoding of one (H, W, 3) uint8 array."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation and standard columns
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def prepare_datasets(args: DataArguments, config: HierarchicalEfficientNetV2Config, seed: int) -> DatasetDict:
+    """Load, validate and standardise the source; carve a validation split if needed; apply `max_*_samples`.
+
+    Returns the available splits among "train", "validation" and "test", each with the columns `image` (`Image`),
+    `labels` and `coarse_labels` (`ClassLabel`) and `index` (the row's position in its source split).
+    """
+    raw = load_raw_datasets(args)
+    source_names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
+    if not any(name in raw for name in source_names.values()):
+        raise ValueError(
+            f"the dataset has the splits {list(raw)}, none named {list(source_names.values())}; "
+            "pass --train_split_name / --validation_split_name / --test_split_name"
+        )
+    ignored = [name for name in raw if name not in source_names.values()]
+    if ignored:
+        logger.warning(f"Ignoring the splits {ignored} of {args.dataset_name!r}")
+    splits = {
+        split: standardise_split(raw[name], args, config, split_name=name)
+        for split, name in source_names.items()
+        if name in raw
+    }
+    if "validation" not in splits and "train" in splits and args.train_val_split > 0:
+        splits["train"], splits["validation"] = split_train_validation(splits["train"], args.train_val_split, seed)
+    limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_predict_samples}
+    for split, limit in limits.items():
+        if split in splits and limit is not None and limit < len(splits[split]):
+            splits[split] = splits[split].select(range(limit))
+    logger.info(f"Prepared splits: { {split: len(dataset) for split, dataset in splits.items()} }")
+    return DatasetDict(splits)
+
+
+def standardise_split(
+    dataset: Dataset, args: DataArguments, config: HierarchicalEfficientNetV2Config, split_name: str
+) -> Dataset:
+    """Validate one source split and return it with the columns `image`, `labels`, `coarse_labels`, `index`."""
+    if len(dataset) == 0:
+        raise ValueError(f"split {split_name!r} of {args.dataset_name!r} is empty")
+    from_image_folder = dataset.info.builder_name == "imagefolder"  # its columns are always "image" and "label"
+    image_column = "image" if from_image_folder else args.image_column_name
+    label_column = "label" if from_image_folder else args.label_column_name
+    missing = [column for column in (image_column, label_column) if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"split {split_name!r} has no column {missing}; its columns are {dataset.column_names}. Name the image and "
+            "fine-label columns with --image_column_name and --label_column_name "
+            f"(now {args.image_column_name!r} and {args.label_column_name!r})"
+        )
+    labels = _column_to_numpy(dataset, label_column)
+    label_feature = dataset.features[label_column]
+    if from_image_folder or labels.dtype.kind in "OUS":
+        class_names = label_feature.names if isinstance(label_feature, ClassLabel) else None
+        labels = labels_from_names(labels, class_names, config, f"{label_column!r} of split {split_name!r}")
+    elif labels.dtype.kind not in "iu":
+        raise ValueError(f"column {label_column!r} of split {split_name!r} must hold integers, got {label_feature}")
+    check_label_range(labels, config.num_labels, label_column, split_name)
+    coarse_labels = config.fine_to_coarse_tensor().numpy()[labels]
+    coarse_column = args.coarse_label_column_name
+    if coarse_column in dataset.column_names and not from_image_folder:
+        check_coarse_labels(_column_to_numpy(dataset, coarse_column), labels, config, coarse_column, split_name)
+    else:
+        logger.info(f"Split {split_name!r} has no column {coarse_column!r}: superclasses follow config.fine_to_coarse")
+
+    standard = dataset.select_columns([image_column])
+    if image_column != "image":
+        standard = standard.rename_column(image_column, "image")
+    if not isinstance(standard.features["image"], ImageFeature):
+        if standard.features["image"].dtype not in ("binary", "large_binary", "string", "large_string"):
+            raise ValueError(
+                f"column {image_column!r} of split {split_name!r} must hold images, image bytes or image paths, "
+                f"got {standard.features['image']}"
+            )
+        standard = standard.cast_column("image", ImageFeature())
+    standard = standard.add_column("labels", labels.astype(np.int64))
+    standard = standard.add_column("coarse_labels", coarse_labels.astype(np.int64))
+    standard = standard.add_column("index", np.arange(len(standard), dtype=np.int64))
+    standard = standard.cast_column("labels", ClassLabel(names=[config.id2label[i] for i in range(config.num_labels)]))
+    return standard.cast_column("coarse_labels", ClassLabel(names=config.coarse_label_names))
+
+
+def _column_to_numpy(dataset: Dataset, column: str) -> np.ndarray:
+    """One column as a numpy array, read in one go from Arrow."""
+    return dataset.select_columns([column]).with_format("numpy")[:][column]
+
+
+def labels_from_names(
+    values: np.ndarray, class_names: list[str] | None, config: HierarchicalEfficientNetV2Config, where: str
+) -> np.ndarray:
+    """Map class names (or ClassLabel ids with their `class_names`) onto the ids of `config.label2id`."""
+    names = (np.asarray(class_names, dtype=object)[values] if class_names is not None else values).astype(str)
+    unique_names, inverse = np.unique(names, return_inverse=True)
+    unknown = [str(name) for name in unique_names if name not in config.label2id]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} class names in {where} are not among the config's {config.num_labels} labels: "
+            f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}"
+        )
+    return np.array([config.label2id[name] for name in unique_names], dtype=np.int64)[inverse]
+
+
+def check_label_range(labels: np.ndarray, num_labels: int, column: str, split_name: str) -> None:
+    """Raise `ValueError` (count and first example row) when labels fall outside `[0, num_labels)`."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
+    if bad.size:
+        raise ValueError(
+            f"{bad.size} of {labels.size} rows of split {split_name!r} have a {column!r} outside [0, {num_labels}); "
+            f"first: row {bad[0]} has {column}={labels[bad[0]]}"
+        )
+
+
+def check_coarse_labels(
+    coarse_labels: np.ndarray,
+    labels: np.ndarray,
+    config: HierarchicalEfficientNetV2Config,
+    column: str,
+    split_name: str,
+) -> None:
+    """Raise `ValueError` (count and first example row) when coarse labels disagree with `config.fine_to_coarse`."""
+    expected = config.fine_to_coarse_tensor().numpy()[labels]
+    bad = np.flatnonzero(coarse_labels != expected)
+    if bad.size:
+        row = bad[0]
+        raise ValueError(
+            f"{bad.size} of {labels.size} rows of split {split_name!r} have a {column!r} that disagrees with "
+            f"config.fine_to_coarse; first: row {row} has fine label {labels[row]} ({config.id2label[labels[row]]}) "
+            f"and {column}={coarse_labels[row]}, but that class belongs to superclass {expected[row]} "
+            f"({config.coarse_label_names[expected[row]]})"
+        )
+
+
+def split_train_validation(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Carve `fraction` of `train` out as validation with `seed`, stratified by `labels` where possible."""
+    try:
+        parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column="labels")
+    except ValueError as error:  # a class with too few rows, or fewer validation rows than classes
+        logger.warning(f"Cannot stratify the validation split by class ({error}); splitting at random")
+        parts = train.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transforms
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed from a few integers (a splitmix64 chain): the same in every process, run and platform."""
+    mask = (1 << 64) - 1
+    state = 0
+    for value in values:
+        state = ((state ^ (int(value) & mask)) + 0x9E3779B97F4A7C15) & mask
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & mask
+        state ^= state >> 31
+    return state >> 1
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Convert a PIL image of any mode (L, P, RGBA, I;16, ...) to 8-bit RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float grey
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode != "F" and array.max() > 255:
+            array = array / 257.0  # 16-bit range onto 8 bits
+        image = PIL.Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+    elif image.mode == "P":
+        image = image.convert("RGBA")  # palettes may carry transparency
+    return image.convert("RGB")
+
+
+class RandomCropWithPadding(torch.nn.Module):
+    """CIFAR-style random crop of a PIL image: zero-pad every side, then crop back to the original size.
+
+    The padding is `padding_fraction` of the shorter side (4 px at 32 px with the default 0.125), so a larger source
+    image is shifted by the same share of its size. Same distribution as `v2.RandomCrop(size, padding)`, cheaper.
+    """
+
+    def __init__(self, padding_fraction: float = 4 / 32):
+        super().__init__()
+        self.padding_fraction = padding_fraction
+
+    def forward(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        pad = max(1, round(min(image.size) * self.padding_fraction))
+        dx, dy = torch.randint(-pad, pad + 1, (2,)).tolist()
+        if dx == 0 and dy == 0:
+            return image
+        shifted = PIL.Image.new(image.mode, image.size)  # black, as zero padding
+        shifted.paste(image, (-dx, -dy))
+        return shifted
+
+
+class ColorJitterPIL(v2.ColorJitter):
+    """`v2.ColorJitter` with faster kernels for PIL images: the same random draws and the same output.
+
+    torchvision's PIL contrast goes through `ImageEnhance.Contrast`, whose image mean is a Python loop over a
+    histogram: at 32 px that loop costs more than everything else in the jitter. The blends below are what
+    `ImageEnhance` computes. Hue and tensor inputs fall back to `v2.ColorJitter`.
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, PIL.Image.Image) or inpt.mode != "RGB" or params["hue_factor"] is not None:
+            return super().transform(inpt, params)
+        image = inpt
+        for fn_id in params["fn_idx"].tolist():
+            if fn_id == 0 and params["brightness_factor"] is not None:
+                image = PIL.Image.blend(PIL.Image.new("RGB", image.size), image, params["brightness_factor"])
+            elif fn_id == 1 and params["contrast_factor"] is not None:
+                mean = int(np.asarray(image.convert("L")).mean() + 0.5)
+                grey = PIL.Image.new("RGB", image.size, (mean, mean, mean))
+                image = PIL.Image.blend(grey, image, params["contrast_factor"])
+            elif fn_id == 2 and params["saturation_factor"] is not None:
+                image = PIL.Image.blend(image.convert("L").convert("RGB"), image, params["saturation_factor"])
+        return image
+
+
+class ToNormalizedFloat(torch.nn.Module):
+    """uint8 (3, H, W) tensor -> float32 `(x / 255 - mean) / std`: `v2.ToDtype(scale=True)` + `v2.Normalize`, fused.
+
+    One multiply-add instead of four passes with their per-call dispatch, which dominate at 32 px.
+    """
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        std_tensor = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.scale = 1.0 / (255.0 * std_tensor)
+        self.shift = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_tensor
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, image, self.scale)  # float32 by type promotion
+
+
+def _model_input_steps(config: HierarchicalEfficientNetV2Config) -> list[Callable]:
+    """8-bit RGB PIL image -> normalised (3, S, S) float tensor: the tail of both transforms."""
+    return [
+        v2.PILToTensor(),
+        v2.Resize((config.image_size, config.image_size), antialias=True),  # bilinear; no-op at the model size
+        ToNormalizedFloat(config.image_mean, config.image_std),
+    ]
+
+
+def build_eval_transform(config: HierarchicalEfficientNetV2Config) -> v2.Compose:
+    """PIL image of any mode -> normalised (3, S, S) float tensor, as `ViTImageProcessor` with size S does."""
+    return v2.Compose([to_rgb, *_model_input_steps(config)])
+
+
+def build_train_transform(config: HierarchicalEfficientNetV2Config, args: DataArguments) -> v2.Compose:
+    """PIL image of any mode -> augmented, normalised (3, S, S) float tensor.
+
+    Crop, flip and the policy run on the 8-bit PIL image at its source resolution, where they are cheapest (at
+    32 px, PIL beats tensor kernels). The resize to the model size and the normalisation come last, as in
+    `build_eval_transform`, followed by random erasing on the normalised tensor.
+    """
+    steps: list[Callable] = [to_rgb]
+    if args.random_crop:
+        steps.append(RandomCropWithPadding())
+    if args.horizontal_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if args.augmentation == "original":
+        if args.rotation_degrees > 0:
+            steps.append(v2.RandomRotation(args.rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR))
+        if args.color_jitter > 0:
+            strength = args.color_jitter
+            steps.append(ColorJitterPIL(brightness=strength, contrast=strength, saturation=strength))
+    elif args.augmentation == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide())
+    elif args.augmentation == "randaugment":
+        steps.append(v2.RandAugment())
+    elif args.augmentation == "autoaugment":
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
+    steps += _model_input_steps(config)
+    if args.random_erasing > 0:
+        steps.append(v2.RandomErasing(p=args.random_erasing, value=0))  # 0 is the mean colour after normalisation
+    return v2.Compose(steps)
+
+
+def decode_image(value: Any, index: int, split: str = "train") -> PIL.Image.Image:
+    """Decode one value of an `Image(decode=False)` column (a PIL image passes through); `ValueError` names the row."""
+    if isinstance(value, PIL.Image.Image):
+        return value
+    try:
+        if value.get("bytes") is not None:
+            image = PIL.Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path") is not None:
+            image = PIL.Image.open(value["path"])
+        else:
+            raise ValueError("the row has neither image bytes nor an image path")
+        image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
+        raise ValueError(
+            f"could not decode the image of row index={index} of split {split!r}: {type(error).__name__}: {error}"
+        ) from error
+    if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:  # as datasets' Image feature does
+        image = PIL.ImageOps.exif_transpose(image)
+    return image
+
+
+class ImageTransform:
+    """Batch transform for `Dataset.with_transform`: decode every image, transform it, keep the labels.
+
+    Args:
+        transform (`Callable`):
+            Per-image transform, from `build_train_transform` or `build_eval_transform`.
+        seed (`int`, *optional*):
+            For random (training) transforms: image `index` of epoch `e` is transformed under the torch CPU RNG seeded
+            with `derive_seed(seed, e, index)` inside `torch.random.fork_rng`, so the draw depends on nothing else
+            (global RNG, dataloader workers, resuming). Such outputs also carry `epoch`, which marks them as
+            training examples for `HierarchicalCollator`. `None` for deterministic (evaluation) transforms.
+        split (`str`, *optional*, defaults to `"train"`):
+            Split name used in error messages.
+
+    Example:
+
+    ```python
+    >>> transform = ImageTransform(build_train_transform(config, data_args), seed=42)
+    >>> train = prepared["train"].cast_column("image", Image(decode=False)).with_transform(transform)
+    >>> transform.set_epoch(1)
+    >>> train[0]["pixel_values"].shape
+    torch.Size([3, 224, 224])
+    ```
+    """
+
+    def __init__(self, transform: Callable, seed: int | None = None, split: str = "train"):
+        self.transform = transform
+        self.seed = seed
+        self.split = split
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the next draws."""
+        self.epoch = int(epoch)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        indices = batch["index"]
+        images = [decode_image(value, index, self.split) for value, index in zip(batch["image"], indices, strict=True)]
+        if self.seed is None:
+            pixel_values = [self.transform(image) for image in images]
+        else:
+            with torch.random.fork_rng(devices=[]):
+                pixel_values = []
+                for image, index in zip(images, indices, strict=True):
+                    torch.default_generator.manual_seed(derive_seed(self.seed, self.epoch, index))
+                    pixel_values.append(self.transform(image))
+        output = {"pixel_values": pixel_values, "index": indices}
+        for key in ("labels", "coarse_labels"):
+            if key in batch:
+                output[key] = batch[key]
+        if self.seed is not None:
+            output["epoch"] = [self.epoch] * len(indices)
+        return output
+
+
+def apply_transforms(
+    datasets: DatasetDict, config: HierarchicalEfficientNetV2Config, args: DataArguments, seed: int
+) -> DatasetDict:
+    """Attach the seeded training transform to "train" and the evaluation transform to the other splits."""
+    transformed = {}
+    for split, dataset in datasets.items():
+        if split == "train":
+            transform = ImageTransform(build_train_transform(config, args), seed=seed, split=split)
+        else:
+            transform = ImageTransform(build_eval_transform(config), split=split)
+        transformed[split] = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(transform)
+    return DatasetDict(transformed)
+
+
+class EpochCallback(TrainerCallback):
+    """Tell the training transform which epoch the Trainer is starting, so augmentations follow (seed, epoch, index).
+
+    Args:
+        targets (`Any` or `list`):
+            Objects with `set_epoch(epoch)` (an `ImageTransform`), or datasets whose `with_transform` transform has
+            one (the "train" split returned by `apply_transforms`).
+
+    With `dataloader_num_workers > 0`, workers receive a copy of the transform each epoch; persistent workers keep
+    the copy of the first epoch, so the callback warns about `dataloader_persistent_workers`.
+    """
+
+    def __init__(self, targets: Any):
+        targets = targets if isinstance(targets, (list, tuple)) else [targets]
+        self.targets = [_epoch_target(target) for target in targets]
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if args.dataloader_num_workers > 0 and args.dataloader_persistent_workers:
+            logger.warning(
+                "dataloader_persistent_workers keeps each worker's copy of the training transform, which never "
+                "learns the epoch: every epoch would repeat the augmentations of the first"
+            )
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        epoch = math.floor(state.epoch + 1e-6)  # a resumed run starts inside the checkpoint's epoch
+        for target in self.targets:
+            target.set_epoch(epoch)
+
+
+def _epoch_target(target: Any) -> Any:
+    """`target` itself if it has `set_epoch`, else the transform of a dataset that has one."""
+    if hasattr(target, "set_epoch"):
+        return target
+    transform = getattr(target, "format", {}).get("format_kwargs", {}).get("transform")
+    if hasattr(transform, "set_epoch"):
+        return transform
+    raise TypeError(f"EpochCallback needs objects with set_epoch or datasets with such a transform, got {target!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HierarchicalCollator:
+    """Stack examples into a batch; optionally MixUp/CutMix training batches with soft fine and coarse targets.
+
+    Args:
+        config (`HierarchicalEfficientNetV2Config`, *optional*):
+            Needed when mixing: the number of classes and the hierarchy that sums fine targets into superclasses.
+        mixup_alpha (`float`, *optional*, defaults to 0.0):
+            MixUp Beta(alpha, alpha) parameter; 0 disables MixUp.
+        cutmix_alpha (`float`, *optional*, defaults to 0.0):
+            CutMix Beta(alpha, alpha) parameter; 0 disables CutMix.
+        mix_prob (`float`, *optional*, defaults to 1.0):
+            Probability that a batch is mixed.
+        cutmix_switch_prob (`float`, *optional*, defaults to 0.5):
+            Probability of CutMix rather than MixUp when both alphas are above 0.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the mixing draws, together with the batch's epoch and row indices.
+
+    Without mixing, `labels` and `coarse_labels` are `(batch,)` int64. With mixing, batches of training examples
+    (those that carry `epoch`, set by the seeded `ImageTransform`) get soft `(batch, num_labels)` and
+    `(batch, num_coarse_labels)` float targets, with `coarse_labels == labels @ config.hierarchy_matrix()`;
+    evaluation batches are never mixed, so one collator serves the Trainer's training and evaluation.
+
+    Example:
+
+    ```python
+    >>> collator = HierarchicalCollator(config, mixup_alpha=0.2, cutmix_alpha=1.0, seed=42)
+    >>> batch = collator([train[i] for i in range(8)])
+    >>> batch["labels"].shape, batch["coarse_labels"].shape
+    (torch.Size([8, 100]), torch.Size([8, 20]))
+    ```
+    """
+
+    config: HierarchicalEfficientNetV2Config | None = None
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    cutmix_switch_prob: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {self.mixup_alpha}, {self.cutmix_alpha}")
+        if self.mixes and self.config is None:
+            raise ValueError("HierarchicalCollator needs the config (class hierarchy) when mixup or cutmix is enabled")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed at all."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = {
+            "pixel_values": torch.stack([example["pixel_values"] for example in examples]),  # (batch, 3, H, W)
+            "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
+            "coarse_labels": torch.tensor([example["coarse_labels"] for example in examples], dtype=torch.long),
+        }
+        if not self.mixes or not all("epoch" in example for example in examples):
+            return batch
+        seed = derive_seed(self.seed, examples[0]["epoch"], *(example["index"] for example in examples))
+        return self.mix(batch["pixel_values"], batch["labels"], np.random.default_rng(seed))
+
+    def mix(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
+        """MixUp or CutMix one batch (with probability `mix_prob`) and return soft fine and coarse targets."""
+        targets = torch.nn.functional.one_hot(labels, self.config.num_labels).float()  # (batch, num_labels)
+        if rng.random() < self.mix_prob:
+            permutation = torch.from_numpy(rng.permutation(len(labels)))
+            use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < self.cutmix_switch_prob)
+            if use_cutmix:
+                lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
+                height, width = pixel_values.shape[-2:]
+                cut_height, cut_width = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+                center_y, center_x = rng.integers(height), rng.integers(width)
+                top, bottom = max(center_y - cut_height // 2, 0), min(center_y + cut_height // 2, height)
+                left, right = max(center_x - cut_width // 2, 0), min(center_x + cut_width // 2, width)
+                pixel_values[..., top:bottom, left:right] = pixel_values[permutation, :, top:bottom, left:right]
+                lam = 1.0 - (bottom - top) * (right - left) / (height * width)  # the share actually kept
+            else:
+                lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
+                pixel_values = pixel_values * lam + pixel_values[permutation] * (1.0 - lam)
+            targets = targets * lam + targets[permutation] * (1.0 - lam)
+        coarse_targets = targets @ self.config.hierarchy_matrix()  # (batch, num_coarse_labels)
+        return {"pixel_values": pixel_values.contiguous(), "labels": targets, "coarse_labels": coarse_targets}
+
+
+__all__ = [
+    "DataArguments",
+    "EpochCallback",
+    "HierarchicalCollator",
+    "ImageTransform",
+    "apply_transforms",
+    "build_eval_transform",
+    "build_train_transform",
+    "load_raw_datasets",
+    "prepare_datasets",
+]

@@ -1,0 +1,144 @@
+"""Shared fixtures: tiny datasets in the `uoft-cs/cifar100` schema and in the original cifar-100-python format."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat project modules, whatever the pytest rootdir
+
+from configuration_hierarchical import (  # noqa: E402
+    CIFAR100_COARSE_LABELS,
+    CIFAR100_FINE_LABELS,
+    CIFAR100_FINE_TO_COARSE,
+)
+
+NUM_FINE = len(CIFAR100_FINE_LABELS)
+
+
+def cifar100_features() -> datasets.Features:
+    """The features of `uoft-cs/cifar100`: `img`, `fine_label` and `coarse_label`."""
+    return datasets.Features(
+        {
+            "img": datasets.Image(),
+            "fine_label": datasets.ClassLabel(names=CIFAR100_FINE_LABELS),
+            "coarse_label": datasets.ClassLabel(names=CIFAR100_COARSE_LABELS),
+        }
+    )
+
+
+def make_image_array(label: int, rng: np.random.Generator, size: int | tuple[int, int] = 32) -> np.ndarray:
+    """A (H, W, 3) uint8 image: seeded noise plus a weak colour that depends on the class."""
+    height, width = (size, size) if isinstance(size, int) else size
+    colour = np.array([(label * 37) % 128, (label * 73) % 128, (label * 11) % 128], dtype=np.uint8)
+    return (rng.integers(0, 128, (height, width, 3), dtype=np.uint8) + colour).astype(np.uint8)
+
+
+def encode_image(image: PIL.Image.Image, format: str = "PNG") -> bytes:
+    """The bytes of `image` saved in `format`."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def make_parquet_dataset(
+    path: str | Path,
+    rows_per_class: int = 1,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    image_size: int | tuple[int, int] = 32,
+    image_mode: str = "RGB",
+    fine_labels: list[int] | None = None,
+    coarse_labels: list[int] | None = None,
+    image_bytes: dict[int, bytes] | None = None,
+    rename: dict[str, str] | None = None,
+    drop_columns: tuple[str, ...] = (),
+    file_name: str | None = None,
+) -> Path:
+    """Write one parquet shard in the `uoft-cs/cifar100` schema and return its path.
+
+    Rows are `rows_per_class` images of every fine class in class order. Variants for tests: `fine_labels` /
+    `coarse_labels` replace the label columns (stored as plain integers, so they may be out of range),
+    `image_bytes` replaces the encoded image of given rows, `image_mode` converts every image (`"L"`, `"P"`,
+    `"RGBA"`, `"I;16"`, ...), `rename` and `drop_columns` change the columns. The file is
+    `{split}-00000-of-00001.parquet` unless `file_name` says otherwise.
+    """
+    rng = np.random.default_rng(seed)
+    labels = [label for label in range(NUM_FINE) for _ in range(rows_per_class)]
+    images = []
+    for row, label in enumerate(labels):
+        if image_bytes is not None and row in image_bytes:
+            images.append({"bytes": image_bytes[row], "path": None})
+            continue
+        image = PIL.Image.fromarray(make_image_array(label, rng, image_size))
+        if image_mode == "I;16":
+            image = PIL.Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
+        elif image_mode != "RGB":
+            image = image.convert(image_mode)
+        images.append({"bytes": encode_image(image), "path": None})
+    features = cifar100_features()
+    if fine_labels is not None or coarse_labels is not None:
+        features["fine_label"] = features["coarse_label"] = datasets.Value("int64")
+    if coarse_labels is None:
+        coarse_labels = [CIFAR100_FINE_TO_COARSE[label] for label in labels]
+    columns = {
+        "img": images,
+        "fine_label": labels if fine_labels is None else fine_labels,
+        "coarse_label": coarse_labels,
+    }
+    dataset = datasets.Dataset.from_dict(columns, features=features)
+    dataset = dataset.remove_columns(list(drop_columns))
+    for old, new in (rename or {}).items():
+        dataset = dataset.rename_column(old, new)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / (file_name or f"{split}-00000-of-00001.parquet")
+    dataset.to_parquet(str(file))
+    return file
+
+
+def write_cifar_python(folder: str | Path, train_labels: list[int], test_labels: list[int], seed: int = 0) -> Path:
+    """Write `train`, `test` and `meta` as in the original cifar-100-python archive (dicts with bytes keys)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        images = np.stack([make_image_array(label, rng) for label in labels])  # (N, 32, 32, 3)
+        content = {
+            b"batch_label": f"{split} batch 1 of 1".encode(),
+            b"filenames": [f"{split}_{row}.png".encode() for row in range(len(labels))],
+            b"fine_labels": list(labels),
+            b"coarse_labels": [CIFAR100_FINE_TO_COARSE[label] for label in labels],
+            b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1),  # (N, 3072), channel-first rows
+        }
+        (folder / split).write_bytes(pickle.dumps(content, protocol=4))
+    meta = {
+        b"fine_label_names": [name.encode() for name in CIFAR100_FINE_LABELS],
+        b"coarse_label_names": [name.encode() for name in CIFAR100_COARSE_LABELS],
+    }
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=4))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_parquet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with `train-00000-of-00001.parquet` (2 images per class) and `test-00000-of-00001.parquet` (1 per class)."""
+    folder = tmp_path_factory.mktemp("tiny_parquet")
+    make_parquet_dataset(folder, rows_per_class=2, split="train", seed=0)
+    make_parquet_dataset(folder, rows_per_class=1, split="test", seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar_python_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `cifar-100-python` folder with `train` (1 image per class), `test` (50 images) and `meta`."""
+    folder = tmp_path_factory.mktemp("cifar_python") / "cifar-100-python"
+    return write_cifar_python(folder, train_labels=list(range(NUM_FINE)), test_labels=list(range(0, NUM_FINE, 2)))
