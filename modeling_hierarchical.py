@@ -153,10 +153,15 @@ class HierarchicalEfficientNetV2PreTrainedModel(PreTrainedModel):
             return super().from_pretrained(*args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise the linear heads only: the backbone keeps torchvision's (or loaded) weights."""
+        """Initialise the linear heads and the hierarchy buffers; the backbone keeps torchvision's (or loaded)
+        weights."""
         if isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=0.01)
             init.zeros_(module.bias)
+        elif isinstance(module, HierarchicalEfficientNetV2ForImageClassification):
+            # non-persistent buffers are not in the checkpoint: rebuild them from the config
+            init.copy_(module.fine_to_coarse, module.config.fine_to_coarse_tensor())
+            init.copy_(module.hierarchy, module.config.hierarchy_matrix())
 
 
 class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV2PreTrainedModel):

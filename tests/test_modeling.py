@@ -247,6 +247,8 @@ def test_save_and_reload_gives_identical_logits(saved_model_dir, model):
     }
     reloaded = AutoModelForImageClassification.from_pretrained(saved_model_dir).eval()
     assert isinstance(reloaded, HierarchicalEfficientNetV2ForImageClassification)
+    assert torch.equal(reloaded.fine_to_coarse, model.fine_to_coarse)  # not saved: rebuilt from the config
+    assert torch.equal(reloaded.hierarchy, model.hierarchy)
     pixel_values = torch.randn(2, 3, 32, 32)
     assert torch.equal(reloaded(pixel_values).logits, model(pixel_values).logits)
     assert torch.equal(reloaded(pixel_values).coarse_logits, model(pixel_values).coarse_logits)
