@@ -142,3 +142,25 @@ def tiny_cifar_python_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A `cifar-100-python` folder with `train` (1 image per class), `test` (50 images) and `meta`."""
     folder = tmp_path_factory.mktemp("cifar_python") / "cifar-100-python"
     return write_cifar_python(folder, train_labels=list(range(NUM_FINE)), test_labels=list(range(0, NUM_FINE, 2)))
+
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+METRIC_NAMES = {
+    "fine_accuracy",
+    "fine_top5_accuracy",
+    "coarse_accuracy",
+    "coarse_from_fine_accuracy",
+    "consistency",
+    "both_correct",
+    "mistake_severity",
+}
+
+
+def tiny_args(data: Path, output_dir: Path, *extra: str) -> list[str]:
+    """Options for a run of a few seconds: 32 px, random backbone, 64 training images."""
+    return [
+        "--dataset_name", str(data), "--output_dir", str(output_dir), "--image_size", "32",
+        "--backbone_weights", "none", "--max_train_samples", "64", "--max_eval_samples", "20",
+        "--max_predict_samples", "30", "--epochs", "1", "--batch_size", "16", "--report_to", "none",
+        "--logging_steps", "1", "--disable_tqdm", "true", "--dataloader_pin_memory", "false", *extra,
+    ]  # fmt: skip

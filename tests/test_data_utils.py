@@ -13,10 +13,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import NUM_FINE, encode_image, make_image_array, make_parquet_dataset, write_cifar_python
 from transformers import HfArgumentParser, TrainerControl, TrainerState, TrainingArguments, ViTImageProcessor
 
 from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE, HierarchicalEfficientNetV2Config
+from conftest import NUM_FINE, encode_image, make_image_array, make_parquet_dataset, write_cifar_python
 from data_utils import (
     CifarUnpickler,
     DataArguments,

@@ -1,0 +1,184 @@
+"""End-to-end tests of run_classification.py: metrics, saved model, optimizer groups, resume, bad options."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import pipeline
+
+import run_classification
+from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from conftest import METRIC_NAMES, PROJECT_DIR, make_parquet_dataset, tiny_args
+from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+from run_classification import HierarchicalTrainer, main, parameter_groups, parse_args
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_parquet_dir, tmp_path_factory) -> tuple[Path, dict]:
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    metrics = main(tiny_args(tiny_parquet_dir, output_dir, "--do_train", "--do_eval", "--do_predict"))
+    return output_dir, metrics
+
+
+@pytest.mark.slow
+def test_training_writes_metrics_model_and_card(trained_run):
+    output_dir, metrics = trained_run
+    for name, prefix in (("eval_results.json", "eval"), ("test_results.json", "test")):
+        results = json.loads((output_dir / name).read_text())
+        assert {f"{prefix}_{metric}" for metric in METRIC_NAMES} <= set(results), name
+        assert all(0.0 <= results[f"{prefix}_{m}"] <= 1.0 for m in METRIC_NAMES - {"mistake_severity"})
+        assert results[f"{prefix}_mistake_severity"] in (0.0,) or 1.0 <= results[f"{prefix}_mistake_severity"] <= 2.0
+    assert json.loads((output_dir / "eval_results.json").read_text())["eval_num_samples"] == 20
+    assert json.loads((output_dir / "test_results.json").read_text())["test_num_samples"] == 30
+    all_results = json.loads((output_dir / "all_results.json").read_text())
+    assert {"train_loss", "eval_fine_accuracy", "test_fine_accuracy"} <= set(all_results)
+    assert metrics["test_fine_accuracy"] == all_results["test_fine_accuracy"]
+    card = (output_dir / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "| fine_accuracy |" in card and "lr_conv / lr_fc" in card
+    assert f"{all_results['test_coarse_accuracy']:.4f}" in card
+
+
+@pytest.mark.slow
+def test_output_folder_reloads_and_predicts(trained_run):
+    output_dir, _ = trained_run
+    model = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(output_dir).eval()
+    assert model.config.image_size == 32
+    classifier = pipeline("image-classification", model=str(output_dir), trust_remote_code=True)
+    from PIL import Image
+
+    result = classifier(Image.new("RGB", (32, 32), (200, 30, 30)), top_k=2)
+    assert len(result) == 2 and result[0]["label"] in model.config.label2id
+
+
+@pytest.mark.slow
+def test_evaluating_a_saved_model_needs_no_training(trained_run, tiny_parquet_dir, tmp_path):
+    output_dir, _ = trained_run
+    metrics = main(
+        tiny_args(tiny_parquet_dir, tmp_path / "eval", "--model_name_or_path", str(output_dir), "--do_predict")
+    )
+    trained = json.loads((output_dir / "test_results.json").read_text())
+    for name in METRIC_NAMES:
+        assert metrics[f"test_{name}"] == pytest.approx(trained[f"test_{name}"]), name
+    assert (tmp_path / "eval" / "test_results.json").is_file()
+    assert not list((tmp_path / "eval").glob("checkpoint-*"))
+
+
+def test_optimizer_groups_hold_the_expected_parameters(tiny_parquet_dir, tmp_path):
+    extra = ["--lr_conv", "2e-4", "--lr_fc", "3e-3", "--eval_strategy", "no", "--load_best_model_at_end", "false"]
+    _, _, args = parse_args(tiny_args(tiny_parquet_dir, tmp_path, *extra))
+    model = HierarchicalEfficientNetV2ForImageClassification(
+        HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
+    )
+    trainer = HierarchicalTrainer(model=model, args=args)
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for group in optimizer.param_groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        seen.update(group_names)
+        heads = {n.startswith(("coarse_classifier.", "fine_classifier.")) for n in group_names}
+        assert len(heads) == 1, "a group mixes backbone and head parameters"
+        assert group["lr"] == (3e-3 if heads == {True} else 2e-4)
+        for name in group_names:
+            is_matrix = model.get_parameter(name).ndim > 1
+            assert group["weight_decay"] == (1e-4 if is_matrix else 0.0), name
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert seen == trainable, "frozen parameters must be in no group, trainable ones in exactly one"
+    assert "features.3.0.block.0.1.weight" not in seen  # frozen BatchNorm
+    assert "features.6.0.block.0.1.weight" in seen  # trained BatchNorm weight, no decay
+    assert isinstance(optimizer, torch.optim.AdamW)
+    scheduler = trainer.create_scheduler(num_training_steps=10, optimizer=optimizer)
+    assert len(scheduler.base_lrs) == len(optimizer.param_groups)
+
+
+def test_layer_decay_scales_the_backbone_stages():
+    model = HierarchicalEfficientNetV2ForImageClassification(
+        HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
+    )
+    groups = parameter_groups(model, lr_conv=1.0, lr_fc=10.0, weight_decay=0.1, layer_decay=0.5)
+    lr_of = {group["name"]: group["lr"] for group in groups}
+    assert lr_of == {"stage4": 0.125, "stage5": 0.25, "stage6": 0.5, "stage7": 1.0, "head": 10.0}
+
+
+@pytest.mark.slow
+def test_script_runs_as_a_subprocess_and_resumes(tiny_parquet_dir, tmp_path):
+    """One epoch in a subprocess; the same command with more epochs continues the global step."""
+    output_dir = tmp_path / "out"
+    command = [sys.executable, str(PROJECT_DIR / "run_classification.py"), "--do_train", "--do_eval"]
+    command += tiny_args(tiny_parquet_dir, output_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert (output_dir / "checkpoint-4").is_dir()
+
+    second = subprocess.run(command + ["--epochs", "2"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "continuing from the last complete one" in second.stdout + second.stderr
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps == list(range(1, 9)), "the resumed run repeats no step and skips none"
+
+
+def test_cifar_python_folder_trains(tiny_cifar_python_dir, tmp_path):
+    metrics = main(
+        tiny_args(tiny_cifar_python_dir, tmp_path, "--do_train", "--do_predict", "--train_val_split", "0")
+        + ["--eval_strategy", "no", "--load_best_model_at_end", "false"]
+    )
+    assert metrics["test_num_samples"] == 30
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch_size", "0"], "per_device_train_batch_size must be >= 1"),
+        (["--lr_conv=-1e-3"], "lr_conv must be a finite number >= 0"),
+        (["--lr_fc=-1"], "lr_fc must be a finite number >= 0"),
+        (["--learning_rate", "0.1"], "--learning_rate 0.1 is not used"),
+        (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "is not a folder"),
+        (["--checkpoint_path", "/nonexistent/checkpoint-3"], "is not a folder"),
+        (["--ema_decay", "1.5"], "ema_decay must be in"),
+        (["--train_val_split", "1.5"], "train_val_split"),
+        (["--image_size", "8"], "image_size must be"),
+        (["--model_name_or_path", "/nonexistent/model"], "neither a folder nor a Hub id"),
+        (["--eval_strategy", "no"], "nothing to do"),
+        ([], "evaluating without --do_train needs --model_name_or_path"),
+    ],
+)
+def test_contradictory_options_are_rejected_before_any_work(tiny_parquet_dir, tmp_path, extra, message):
+    output_dir = tmp_path / "out"
+    action = ["--do_train"] if extra and extra != ["--eval_strategy", "no"] else []
+    with pytest.raises(ValueError, match=message):
+        main(tiny_args(tiny_parquet_dir, output_dir, *action, *extra))
+    assert not output_dir.exists() or not any(output_dir.iterdir())
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors"])
+def test_saved_model_folder_missing_files(tmp_path, tiny_parquet_dir, missing):
+    folder = tmp_path / "model"
+    HierarchicalEfficientNetV2ForImageClassification(
+        HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
+    ).save_pretrained(folder)
+    (folder / missing).unlink()
+    with pytest.raises(ValueError, match=f"is not a saved model: it has no {missing}"):
+        main(tiny_args(tiny_parquet_dir, tmp_path / "out", "--model_name_or_path", str(folder), "--do_eval"))
+
+
+def test_bad_labels_fail_with_the_documented_error(tmp_path):
+    labels = list(range(100))
+    labels[7] = 130
+    make_parquet_dataset(tmp_path / "data", fine_labels=labels)
+    with pytest.raises(ValueError, match="fine_label"):
+        main(tiny_args(tmp_path / "data", tmp_path / "out", "--do_train"))
+
+
+def test_checkpoint_problems_are_detected(tmp_path):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    assert "trainer_state.json" in run_classification.checkpoint_problem(str(folder))
+    (folder / "trainer_state.json").write_text("{}")
+    assert "model.safetensors" in run_classification.checkpoint_problem(str(folder))
