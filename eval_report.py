@@ -1,0 +1,587 @@
+#!/usr/bin/env python
+"""Evaluation report of the hierarchical classifier: metrics at both levels, accuracy per superclass, confusions.
+
+`write_eval_report` turns predictions into `eval_report.md` and PNG figures; `evaluate_saved_model` runs a saved
+model on a dataset split and writes that report:
+
+    python eval_report.py outputs/run --dataset_name ../shared/data/cifar100-real --split validation
+
+The figures need matplotlib (optional): without it the markdown report is still written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from datasets import Dataset
+from datasets import Image as ImageFeature
+from transformers import HfArgumentParser
+from transformers.trainer_utils import PredictionOutput
+from transformers.utils import logging
+
+from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from data_utils import DataArguments, HierarchicalCollator, ImageTransform, build_eval_transform, prepare_datasets
+from hierarchy_metrics import compute_hierarchy_metrics
+from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+
+logger = logging.get_logger(__name__)
+
+REPORT_NAME = "eval_report.md"
+FIGURE_NAMES = {
+    "superclass_accuracy": "superclass_accuracy.png",
+    "superclass_confusion": "superclass_confusion.png",
+    "confused_pairs": "confused_pairs.png",
+    "misclassified": "misclassified.png",
+}
+TOP_CONFUSED_PAIRS = 15
+MAX_MISCLASSIFIED = 16
+DPI = 110
+MATPLOTLIB_HINT = "`pip install matplotlib`"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ReportData:
+    """Everything the report shows, computed once from the predictions.
+
+    Args:
+        metrics (`dict[str, float]`): hierarchy metrics (`compute_hierarchy_metrics`, or the given ones).
+        extra_metrics (`dict[str, float]`): other given metrics (loss, runtime, ...).
+        fine_predictions (`np.ndarray` of shape `(n,)`): argmax of the fine logits.
+        coarse_predictions (`np.ndarray` of shape `(n,)`): argmax of the coarse logits (the coarse head).
+        fine_confidence (`np.ndarray` of shape `(n,)`): softmax probability of the fine prediction.
+        superclass_samples, superclass_fine_accuracy, superclass_coarse_accuracy (`np.ndarray` of shape `(num_coarse,)`):
+            per true superclass: number of samples, fine accuracy and coarse-head accuracy (NaN without samples).
+        confusion (`np.ndarray` of shape `(num_coarse, num_coarse)`): rows true superclass, columns coarse prediction.
+        confused_pairs (`list[tuple[int, int, int]]`): `(true fine, predicted fine, count)`, most frequent first.
+    """
+
+    metrics: dict[str, float]
+    extra_metrics: dict[str, float]
+    fine_predictions: np.ndarray
+    coarse_predictions: np.ndarray
+    fine_confidence: np.ndarray
+    superclass_samples: np.ndarray
+    superclass_fine_accuracy: np.ndarray
+    superclass_coarse_accuracy: np.ndarray
+    confusion: np.ndarray
+    confused_pairs: list[tuple[int, int, int]]
+
+
+def compute_report_data(
+    logits: np.ndarray,
+    coarse_logits: np.ndarray,
+    labels: np.ndarray,
+    coarse_labels: np.ndarray,
+    config: HierarchicalEfficientNetV2Config,
+    split: str = "test",
+    metrics: dict[str, float] | None = None,
+) -> ReportData:
+    """Check the shapes of the predictions and compute every table of the report."""
+    logits, coarse_logits = np.asarray(logits, dtype=np.float64), np.asarray(coarse_logits, dtype=np.float64)
+    labels, coarse_labels = np.asarray(labels).astype(np.int64), np.asarray(coarse_labels).astype(np.int64)
+    num_fine, num_coarse = config.num_labels, config.num_coarse_labels
+    num_samples = len(labels)
+    expected = {
+        "logits": (logits, (num_samples, num_fine)),
+        "coarse_logits": (coarse_logits, (num_samples, num_coarse)),
+        "coarse_labels": (coarse_labels, (num_samples,)),
+    }
+    if num_samples == 0 or labels.ndim != 1:
+        raise ValueError(f"labels must be a non-empty (n,) array of class ids, got shape {labels.shape}")
+    for name, (array, shape) in expected.items():
+        if array.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} (n = len(labels)), got {array.shape}")
+    if labels.min() < 0 or labels.max() >= num_fine or coarse_labels.min() < 0 or coarse_labels.max() >= num_coarse:
+        raise ValueError(f"labels must lie in [0, {num_fine}) and coarse_labels in [0, {num_coarse})")
+
+    computed = compute_hierarchy_metrics(logits, coarse_logits, labels, coarse_labels, config.fine_to_coarse)
+    given = _strip_prefixes(metrics or {}, split)
+    for name, value in computed.items():
+        if name in given and not np.isclose(given[name], value, rtol=0, atol=1e-6):
+            logger.warning(f"{name} = {given[name]} in the given metrics but {value} from the predictions")
+    hierarchy = {name: given.get(name, float(value)) for name, value in computed.items()}
+    extra = {name: value for name, value in given.items() if name not in computed}
+
+    fine_predictions, coarse_predictions = logits.argmax(1), coarse_logits.argmax(1)
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    fine_confidence = shifted.max(1) / shifted.sum(1)
+    samples = np.bincount(coarse_labels, minlength=num_coarse)
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN for superclasses without samples
+        fine_accuracy = np.bincount(coarse_labels, fine_predictions == labels, num_coarse) / samples
+        coarse_accuracy = np.bincount(coarse_labels, coarse_predictions == coarse_labels, num_coarse) / samples
+    confusion = np.zeros((num_coarse, num_coarse), dtype=np.int64)
+    np.add.at(confusion, (coarse_labels, coarse_predictions), 1)
+    wrong = fine_predictions != labels
+    pair_counts = np.zeros((num_fine, num_fine), dtype=np.int64)
+    np.add.at(pair_counts, (labels[wrong], fine_predictions[wrong]), 1)
+    order = np.argsort(-pair_counts, axis=None, kind="stable")[:TOP_CONFUSED_PAIRS]
+    pairs = [
+        (int(t), int(p), int(pair_counts[t, p]))
+        for t, p in zip(*np.unravel_index(order, pair_counts.shape), strict=True)
+    ]
+    return ReportData(
+        metrics=hierarchy,
+        extra_metrics=extra,
+        fine_predictions=fine_predictions,
+        coarse_predictions=coarse_predictions,
+        fine_confidence=fine_confidence,
+        superclass_samples=samples,
+        superclass_fine_accuracy=fine_accuracy,
+        superclass_coarse_accuracy=coarse_accuracy,
+        confusion=confusion,
+        confused_pairs=[pair for pair in pairs if pair[2] > 0],
+    )
+
+
+def _strip_prefixes(metrics: dict[str, Any], split: str) -> dict[str, float]:
+    """Numeric entries of `metrics` with a `<split>_`, `eval_` or `test_` prefix removed (Trainer metric keys)."""
+    prefixes = tuple(dict.fromkeys((f"{split}_", "eval_", "test_")))
+    stripped = {}
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            name = next((key.removeprefix(prefix) for prefix in prefixes if key.startswith(prefix)), key)
+            stripped[name] = float(value)
+    return stripped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _format(value: float) -> str:
+    """4 decimals; `-` for NaN."""
+    return "-" if np.isnan(value) else f"{value:.4f}"
+
+
+def render_markdown(
+    data: ReportData, config: HierarchicalEfficientNetV2Config, split: str, figures: dict[str, str], note: str = ""
+) -> str:
+    """The text of `eval_report.md`; `figures` maps figure keys to file names relative to the report."""
+    fine_names, coarse_names = config.id2label, config.coarse_label_names
+    lines = [
+        f"# Evaluation report: {split} split",
+        "",
+        f"{int(data.metrics['num_samples'])} images, {config.num_labels} classes in {config.num_coarse_labels} "
+        "superclasses. *fine*: argmax of the fine head; *coarse*: argmax of the coarse head.",
+        "",
+        "## Hierarchy metrics",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+    ]
+    for name, value in data.metrics.items():
+        lines.append(f"| {name} | {int(value) if name == 'num_samples' else _format(value)} |")
+    lines += [
+        "",
+        "`coarse_from_fine_accuracy`: the fine prediction mapped to its superclass; `consistency`: share of images "
+        "whose fine prediction lies in the predicted superclass; `mistake_severity`: mean tree distance of the wrong "
+        "fine predictions (1 = right superclass, 2 = wrong superclass).",
+    ]
+    if data.extra_metrics:
+        lines += ["", "| other metric | value |", "| --- | --- |"]
+        lines += [f"| {name} | {_format(value)} |" for name, value in data.extra_metrics.items()]
+
+    lines += ["", "## Figures", ""]
+    if note:
+        lines.append(note)
+    titles = {
+        "superclass_accuracy": "Accuracy per superclass",
+        "superclass_confusion": "Superclass confusion matrix",
+        "confused_pairs": "Most confused classes",
+        "misclassified": "Misclassified images",
+    }
+    lines += [f"- [{titles[key]}]({name})" for key, name in figures.items()]
+    if "superclass_accuracy" in figures:
+        lines += ["", f"![Accuracy per superclass]({figures['superclass_accuracy']})"]
+
+    lines += [
+        "",
+        "## Accuracy per superclass",
+        "",
+        "| # | superclass | images | fine accuracy | coarse accuracy |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for index, name in enumerate(coarse_names):
+        lines.append(
+            f"| {index} | {name} | {data.superclass_samples[index]} | "
+            f"{_format(data.superclass_fine_accuracy[index])} | {_format(data.superclass_coarse_accuracy[index])} |"
+        )
+
+    lines += [
+        "",
+        "## Superclass confusion matrix",
+        "",
+        "Rows: true superclass; columns: superclass predicted by the coarse head (numbers as in the table above).",
+        "",
+        "| true \\ predicted | " + " | ".join(str(i) for i in range(len(coarse_names))) + " |",
+        "| --- |" + " --- |" * len(coarse_names),
+    ]
+    for index, row in enumerate(data.confusion):
+        lines.append(f"| {index} {coarse_names[index]} | " + " | ".join(str(count) for count in row) + " |")
+
+    lines += ["", "## Most confused classes", ""]
+    if data.confused_pairs:
+        lines += ["| true class | predicted class | count | same superclass |", "| --- | --- | --- | --- |"]
+        for true, predicted, count in data.confused_pairs:
+            same = "yes" if config.fine_to_coarse[true] == config.fine_to_coarse[predicted] else "no"
+            lines.append(f"| {fine_names[true]} | {fine_names[predicted]} | {count} | {same} |")
+    else:
+        lines.append("No fine-class mistakes.")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _load_matplotlib() -> Any | None:
+    """`matplotlib.figure.Figure` with the Agg canvas, or None when matplotlib is not installed.
+
+    Figures are built with the object-oriented API (no pyplot), so the global backend of a notebook is untouched.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+
+    def new_figure(**kwargs) -> Figure:
+        figure = Figure(**kwargs)
+        FigureCanvasAgg(figure)
+        return figure
+
+    return new_figure
+
+
+def _save(figure: Any, path: str) -> str:
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def plot_superclass_accuracy(
+    new_figure: Any, data: ReportData, config: HierarchicalEfficientNetV2Config, path: str
+) -> str:
+    """Horizontal bars per superclass: fine and coarse accuracy side by side."""
+    num_coarse = config.num_coarse_labels
+    figure = new_figure(figsize=(8, 1.0 + 0.34 * num_coarse))
+    axes = figure.add_subplot()
+    positions = np.arange(num_coarse)
+    height = 0.4
+    axes.barh(positions - height / 2, np.nan_to_num(data.superclass_fine_accuracy), height, label="fine (class)")
+    axes.barh(
+        positions + height / 2, np.nan_to_num(data.superclass_coarse_accuracy), height, label="coarse (superclass)"
+    )
+    axes.set_yticks(positions, config.coarse_label_names, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("accuracy")
+    axes.grid(axis="x", alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_title(
+        f"Accuracy per superclass (fine {data.metrics['fine_accuracy']:.3f}, "
+        f"coarse {data.metrics['coarse_accuracy']:.3f}, n = {int(data.metrics['num_samples'])})",
+        fontsize=10,
+    )
+    return _save(figure, path)
+
+
+def plot_superclass_confusion(
+    new_figure: Any, data: ReportData, config: HierarchicalEfficientNetV2Config, path: str
+) -> str:
+    """Heatmap of the superclass confusion matrix, coloured by row share, annotated with counts."""
+    names, confusion = config.coarse_label_names, data.confusion
+    figure = new_figure(figsize=(9, 8))
+    axes = figure.add_subplot()
+    shares = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(len(names))
+    axes.set_xticks(ticks, names, rotation=90, fontsize=7)
+    axes.set_yticks(ticks, names, fontsize=7)
+    axes.set_xlabel("predicted superclass (coarse head)")
+    axes.set_ylabel("true superclass")
+    for (row, column), count in np.ndenumerate(confusion):
+        if count:
+            color = "white" if shares[row, column] > 0.5 else "black"
+            axes.text(column, row, str(count), ha="center", va="center", fontsize=6, color=color)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true superclass")
+    axes.set_title("Superclass confusion matrix", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_confused_pairs(new_figure: Any, data: ReportData, config: HierarchicalEfficientNetV2Config, path: str) -> str:
+    """Horizontal bars of the most frequent (true class -> predicted class) mistakes."""
+    from matplotlib.patches import Patch  # matplotlib is installed when this runs
+
+    pairs = data.confused_pairs
+    figure = new_figure(figsize=(8, 1.2 + 0.32 * max(len(pairs), 1)))
+    axes = figure.add_subplot()
+    if not pairs:
+        axes.text(0.5, 0.5, "no fine-class mistakes", ha="center", va="center")
+        axes.set_axis_off()
+        return _save(figure, path)
+    labels = [f"{config.id2label[t]} -> {config.id2label[p]}" for t, p, _ in pairs]
+    same = [config.fine_to_coarse[t] == config.fine_to_coarse[p] for t, p, _ in pairs]
+    colors = ["tab:blue" if s else "tab:orange" for s in same]
+    axes.barh(np.arange(len(pairs)), [count for _, _, count in pairs], color=colors)
+    axes.set_yticks(np.arange(len(pairs)), labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel("images")
+    axes.grid(axis="x", alpha=0.3)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    handles = [Patch(color="tab:blue", label="same superclass"), Patch(color="tab:orange", label="other superclass")]
+    axes.legend(handles=handles, loc="lower right", fontsize=8)
+    axes.set_title("Most confused classes (true -> predicted)", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_misclassified(
+    new_figure: Any,
+    data: ReportData,
+    labels: np.ndarray,
+    coarse_labels: np.ndarray,
+    images: Sequence[PIL.Image.Image] | Dataset,
+    config: HierarchicalEfficientNetV2Config,
+    path: str,
+) -> str | None:
+    """Grid of the most confident fine-class mistakes with true and predicted labels at both levels."""
+    wrong = np.flatnonzero(data.fine_predictions != labels)
+    if wrong.size == 0:
+        return None
+    rows = wrong[np.argsort(-data.fine_confidence[wrong], kind="stable")][:MAX_MISCLASSIFIED]
+    pictures = _images_at(images, rows.tolist())
+    columns = min(4, len(rows))
+    grid_rows = -(-len(rows) // columns)
+    figure = new_figure(figsize=(2.6 * columns, 2.9 * grid_rows))
+    names, coarse_names = config.id2label, config.coarse_label_names
+    for position, (row, picture) in enumerate(zip(rows, pictures, strict=True)):
+        axes = figure.add_subplot(grid_rows, columns, position + 1)
+        axes.imshow(np.asarray(picture.convert("RGB")), interpolation="nearest")
+        axes.set_axis_off()
+        fine, coarse = data.fine_predictions[row], data.coarse_predictions[row]
+        axes.set_title(
+            f"true: {names[int(labels[row])]}\n{coarse_names[int(coarse_labels[row])]}\n"
+            f"pred: {names[int(fine)]} ({data.fine_confidence[row]:.2f})\n{coarse_names[int(coarse)]}",
+            fontsize=7,
+            color="tab:red" if coarse != coarse_labels[row] else "black",
+        )
+    figure.suptitle("Most confident mistakes (red: superclass wrong too)", fontsize=10)
+    return _save(figure, path)
+
+
+def _images_at(images: Sequence[PIL.Image.Image] | Dataset, rows: list[int]) -> list[PIL.Image.Image]:
+    """PIL images at `rows` of a sequence of images or of a `Dataset` with an `image` column (any format)."""
+    if isinstance(images, Dataset):
+        if "image" not in images.column_names:
+            raise ValueError(f"images must have an 'image' column, got the columns {images.column_names}")
+        values = list(images.with_format(None).select(rows)["image"])  # drops an attached transform
+    else:
+        values = [images[row] for row in rows]
+    decoded = []
+    for value in values:
+        if isinstance(value, dict):  # an Image(decode=False) value: {"bytes": ..., "path": ...}
+            value = ImageFeature().decode_example(value)
+        if not isinstance(value, PIL.Image.Image):
+            raise TypeError(f"images must hold PIL images, got {type(value).__name__}")
+        decoded.append(value)
+    return decoded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_eval_report(
+    output_dir: str | os.PathLike,
+    logits: np.ndarray,
+    coarse_logits: np.ndarray,
+    labels: np.ndarray,
+    coarse_labels: np.ndarray,
+    config: HierarchicalEfficientNetV2Config,
+    images: Sequence[PIL.Image.Image] | Dataset | None = None,
+    split: str = "test",
+    metrics: dict[str, float] | None = None,
+) -> dict[str, str]:
+    """Write `eval_report.md` and its PNG figures for one split into `output_dir`; return `{key: path}` written.
+
+    Args:
+        logits, coarse_logits (`np.ndarray`): `(n, num_labels)` and `(n, num_coarse_labels)` head outputs.
+        labels, coarse_labels (`np.ndarray`): `(n,)` true class and superclass ids.
+        config (`HierarchicalEfficientNetV2Config`): label names and hierarchy.
+        images (`Sequence[PIL.Image.Image]` or `Dataset`, *optional*): the `n` images in prediction order (a
+            `Dataset` needs an `image` column; an attached transform is ignored) for the grid of misclassified
+            images; the grid is skipped without them.
+        split (`str`, *optional*, defaults to `"test"`): split name shown in the report.
+        metrics (`dict[str, float]`, *optional*): metrics already computed for these predictions (e.g. the
+            Trainer's `eval_*`/`test_*`); their hierarchy metrics are reported as given, others (loss) listed too.
+
+    The files have fixed names, so a second report in the same folder replaces the first. Figures need
+    matplotlib; without it the markdown says how to get them.
+    """
+    data = compute_report_data(logits, coarse_logits, labels, coarse_labels, config, split, metrics)
+    if images is not None and len(images) != len(data.fine_predictions):
+        raise ValueError(f"images has {len(images)} entries but there are {len(data.fine_predictions)} predictions")
+    os.makedirs(output_dir, exist_ok=True)
+    path = {key: os.path.join(output_dir, name) for key, name in FIGURE_NAMES.items()}
+    written: dict[str, str] = {}
+    new_figure = _load_matplotlib()
+    note = ""
+    if new_figure is None:
+        note = f"Figures were not drawn: matplotlib is not installed ({MATPLOTLIB_HINT} to get them)."
+        logger.warning(f"matplotlib is not installed: {REPORT_NAME} without figures ({MATPLOTLIB_HINT})")
+    else:
+        written["superclass_accuracy"] = plot_superclass_accuracy(new_figure, data, config, path["superclass_accuracy"])
+        written["superclass_confusion"] = plot_superclass_confusion(
+            new_figure, data, config, path["superclass_confusion"]
+        )
+        written["confused_pairs"] = plot_confused_pairs(new_figure, data, config, path["confused_pairs"])
+        if images is not None:
+            grid = plot_misclassified(
+                new_figure, data, np.asarray(labels), np.asarray(coarse_labels), images, config, path["misclassified"]
+            )
+            if grid is not None:
+                written["misclassified"] = grid
+    for stale in set(FIGURE_NAMES) - set(written):  # an earlier report's figure must not pass for this one's
+        if os.path.isfile(path[stale]):
+            os.remove(path[stale])
+    figures = {key: FIGURE_NAMES[key] for key in FIGURE_NAMES if key in written}
+    report_path = os.path.join(output_dir, REPORT_NAME)
+    with open(report_path, "w") as file:
+        file.write(render_markdown(data, config, split, figures, note))
+    written["report"] = report_path
+    logger.info(f"Wrote the {split} report: {', '.join(os.path.basename(p) for p in written.values())}")
+    return written
+
+
+def write_prediction_report(
+    output_dir: str | os.PathLike,
+    prediction: PredictionOutput,
+    config: HierarchicalEfficientNetV2Config,
+    images: Sequence[PIL.Image.Image] | Dataset | None = None,
+    split: str = "test",
+) -> dict[str, str]:
+    """[`write_eval_report`] from `Trainer.predict` output: predictions `(logits, coarse_logits)`, label ids
+    `(labels, coarse_labels)` (the order of `label_names`) and its metrics."""
+    logits, coarse_logits = prediction.predictions
+    labels, coarse_labels = prediction.label_ids
+    return write_eval_report(
+        output_dir, logits, coarse_logits, labels, coarse_labels, config, images, split, prediction.metrics
+    )
+
+
+def evaluate_saved_model(
+    model_dir: str | os.PathLike,
+    dataset_name: str,
+    split: str = "test",
+    output_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+    seed: int = 42,
+    **data_options: Any,
+) -> dict[str, float]:
+    """Evaluate a saved model folder on one split and write its report (into `model_dir` by default).
+
+    Args:
+        model_dir: a folder written by `save_pretrained` (e.g. by `run_classification.py`).
+        dataset_name: any source `DataArguments.dataset_name` accepts (Hub id, parquet folder, ...).
+        split: "train", "validation" (carved from "train" with `seed` and `train_val_split` when the source has
+            none, as in training) or "test".
+        max_samples: evaluate only the first N rows of the split.
+        seed: the training seed, which decides a carved validation split.
+        data_options: other `DataArguments` fields (column and split names, `train_val_split`, ...).
+
+    Returns the hierarchy metrics (`fine_accuracy`, `coarse_accuracy`, ...).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit_field = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_predict_samples"}
+    if split not in limit_field:
+        raise ValueError(f"split must be one of {list(limit_field)}, got {split!r}")
+    if max_samples is not None:
+        data_options[limit_field[split]] = max_samples
+    model = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(model_dir).eval()
+    config = model.config
+    data_args = DataArguments(dataset_name=dataset_name, **data_options)
+    splits = prepare_datasets(data_args, config, seed=seed)
+    if split not in splits:
+        raise ValueError(f"the dataset {dataset_name!r} has no {split!r} split; it has {list(splits)}")
+    dataset = splits[split]
+    transformed = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(
+        ImageTransform(build_eval_transform(config), split=split)
+    )
+    loader = torch.utils.data.DataLoader(transformed, batch_size=batch_size, collate_fn=HierarchicalCollator())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    outputs: dict[str, list[np.ndarray]] = {"logits": [], "coarse_logits": [], "labels": [], "coarse_labels": []}
+    with torch.no_grad():
+        for batch in logging.tqdm(loader, desc=f"Evaluating {split}", unit="batch"):
+            result = model(batch["pixel_values"].to(device))
+            outputs["logits"].append(result.logits.float().cpu().numpy())
+            outputs["coarse_logits"].append(result.coarse_logits.float().cpu().numpy())
+            outputs["labels"].append(batch["labels"].numpy())
+            outputs["coarse_labels"].append(batch["coarse_labels"].numpy())
+    arrays = {name: np.concatenate(parts) for name, parts in outputs.items()}
+    metrics = compute_hierarchy_metrics(
+        arrays["logits"], arrays["coarse_logits"], arrays["labels"], arrays["coarse_labels"], config.fine_to_coarse
+    )
+    write_eval_report(
+        model_dir if output_dir is None else output_dir,
+        arrays["logits"],
+        arrays["coarse_logits"],
+        arrays["labels"],
+        arrays["coarse_labels"],
+        config,
+        images=dataset,
+        split=split,
+        metrics=metrics,
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Command line: `python eval_report.py MODEL_DIR --dataset_name PATH [--split test] [data options]`."""
+    parser = HfArgumentParser(DataArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", help="Saved model folder (save_pretrained / run_classification.py output).")
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"), help="Split to evaluate.")
+    parser.add_argument("--output_dir", default=None, help="Where the report goes (default: MODEL_DIR).")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per inference batch.")
+    parser.add_argument("--max_samples", type=int, default=None, help="Evaluate only the first N rows of the split.")
+    parser.add_argument("--seed", type=int, default=42, help="Training seed (decides a carved validation split).")
+    data_args, options = parser.parse_args_into_dataclasses(args=argv)
+    data_options = dataclasses.asdict(data_args)
+    metrics = evaluate_saved_model(
+        options.model_dir,
+        data_options.pop("dataset_name"),
+        split=options.split,
+        output_dir=options.output_dir,
+        batch_size=options.batch_size,
+        max_samples=options.max_samples,
+        seed=options.seed,
+        **data_options,
+    )
+    json.dump(metrics, sys.stdout, indent=2)
+    print(f"\nReport: {os.path.join(options.output_dir or options.model_dir, REPORT_NAME)}")
+    return metrics
+
+
+__all__ = ["compute_report_data", "evaluate_saved_model", "write_eval_report", "write_prediction_report"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Tests of the evaluation report: files, numbers, figures, the no-matplotlib path and the training-script wiring."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+
+import eval_report
+import run_classification
+from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from hierarchy_metrics import compute_hierarchy_metrics
+from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HIERARCHY_METRICS = {
+    "fine_accuracy", "fine_top5_accuracy", "coarse_accuracy", "coarse_from_fine_accuracy",
+    "consistency", "both_correct", "mistake_severity", "num_samples",
+}  # fmt: skip
+FIGURES = ("superclass_accuracy.png", "superclass_confusion.png", "confused_pairs.png", "misclassified.png")
+
+
+def small_config() -> HierarchicalEfficientNetV2Config:
+    return HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def predictions() -> dict[str, np.ndarray]:
+    """Synthetic head outputs for 300 images: better than chance, with mistakes inside and across superclasses."""
+    rng = np.random.default_rng(0)
+    fine_to_coarse = np.asarray(small_config().fine_to_coarse)
+    labels = rng.integers(0, 100, 300)
+    coarse_labels = fine_to_coarse[labels]
+    logits = rng.normal(size=(300, 100))
+    logits[np.arange(300), labels] += 2.0
+    coarse_logits = rng.normal(size=(300, 20))
+    coarse_logits[np.arange(300), coarse_labels] += 2.0
+    return {"logits": logits, "coarse_logits": coarse_logits, "labels": labels, "coarse_labels": coarse_labels}
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(300)]
+
+
+def report_table(text: str, header: str) -> dict[str, float]:
+    """The `| name | value |` rows of the first table after `## header` in a markdown report."""
+    section = text.split(f"## {header}\n\n", 1)[1]
+    table = section.split("\n\n", 1)[0]  # the table ends at the first blank line
+    rows = re.findall(r"^\| (\w+) \| ([-\d.]+) \|$", table, flags=re.MULTILINE)
+    return {name: float(value) for name, value in rows}
+
+
+def assert_report_matches(text: str, expected: dict[str, float]) -> None:
+    table = report_table(text, "Hierarchy metrics")
+    assert set(table) == set(expected) & HIERARCHY_METRICS
+    for name, value in table.items():
+        assert value == pytest.approx(expected[name], abs=5.1e-5), name
+
+
+def test_report_files_exist(tmp_path, predictions, images):
+    written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), images=images)
+    assert set(written) == {"report", "superclass_accuracy", "superclass_confusion", "confused_pairs", "misclassified"}
+    assert {Path(path).name for path in written.values()} == {"eval_report.md", *FIGURES}
+    assert all(Path(path).is_file() and Path(path).parent == tmp_path for path in written.values())
+    text = (tmp_path / "eval_report.md").read_text()
+    assert text.startswith("# Evaluation report: test split")
+    for figure in FIGURES:
+        assert f"]({figure})" in text
+
+
+def test_report_numbers_match_compute_hierarchy_metrics(tmp_path, predictions):
+    config = small_config()
+    eval_report.write_eval_report(tmp_path, **predictions, config=config, split="validation")
+    text = (tmp_path / "eval_report.md").read_text()
+    expected = compute_hierarchy_metrics(**predictions, fine_to_coarse=config.fine_to_coarse)
+    assert_report_matches(text, expected)
+    assert "| fine_accuracy | " + f"{expected['fine_accuracy']:.4f} |" in text
+
+    per_superclass = re.findall(r"^\| (\d+) \| ([\w-]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.MULTILINE)
+    assert [name for _, name, *_ in per_superclass] == config.coarse_label_names
+    assert sum(int(count) for _, _, count, _, _ in per_superclass) == 300
+    fine_correct = predictions["logits"].argmax(1) == predictions["labels"]
+    people = predictions["coarse_labels"] == 14
+    assert float(per_superclass[14][3]) == pytest.approx(fine_correct[people].mean(), abs=5.1e-5)
+
+    confusion = text.split("## Superclass confusion matrix\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in confusion.splitlines() if re.match(r"^\| \d+ ", line)]
+    matrix = np.array([[int(cell) for cell in row.strip("|").split("|")[1:]] for row in rows])
+    assert matrix.shape == (20, 20) and matrix.sum() == 300
+    assert np.trace(matrix) == round(expected["coarse_accuracy"] * 300)
+
+
+def test_given_metrics_are_reported_as_given(tmp_path, predictions):
+    config = small_config()
+    computed = compute_hierarchy_metrics(**predictions, fine_to_coarse=config.fine_to_coarse)
+    trainer_metrics = {f"test_{name}": value for name, value in computed.items()} | {"test_loss": 4.25, "epoch": 1.0}
+    eval_report.write_eval_report(tmp_path, **predictions, config=config, metrics=trainer_metrics)
+    text = (tmp_path / "eval_report.md").read_text()
+    assert_report_matches(text, computed)
+    assert "| loss | 4.2500 |" in text and "| epoch | 1.0000 |" in text
+
+
+def test_figures_are_valid_pngs(tmp_path, predictions, images):
+    eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), images=images)
+    for name in FIGURES:
+        path = tmp_path / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
+        assert path.stat().st_size < 300_000, name
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and 300 <= image.width <= 4000 and 300 <= image.height <= 4000, name
+
+
+def test_misclassified_grid_reads_a_transformed_dataset_and_is_skipped_without_images(tmp_path, predictions, images):
+    dataset = Dataset.from_dict({"image": images}).with_transform(
+        lambda batch: {"pixel_values": [0] * len(batch["image"])}
+    )
+    written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), images=dataset)
+    assert "misclassified" in written
+    written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config())
+    assert "misclassified" not in written
+    assert not (tmp_path / "misclassified.png").exists()  # the earlier report's grid is gone
+    assert "misclassified.png" not in (tmp_path / "eval_report.md").read_text()
+
+
+def test_without_matplotlib_the_markdown_is_still_written(tmp_path, predictions, images, monkeypatch):
+    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # any import of matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), images=images)
+    assert set(written) == {"report"}
+    text = (tmp_path / "eval_report.md").read_text()
+    assert "pip install matplotlib" in text
+    assert ".png" not in text and not list(tmp_path.glob("*.png"))
+    assert "## Hierarchy metrics" in text and "## Superclass confusion matrix" in text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"logits": np.zeros((300, 10))}, r"logits must have shape \(300, 100\)"),
+        ({"coarse_labels": np.zeros(299, dtype=int)}, r"coarse_labels must have shape \(300,\)"),
+        ({"labels": np.full(300, 100)}, r"labels must lie in \[0, 100\)"),
+    ],
+)
+def test_inconsistent_predictions_are_rejected(tmp_path, predictions, change, message):
+    with pytest.raises(ValueError, match=message):
+        eval_report.write_eval_report(tmp_path, **(predictions | change), config=small_config())
+
+
+@pytest.fixture(scope="module")
+def saved_model_dir(tmp_path_factory) -> Path:
+    """A small random model saved with its image processor, as the training script saves one."""
+    torch.manual_seed(0)
+    model = HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
+    path = tmp_path_factory.mktemp("saved") / "model"
+    model.save_pretrained(path)
+    build_image_processor(model.config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_evaluate_saved_model(saved_model_dir, tiny_parquet_dir, tmp_path):
+    metrics = eval_report.evaluate_saved_model(
+        saved_model_dir, str(tiny_parquet_dir), split="test", output_dir=tmp_path / "report", max_samples=48
+    )
+    assert metrics["num_samples"] == 48
+    assert 0.0 <= metrics["fine_accuracy"] <= metrics["fine_top5_accuracy"] <= 1.0
+    text = (tmp_path / "report" / "eval_report.md").read_text()
+    assert text.startswith("# Evaluation report: test split")
+    assert_report_matches(text, metrics)
+    assert (tmp_path / "report" / "superclass_accuracy.png").is_file()
+    assert (tmp_path / "report" / "misclassified.png").is_file()  # a random model makes mistakes
+
+    # the command line, on the validation split carved from train, writes into the model folder by default
+    cli_metrics = eval_report.main(
+        [str(saved_model_dir), "--dataset_name", str(tiny_parquet_dir), "--split", "validation", "--max_samples", "16"]
+    )
+    assert cli_metrics["num_samples"] == 16
+    assert (saved_model_dir / "eval_report.md").read_text().startswith("# Evaluation report: validation split")
+
+
+@pytest.mark.slow
+def test_training_script_writes_the_report(tiny_parquet_dir, tmp_path):
+    # fmt: off
+    metrics = run_classification.main([
+        "--dataset_name", str(tiny_parquet_dir), "--image_size", "32", "--backbone_weights", "none",
+        "--max_train_samples", "64", "--max_predict_samples", "48",
+        "--epochs", "1", "--batch_size", "32", "--do_train", "--do_eval", "--do_predict",
+        "--save_strategy", "no", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+        "--report_to", "none", "--output_dir", str(tmp_path),
+    ])
+    # fmt: on
+    eval_results = json.loads((tmp_path / "eval_results.json").read_text())
+    test_results = json.loads((tmp_path / "test_results.json").read_text())
+    assert {"eval_fine_accuracy", "eval_coarse_accuracy", "eval_loss", "epoch"} <= set(eval_results)
+    assert metrics["eval_fine_accuracy"] == eval_results["eval_fine_accuracy"]
+    assert eval_results["eval_num_samples"] == 20 and test_results["test_num_samples"] == 48  # 10% of 200 carved
+
+    text = (tmp_path / "eval_report.md").read_text()
+    assert text.startswith("# Evaluation report: test split")  # the test report follows the validation one
+    assert_report_matches(text, {name.removeprefix("test_"): value for name, value in test_results.items()})
+    assert f"| loss | {test_results['test_loss']:.4f} |" in text
+    assert (tmp_path / "superclass_accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "![Accuracy per superclass](superclass_accuracy.png)" in (tmp_path / "README.md").read_text()
