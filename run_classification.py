@@ -189,8 +189,8 @@ class HierarchicalTrainingArguments(TrainingArguments):
             raise ValueError(f"--resume_from_checkpoint {self.resume_from_checkpoint!r} is not a folder")
         if self.report_to is None:
             self.report_to = ["tensorboard"] if is_tensorboard_available() else "none"
-        if str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
-            self.load_best_model_at_end = False  # no evaluation, so no best checkpoint to keep
+        if "no" in (str(self.eval_strategy).split(".")[-1].lower(), str(self.save_strategy).split(".")[-1].lower()):
+            self.load_best_model_at_end = False  # no evaluation or no checkpoints: no best checkpoint to reload
         if not self.use_cpu and not torch.accelerator.is_available():
             self.use_cpu = True  # lets `accelerate launch --multi_gpu` start gloo processes on a CPU-only machine
         if self.ddp_find_unused_parameters is None:
