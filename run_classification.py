@@ -131,6 +131,10 @@ class HierarchicalTrainingArguments(TrainingArguments):
         metadata={"help": "Start over although output_dir holds checkpoints, none of them usable (they are kept)."},
     )
     sync_batchnorm: bool = field(default=False, metadata={"help": "Use SyncBatchNorm in multi-process runs."})
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Stop training (then evaluate and save as usual) after this many minutes of training."},
+    )
     ema_decay: float = field(
         default=0.0, metadata={"help": "Exponential moving average of the weights (e.g. 0.9998); 0 = off."}
     )
@@ -335,6 +339,26 @@ class EMACallback(TrainerCallback):
             yield
         finally:
             model.load_state_dict(backup, strict=False)
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stop training once `minutes` of wall-clock time have passed since training began (checked after each
+    optimizer step); the run then saves, evaluates and writes its outputs as at a normal end."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.start = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if time.monotonic() - self.start > self.seconds:
+            logger.warning(
+                "Time budget of %.1f minutes reached at step %d: stopping", self.seconds / 60, state.global_step
+            )
+            control.should_training_stop = control.should_save = True
+        return control
 
 
 class HierarchicalTrainer(Trainer):
@@ -544,6 +568,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     callbacks = [EpochCallback(splits["train"])] if "train" in splits else []
     if training_args.do_train and training_args.ema_decay > 0:
         callbacks.append(EMACallback(training_args.ema_decay, resume_from=checkpoint))
+    if training_args.max_train_minutes is not None:
+        callbacks.append(TimeBudgetCallback(training_args.max_train_minutes))
     trainer = HierarchicalTrainer(
         model=model,
         args=training_args,
