@@ -144,6 +144,9 @@ class HierarchicalTrainingArguments(TrainingArguments):
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (not on biases and norms)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Scheduler of both learning rates."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a ratio of all steps if < 1."})
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Clip gradients to this global norm; 0 (the default) does not clip."}
+    )
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on the validation split."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
     logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
@@ -373,6 +376,12 @@ class HierarchicalTrainer(Trainer):
             groups = parameter_groups(self.model, args.lr_conv, args.lr_fc, args.weight_decay, args.layer_decay)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
+        """The Trainer's estimate (6 x input elements x parameters), with the parameters counted once, not per step."""
+        if not hasattr(self, "_num_parameters"):
+            self._num_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs["pixel_values"].numel() * self._num_parameters
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """Evaluate; with `--ema_decay`, the averaged weights are evaluated (and so pick the best checkpoint)."""

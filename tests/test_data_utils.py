@@ -18,6 +18,8 @@ from transformers import HfArgumentParser, TrainerControl, TrainerState, Trainin
 from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE, HierarchicalEfficientNetV2Config
 from conftest import NUM_FINE, encode_image, make_image_array, make_parquet_dataset, write_cifar_python
 from data_utils import (
+    JITTER_ORDERS,
+    BatchedAugment,
     CifarUnpickler,
     DataArguments,
     EpochCallback,
@@ -29,6 +31,7 @@ from data_utils import (
     decode_image,
     load_raw_datasets,
     prepare_datasets,
+    uniform_draws,
 )
 
 STANDARD_COLUMNS = ["image", "labels", "coarse_labels", "index"]
@@ -369,19 +372,83 @@ def test_eval_transform_matches_vit_image_processor(source_size, image_size):
     torch.testing.assert_close(ours, expected, atol=0.02, rtol=0)  # about 1/255 of a pixel value after normalising
 
 
-def test_color_jitter_pil_matches_torchvision():
-    from torchvision.transforms import v2
+def _augment(image_size: int = 32, **kwargs) -> BatchedAugment:
+    return BatchedAugment(make_config(image_size), DataArguments(**kwargs))
 
-    from data_utils import ColorJitterPIL
 
-    rng = np.random.default_rng(3)
-    ours, reference = ColorJitterPIL(0.4, 0.4, 0.4), v2.ColorJitter(0.4, 0.4, 0.4)
-    for seed in range(20):
-        image = PIL.Image.fromarray(make_image_array(seed, rng))
-        torch.manual_seed(seed)
-        jittered = np.asarray(ours(image))
-        torch.manual_seed(seed)
-        np.testing.assert_array_equal(jittered, np.asarray(reference(image)))
+def _unnormalise(pixels: torch.Tensor, config: HierarchicalEfficientNetV2Config) -> torch.Tensor:
+    return pixels * torch.tensor(config.image_std).view(3, 1, 1) + torch.tensor(config.image_mean).view(3, 1, 1)
+
+
+def test_batched_augment_crop_and_flip_shift_pixels_exactly():
+    config, rng = make_config(32), np.random.default_rng(5)
+    images = [torch.from_numpy(make_image_array(i, rng)).permute(2, 0, 1) for i in range(16)]
+    seeds = list(range(100, 116))
+    outputs = _augment(rotation_degrees=0, color_jitter=0).batch(images, seeds)
+    draws = uniform_draws(seeds, 8)
+    for image, output, draw in zip(images, outputs, draws, strict=True):
+        dx, dy = (torch.floor(draw[:2] * 9) - 4).long().tolist()  # 4 px of padding at 32 px
+        padded = torch.nn.functional.pad(image.float() / 255, (4, 4, 4, 4))
+        expected = padded[:, 4 + dy : 36 + dy, 4 + dx : 36 + dx]
+        if draw[2] < 0.5:
+            expected = expected.flip(-1)
+        torch.testing.assert_close(_unnormalise(output, config), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 3])  # +28 and -26 degrees
+def test_batched_augment_rotation_matches_torchvision(seed):
+    from torchvision.transforms.v2 import functional as F
+
+    config = make_config(32)
+    image = torch.from_numpy(make_image_array(3, np.random.default_rng(6))).permute(2, 0, 1)
+    augment = _augment(random_crop=False, horizontal_flip=False, rotation_degrees=30, color_jitter=0)
+    angle = float((2 * uniform_draws([seed], 8)[0, 3] - 1) * 30)
+    ours = _unnormalise(augment.batch([image], [seed])[0], config)
+    reference = F.rotate(image.float() / 255, angle, interpolation=F.InterpolationMode.BILINEAR)
+    assert abs(angle) > 20
+    inner = (slice(None), slice(6, 26), slice(6, 26))  # away from the corners, where the fills differ by a pixel
+    torch.testing.assert_close(ours[inner], reference[inner], atol=1e-4, rtol=0)
+
+
+def test_batched_augment_jitter_matches_torchvision():
+    from torchvision.transforms.v2 import functional as F
+
+    config, rng = make_config(32), np.random.default_rng(7)
+    augment = _augment(random_crop=False, horizontal_flip=False, rotation_degrees=0, color_jitter=0.4)
+    images = [torch.from_numpy(make_image_array(i, rng)).permute(2, 0, 1) for i in range(12)]
+    seeds = list(range(12))
+    outputs = augment.batch(images, seeds)
+    draws = uniform_draws(seeds, 8)
+    functions = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+    orders = set()
+    for image, output, draw in zip(images, outputs, draws, strict=True):
+        factors = (0.6 + draw[4:7] * 0.8).tolist()
+        order = JITTER_ORDERS[int(draw[7] * 6)].tolist()
+        orders.add(tuple(order))
+        expected = image.float() / 255
+        for op in order:
+            expected = functions[op](expected, factors[op])
+        torch.testing.assert_close(_unnormalise(output, config), expected, atol=1e-4, rtol=0)
+    assert len(orders) > 2  # the order is drawn per image
+
+
+def test_batched_augment_handles_sizes_and_modes_per_image():
+    augment, rng = _augment(64, random_erasing=0.5), np.random.default_rng(8)
+    images = [torch.from_numpy(make_image_array(i, rng, size)).permute(2, 0, 1) for i, size in enumerate([32, 48, 32])]
+    together = augment.batch(images, [1, 2, 3])
+    for position, image in enumerate(images):
+        alone = augment.batch([image], [position + 1])[0]
+        assert together[position].shape == (3, 64, 64)
+        torch.testing.assert_close(together[position], alone, atol=1e-6, rtol=0)
+    assert isinstance(build_train_transform(make_config(32), DataArguments(augmentation="none")), BatchedAugment)
+
+
+def test_uniform_draws_are_a_function_of_the_seed():
+    draws = uniform_draws([1, 2, 2**62], 8)
+    assert draws.shape == (3, 8) and draws.dtype == torch.float64 and ((draws >= 0) & (draws < 1)).all()
+    torch.testing.assert_close(uniform_draws([2], 8)[0], draws[1], atol=0, rtol=0)
+    big = uniform_draws(list(range(20000)), 1).flatten()
+    assert abs(big.mean().item() - 0.5) < 0.01 and len(set(big.tolist())) == 20000
 
 
 def _train_transform(seed: int = 7, **kwargs) -> ImageTransform:
@@ -402,9 +469,10 @@ def test_image_transform_output_keys():
     assert "epoch" in _train_transform()(_encoded_batch([0]))
 
 
-def test_train_transform_is_seeded_by_seed_epoch_and_index_only():
+@pytest.mark.parametrize("policy", ["trivialaugment", "original"])
+def test_train_transform_is_seeded_by_seed_epoch_and_index_only(policy):
     batch = _encoded_batch([0, 1, 2, 3])
-    transform = _train_transform(augmentation="trivialaugment", random_erasing=0.5)
+    transform = _train_transform(augmentation=policy, random_erasing=0.5)
     torch.manual_seed(0)
     first = transform(batch)["pixel_values"]
     state = torch.get_rng_state()
@@ -423,7 +491,7 @@ def test_train_transform_is_seeded_by_seed_epoch_and_index_only():
     # another epoch or seed draws differently
     transform.set_epoch(1)
     assert not any(torch.equal(a, b) for a, b in zip(first, transform(batch)["pixel_values"], strict=True))
-    other_seed = _train_transform(seed=8, augmentation="trivialaugment", random_erasing=0.5)
+    other_seed = _train_transform(seed=8, augmentation=policy, random_erasing=0.5)
     assert not all(torch.equal(a, b) for a, b in zip(first, other_seed(batch)["pixel_values"], strict=True))
 
 
