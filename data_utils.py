@@ -1,7 +1,7 @@
 """Data pipeline of the hierarchical CIFAR-100 classifier: loading, validation, transforms and collation.
 
 `prepare_datasets` turns any supported source into splits with the columns `image`, `labels`, `coarse_labels`
-and `index`; `apply_transforms` attaches the per-image transforms; `HierarchicalCollator` builds batches (with
+and `index`; `apply_transforms` attaches the transforms; `HierarchicalCollator` builds batches (with
 optional MixUp/CutMix on fine and coarse targets alike). All training randomness is drawn from seeds derived from
 (seed, epoch, row index), never from the global RNG, so a resumed run sees the same augmentations as an
 uninterrupted one.

@@ -42,7 +42,8 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations import is_tensorboard_available
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy
 
 from configuration_hierarchical import NUM_BACKBONE_STAGES, HierarchicalEfficientNetV2Config
 from data_utils import DataArguments, EpochCallback, HierarchicalCollator, apply_transforms, prepare_datasets
@@ -135,6 +136,14 @@ class HierarchicalTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Stop training (then evaluate and save as usual) after this many minutes of training."},
     )
+    schedule_by_time: bool = field(
+        default=False,
+        metadata={
+            "help": "With --max_train_minutes: warm up and cosine-decay the learning rates over that time budget "
+            "instead of over the steps, so the schedule ends when the time does, on any machine. Set "
+            "--num_train_epochs above what fits in the budget."
+        },
+    )
     ema_decay: float = field(
         default=0.0, metadata={"help": "Exponential moving average of the weights (e.g. 0.9998); 0 = off."}
     )
@@ -196,7 +205,20 @@ class HierarchicalTrainingArguments(TrainingArguments):
             raise ValueError(f"--resume_from_checkpoint {self.resume_from_checkpoint!r} is not a folder")
         if self.report_to is None:
             self.report_to = ["tensorboard"] if is_tensorboard_available() else "none"
-        if "no" in (str(self.eval_strategy).split(".")[-1].lower(), str(self.save_strategy).split(".")[-1].lower()):
+        if self.max_train_minutes is not None and not self.max_train_minutes > 0:
+            raise ValueError(f"--max_train_minutes must be > 0, got {self.max_train_minutes}")
+        if self.schedule_by_time:
+            if self.max_train_minutes is None:
+                raise ValueError("--schedule_by_time needs --max_train_minutes, the time to schedule over")
+            if str(self.lr_scheduler_type).split(".")[-1].lower() != "cosine":
+                raise ValueError(
+                    f"--schedule_by_time decays with a cosine, got --lr_scheduler_type {self.lr_scheduler_type}"
+                )
+            if not 0 <= self.warmup_steps < 1:
+                raise ValueError(
+                    f"--schedule_by_time needs --warmup_steps as a share of the time in [0, 1), got {self.warmup_steps}"
+                )
+        if IntervalStrategy.NO in (IntervalStrategy(self.eval_strategy), SaveStrategy(self.save_strategy)):
             self.load_best_model_at_end = False  # no evaluation or no checkpoints: no best checkpoint to reload
         if not self.use_cpu and not torch.accelerator.is_available():
             self.use_cpu = True  # lets `accelerate launch --multi_gpu` start gloo processes on a CPU-only machine
@@ -344,24 +366,53 @@ class EMACallback(TrainerCallback):
             model.load_state_dict(backup, strict=False)
 
 
-class TimeBudgetCallback(TrainerCallback):
-    """Stop training once `minutes` of wall-clock time have passed since training began (checked after each
-    optimizer step); the run then saves, evaluates and writes its outputs as at a normal end."""
+class TimeBudgetCallback(TrainerCallback, ExportableState):
+    """Stop training once `minutes` of wall-clock training time have passed (checked after each optimizer step);
+    the run then saves, evaluates and writes its outputs as at a normal end.
 
-    def __init__(self, minutes: float):
+    The time spent up to each checkpoint is saved in it (`trainer_state.json`), so a resumed run continues the same
+    budget. `progress()` (0 to 1) drives the learning-rate schedule of `--schedule_by_time`.
+    """
+
+    def __init__(self, minutes: float, elapsed_seconds: float = 0.0):
         self.seconds = minutes * 60
+        self.elapsed_before = elapsed_seconds  # training time of earlier runs, up to the resumed checkpoint
         self.start = None
 
+    def elapsed(self) -> float:
+        """Seconds of training so far, earlier runs included."""
+        return self.elapsed_before + (time.monotonic() - self.start if self.start is not None else 0.0)
+
+    def progress(self) -> float:
+        """Share of the budget used, in [0, 1]."""
+        return min(self.elapsed() / self.seconds, 1.0)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the budget and the training time spent until then."""
+        return {"args": {"minutes": self.seconds / 60, "elapsed_seconds": self.elapsed()}, "attributes": {}}
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step > 0 else None
+        if isinstance(saved, dict):  # resumed: the loaded state holds the time spent before the checkpoint
+            self.elapsed_before = float(saved.get("args", {}).get("elapsed_seconds", 0.0))
+            logger.info("Time budget: %.1f of %.1f minutes already spent", self.elapsed_before / 60, self.seconds / 60)
         self.start = time.monotonic()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if time.monotonic() - self.start > self.seconds:
+        if self.elapsed() > self.seconds:
             logger.warning(
                 "Time budget of %.1f minutes reached at step %d: stopping", self.seconds / 60, state.global_step
             )
             control.should_training_stop = control.should_save = True
         return control
+
+
+def time_schedule_factor(progress: float, warmup: float) -> float:
+    """Learning-rate multiplier at `progress` (0 to 1) of a time budget: linear warmup over the first `warmup`
+    share, then a cosine decay that reaches 0 at the end of the budget."""
+    if progress < warmup:
+        return progress / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / (1.0 - warmup))))
 
 
 class HierarchicalTrainer(Trainer):
@@ -376,6 +427,25 @@ class HierarchicalTrainer(Trainer):
             groups = parameter_groups(self.model, args.lr_conv, args.lr_fc, args.weight_decay, args.layer_decay)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """The `--lr_scheduler_type` schedule over the steps, or with `--schedule_by_time` over the time budget."""
+        if not self.args.schedule_by_time or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        budget = next((c for c in self.callback_handler.callbacks if isinstance(c, TimeBudgetCallback)), None)
+        if budget is None:  # a Trainer built without main(): the budget callback is part of the schedule
+            budget = TimeBudgetCallback(self.args.max_train_minutes)
+            self.add_callback(budget)
+        warmup = self.args.warmup_steps
+
+        def factor(step: int) -> float:  # a function, so the scheduler's saved state holds no reference to it
+            return time_schedule_factor(budget.progress(), warmup)
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
         """The Trainer's estimate (6 x input elements x parameters), with the parameters counted once, not per step."""

@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--trainer_args",
         default="",
         help="Extra run_classification.py options for the Trainer measurement (and the ceiling's optimizer), "
-        'e.g. "--max_grad_norm 0 --dataloader_num_workers 1" to measure a change of default.',
+        'e.g. "--max_grad_norm 1 --dataloader_num_workers 1" to measure a change of default.',
     )
     parser.add_argument("--tiny", action="store_true", help="Tiny settings on generated data, for the smoke test.")
     parser.add_argument("--child", choices=("ceiling", "trainer"), help=argparse.SUPPRESS)

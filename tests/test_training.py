@@ -8,13 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import pipeline
+from transformers import TrainerControl, TrainerState, pipeline
 
 import run_classification
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from conftest import METRIC_NAMES, PROJECT_DIR, make_parquet_dataset, tiny_args
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
-from run_classification import HierarchicalTrainer, main, parameter_groups, parse_args
+from run_classification import (
+    HierarchicalTrainer,
+    TimeBudgetCallback,
+    main,
+    parameter_groups,
+    parse_args,
+    time_schedule_factor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +153,10 @@ def test_cifar_python_folder_trains(tiny_cifar_python_dir, tmp_path):
         (["--image_size", "8"], "image_size must be"),
         (["--model_name_or_path", "/nonexistent/model"], "neither a folder nor a Hub id"),
         (["--eval_strategy", "no"], "nothing to do"),
+        (["--max_train_minutes", "0"], "max_train_minutes must be > 0"),
+        (["--schedule_by_time"], "schedule_by_time needs --max_train_minutes"),
+        (["--schedule_by_time", "--max_train_minutes", "1", "--lr_scheduler_type", "linear"], "decays with a cosine"),
+        (["--schedule_by_time", "--max_train_minutes", "1", "--warmup_steps", "10"], "share of the time"),
         ([], "evaluating without --do_train needs --model_name_or_path"),
     ],
 )
@@ -182,3 +193,34 @@ def test_checkpoint_problems_are_detected(tmp_path):
     assert "trainer_state.json" in run_classification.checkpoint_problem(str(folder))
     (folder / "trainer_state.json").write_text("{}")
     assert "model.safetensors" in run_classification.checkpoint_problem(str(folder))
+
+
+def test_time_schedule_factor():
+    assert time_schedule_factor(0.0, 0.1) == 0.0 and time_schedule_factor(0.05, 0.1) == pytest.approx(0.5)
+    assert time_schedule_factor(0.1, 0.1) == pytest.approx(1.0) and time_schedule_factor(0.55, 0.1) == pytest.approx(
+        0.5
+    )
+    assert time_schedule_factor(1.0, 0.1) == pytest.approx(0.0) and time_schedule_factor(0.5, 0.0) == pytest.approx(0.5)
+
+
+def test_time_budget_continues_from_the_checkpoint():
+    saved = {"TimeBudgetCallback": {"args": {"minutes": 2.0, "elapsed_seconds": 90.0}, "attributes": {}}}
+    resumed = TimeBudgetCallback(2.0)
+    resumed.on_train_begin(None, TrainerState(global_step=7, stateful_callbacks=saved), TrainerControl())
+    assert 0.75 <= resumed.progress() < 0.8 and resumed.state()["args"]["elapsed_seconds"] >= 90.0
+    fresh = TimeBudgetCallback(2.0)
+    fresh.on_train_begin(None, TrainerState(global_step=0, stateful_callbacks=saved), TrainerControl())
+    assert fresh.progress() < 0.05
+
+
+def test_schedule_by_time_anneals_by_the_end_of_the_budget(tiny_parquet_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    extra = ["--do_train", "--epochs", "1000", "--max_train_minutes", "0.1", "--schedule_by_time"]
+    extra += ["--warmup_steps", "0.2", "--eval_strategy", "no", "--save_strategy", "no"]
+    extra += ["--lr_fc", "1e-3", "--lr_conv", "1e-3"]
+    metrics = main(tiny_args(tiny_parquet_dir, output_dir, *extra))
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    rates = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+    assert metrics["epoch"] < 1000 and len(rates) > 10  # stopped by the clock, not by the epochs
+    assert max(rates) > 0.8e-3 and rates[-1] < 0.25 * max(rates)  # warmed up, then annealed towards 0
+    assert rates.index(max(rates)) < len(rates) - 2
