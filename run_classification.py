@@ -447,6 +447,15 @@ class HierarchicalTrainer(Trainer):
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    def _get_grad_norm(self, model: nn.Module, grad_norm: torch.Tensor | float | None = None):
+        """The gradient norm for the logs. Without clipping the Trainer would compute it after every step, a pass
+        over every gradient as costly as clipping; it is computed only for the steps that log."""
+        step = self.state.global_step + 1  # the step being finished
+        logs = self.args.logging_strategy != IntervalStrategy.STEPS or step % self.state.logging_steps == 0
+        if grad_norm is None and not (logs or (step == 1 and self.args.logging_first_step)):
+            return None
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
     def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
         """The Trainer's estimate (6 x input elements x parameters), with the parameters counted once, not per step."""
         if not hasattr(self, "_num_parameters"):
