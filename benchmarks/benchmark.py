@@ -8,7 +8,8 @@
 Measured side by side in one run, on the current machine:
 
 1. ceiling: a plain loop of forward, backward and AdamW step on pre-made tensors (same model, parameter groups,
-   optimizer settings, batch and image size as the Trainer), in its own process;
+   optimizer settings, batch and image size as the Trainer), in its own process, started with the allocator
+   thresholds that `--keep_freed_memory` (on by default) sets in the Trainer's process;
 2. trainer: `run_classification.main([...])` reading the parquet dataset, in its own process, timed by a callback
    from the end of the warm-up steps to the last step (no evaluation, no checkpoints, no logging in between);
 3. loader: the data pipeline alone (`apply_transforms` + `HierarchicalCollator` through a `DataLoader` in the
@@ -255,6 +256,7 @@ def training_plan(argv: list[str]) -> dict[str, Any]:
         "device": str(training_args.device),
         "autocast": "bfloat16" if training_args.bf16 else None,
         "compile": compile_options,
+        "keep_freed_memory": training_args.keep_freed_memory,
     }
 
 
@@ -349,7 +351,13 @@ def spawn_child(kind: str, args: argparse.Namespace, plan_path: Path) -> dict[st
         if getattr(args, name) is not None:
             command += [f"--{name}", str(getattr(args, name))]
     command += ["--spawn_time", repr(time.time())]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+    env = dict(os.environ)
+    if kind == "ceiling" and json.loads(plan_path.read_text())["keep_freed_memory"]:
+        # The Trainer's process sets the same allocator thresholds on itself (`--keep_freed_memory`, the default).
+        from run_classification import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
+
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MALLOC_MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(MALLOC_TRIM_THRESHOLD))
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if completed.returncode != 0 or not lines:
         raise RuntimeError(
@@ -497,6 +505,8 @@ def print_table(results: dict[str, Any]) -> None:
         f"{r['warmup_steps']} warm-up, best of {r['repeats']}, {r['device']}, {r['threads']} threads, "
         f"torch {r['torch_version']}, data: {r['dataset']}"
     )
+    if r["keep_freed_memory"]:
+        print("allocator: glibc keeps freed memory in both training processes (the script's --keep_freed_memory)")
     share = r["other_processes_cpu_share"]
     busy = "" if share is None else f"; other processes took {share:.0%} of the CPUs during the run"
     print(f"load average {r['load_average_before'][0]:.2f} before, {r['load_average_after'][0]:.2f} after{busy}")
@@ -590,6 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup_steps": args.warmup_steps,
         "repeats": args.repeats,
         "trainer_args": args.trainer_args,
+        "keep_freed_memory": plan["keep_freed_memory"],
         "device": plan["device"],
         "threads": trainer["threads"],
         "cpu_count": os.cpu_count(),

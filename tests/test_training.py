@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,9 @@ def test_schedule_by_time_anneals_by_the_end_of_the_budget(tiny_parquet_dir, tmp
     assert metrics["epoch"] < 1000 and len(rates) > 10  # stopped by the clock, not by the epochs
     assert max(rates) > 0.8e-3 and rates[-1] < 0.25 * max(rates)  # warmed up, then annealed towards 0
     assert rates.index(max(rates)) < len(rates) - 2
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    applied = run_classification.keep_freed_memory()
+    assert applied is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    assert parse_args(["--output_dir", "x"])[2].keep_freed_memory  # on by default
