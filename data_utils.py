@@ -581,7 +581,7 @@ class BatchedAugment:
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
         """Augment one PIL image (any mode) into a normalised `(3, S, S)` float tensor."""
         seed = int(torch.randint(2**62, ()))
-        return self.batch([v2.functional.pil_to_tensor(to_rgb(image))], [seed])[0]
+        return self.batch([decode_to_tensor(image, index=0)], [seed])[0]
 
     def batch(self, images: list[torch.Tensor], seeds: list[int]) -> list[torch.Tensor]:
         """Augment 8-bit `(3, H, W)` RGB tensors, image i with `seeds[i]`; sizes may differ between images."""
@@ -590,10 +590,11 @@ class BatchedAugment:
         for position, image in enumerate(images):
             groups.setdefault(tuple(image.shape), []).append(position)
         for positions in groups.values():
+            group_seeds = [seeds[p] for p in positions]
             pixels = torch.stack([images[p] for p in positions]).float().div_(255.0)  # (n, 3, H, W) in [0, 1]
-            draws = uniform_draws([seeds[p] for p in positions], 8)
+            draws = uniform_draws(group_seeds, 8)
             pixels = (self._resize(self._jitter(self._geometry(pixels, draws), draws)) - self.mean) / self.std
-            for position, seed, output in zip(positions, (seeds[p] for p in positions), pixels, strict=True):
+            for position, seed, output in zip(positions, group_seeds, pixels, strict=True):
                 outputs[position] = self._erase(output, seed)
         return outputs
 
@@ -734,8 +735,7 @@ def decode_image(value: Any, index: int, split: str = "train") -> PIL.Image.Imag
 
 def decode_to_tensor(value: Any, index: int, split: str = "train") -> torch.Tensor:
     """`decode_image`, then convert to an 8-bit RGB `(3, H, W)` tensor."""
-    image = to_rgb(decode_image(value, index, split))
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    return v2.functional.pil_to_tensor(to_rgb(decode_image(value, index, split)))
 
 
 class ImageTransform:

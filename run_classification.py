@@ -44,7 +44,7 @@ from transformers import (
 )
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy, SchedulerType
 
 from configuration_hierarchical import NUM_BACKBONE_STAGES, HierarchicalEfficientNetV2Config
 from data_utils import DataArguments, EpochCallback, HierarchicalCollator, apply_transforms, prepare_datasets
@@ -218,7 +218,7 @@ class HierarchicalTrainingArguments(TrainingArguments):
         if self.schedule_by_time:
             if self.max_train_minutes is None:
                 raise ValueError("--schedule_by_time needs --max_train_minutes, the time to schedule over")
-            if str(self.lr_scheduler_type).split(".")[-1].lower() != "cosine":
+            if SchedulerType(self.lr_scheduler_type) != SchedulerType.COSINE:
                 raise ValueError(
                     f"--schedule_by_time decays with a cosine, got --lr_scheduler_type {self.lr_scheduler_type}"
                 )
