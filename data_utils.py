@@ -9,12 +9,16 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import io
 import math
 import os
 import pickle
 import re
+import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +27,9 @@ import datasets
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import pyarrow
+import pyarrow.compute
+import pyarrow.ipc
 import pyarrow.parquet
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features
@@ -45,6 +52,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 CIFAR_PYTHON_FILES = ("train", "test", "meta")
 LOCAL_DATA_HINT = "--dataset_name ../shared/data/cifar100-real"
+# Known misspellings of class names in published dataset metadata (uoft-cs/cifar100 spells "crab" as "cra").
+LABEL_NAME_ALIASES = {"cra": "crab"}
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 @dataclass
@@ -122,8 +132,28 @@ class DataArguments:
     cutmix_switch_prob: float = field(
         default=0.5, metadata={"help": "Probability of CutMix rather than MixUp when both alphas are above 0."}
     )
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={
+            "help": "Largest image (width x height) that is decoded; larger ones are refused from their header, "
+            "before decoding, naming the row."
+        },
+    )
+    drop_duplicate_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Images of the validation or test split whose encoded bytes equal those of a training image are "
+            "refused by default; true drops them from the evaluation splits instead, and logs how many."
+        },
+    )
 
     def __post_init__(self) -> None:
+        for option in dataclasses.fields(self):
+            value = getattr(self, option.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+                raise ValueError(f"{option.name} must be a finite number, got {value!r}")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be a positive number of pixels, got {self.max_image_pixels!r}")
         if not 0.0 <= self.train_val_split < 1.0:
             raise ValueError(f"train_val_split must be in [0, 1), got {self.train_val_split!r}")
         for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
@@ -196,24 +226,57 @@ def load_hub_dataset(args: DataArguments) -> DatasetDict:
 
 
 def load_local_folder(path: str, args: DataArguments) -> DatasetDict:
-    """Load a local folder: `save_to_disk` output, cifar-100-python files, parquet/arrow shards or an image folder."""
+    """Load a local folder: `save_to_disk` output, cifar-100-python files, parquet/arrow shards or an image folder.
+
+    Parquet/arrow shards follow the conventional layout: split-named files at the top of the folder
+    (`train-00000-of-00009.parquet`, `test.parquet`) or files in split-named folders (`train/`, `validation/`,
+    `test/`). Data files anywhere else (a `backup/` copy, say) are not read; a warning names them.
+    """
     if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
         loaded = datasets.load_from_disk(path)
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({args.train_split_name: loaded})
     for folder in (path, os.path.join(path, "cifar-100-python")):
         if all(os.path.isfile(os.path.join(folder, name)) for name in CIFAR_PYTHON_FILES):
             return load_cifar_python(folder)
-    files = _list_files(path)
+    split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
+    candidates = _visible_files(path)
+    for split in split_names:
+        if os.path.isdir(os.path.join(path, split)):
+            candidates += _visible_files(os.path.join(path, split))
+    all_files = _list_files(path)
     for extension in DATA_FILE_BUILDERS:
-        data_files = [f for f in files if f.endswith(extension)]
+        data_files = [f for f in candidates if f.endswith(extension)]
         if data_files:
+            ignored = sorted(set(f for f in all_files if f.endswith(extension)) - set(data_files))
+            if ignored:
+                folders = sorted({os.path.relpath(os.path.dirname(f), path) for f in ignored})
+                logger.warning(
+                    f"Not reading {len(ignored)} {extension} files of {path!r} outside its top level and its split "
+                    f"folders {list(split_names)}: they are in {folders}"
+                )
             return load_data_files(data_files, path, args)
-    if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+    if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in all_files):
         return load_image_folder(path, args)
-    raise FileNotFoundError(
-        f"--dataset_name {path!r} holds no parquet or arrow files, no images and no cifar-100-python files "
-        f"({', '.join(CIFAR_PYTHON_FILES)})"
+    nested = sorted(
+        {os.path.relpath(os.path.dirname(f), path) for f in all_files if f.endswith(tuple(DATA_FILE_BUILDERS))}
     )
+    raise FileNotFoundError(
+        f"--dataset_name {path!r} holds no parquet or arrow files at its top level or in split folders "
+        f"{list(split_names)}, no images and no cifar-100-python files ({', '.join(CIFAR_PYTHON_FILES)})"
+        + (f"; data files were found in {nested}: pass that folder, or a glob of the files" if nested else "")
+    )
+
+
+def _visible_files(folder: str) -> list[str]:
+    """The regular, non-hidden files directly in `folder`, sorted."""
+    with os.scandir(folder) as entries:
+        return sorted(e.path for e in entries if not e.name.startswith((".", "__")) and e.is_file())
+
+
+def _visible_subfolders(folder: str) -> list[str]:
+    """The names of the non-hidden subfolders of `folder`, sorted."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith((".", "__")) and e.is_dir())
 
 
 def _list_files(root: str) -> list[str]:
@@ -247,10 +310,48 @@ def load_data_files(files: list[str], root: str, args: DataArguments) -> Dataset
         data_files = {split: [f for f in files if split_of[f] == split] for split in dict.fromkeys(split_of.values())}
     if builder == "parquet":  # datasets cannot build an empty split: say so before it tries
         for split, split_files in data_files.items():
-            if sum(pyarrow.parquet.read_metadata(f).num_rows for f in split_files) == 0:
+            if sum(_parquet_metadata(f).num_rows for f in split_files) == 0:
                 raise ValueError(f"split {split!r} of {args.dataset_name!r} is empty (files: {split_files})")
-    logger.info(f"Loading {builder} files: { {split: len(names) for split, names in data_files.items()} }")
-    return datasets.load_dataset(builder, data_files=data_files, cache_dir=args.cache_dir)
+    for split, split_files in data_files.items():
+        logger.info(f"Reading {len(split_files)} {builder} files as split {split!r}: {split_files}")
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, cache_dir=args.cache_dir)
+    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as error:
+        for file in files:
+            _check_data_file(file, builder)
+        raise ValueError(
+            f"could not read the {builder} files of {args.dataset_name!r} ({type(error).__name__}: {error}); "
+            f"files: {data_files}"
+        ) from error
+
+
+def _parquet_metadata(file: str) -> pyarrow.parquet.FileMetaData:
+    """The footer of a parquet file; `ValueError` naming the file when it is corrupt or truncated."""
+    try:
+        return pyarrow.parquet.read_metadata(file)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise ValueError(
+            f"{file}: not a readable parquet file, it is corrupt or truncated ({error}); replace it with a complete "
+            "copy or remove it"
+        ) from None
+
+
+def _check_data_file(file: str, builder: str) -> None:
+    """Read `file` in full; `ValueError` naming it when it is corrupt or truncated."""
+    try:
+        if builder == "parquet":
+            pyarrow.parquet.read_table(file)
+        else:
+            with pyarrow.memory_map(file) as source:
+                try:
+                    pyarrow.ipc.open_stream(source).read_all()
+                except pyarrow.ArrowInvalid:
+                    pyarrow.ipc.open_file(source).read_all()
+    except (pyarrow.ArrowException, OSError) as error:
+        raise ValueError(
+            f"{file}: not a readable {builder} file, it is corrupt or truncated ({error}); replace it with a "
+            "complete copy or remove it"
+        ) from None
 
 
 def _split_of(relative_path: str, split_names: tuple[str, ...]) -> str | None:
@@ -263,8 +364,35 @@ def _split_of(relative_path: str, split_names: tuple[str, ...]) -> str | None:
 
 
 def load_image_folder(path: str, args: DataArguments) -> DatasetDict:
-    """Load an image folder (one subfolder per class, optionally under train/ and test/ folders)."""
-    return datasets.load_dataset("imagefolder", data_dir=path, cache_dir=args.cache_dir)
+    """Load an image folder: one subfolder per class, whatever the class names, labelled by the folder name.
+
+    Only a folder whose every subfolder is named after a split (`train`, `validation`, `test`, per the split
+    options) and holds class subfolders is read as split folders (`train/<class>/...`); otherwise every top-level
+    subfolder is a class (CIFAR-100 has a class named `train`). Images directly in a class folder are read.
+    """
+    split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
+    subfolders = _visible_subfolders(path)
+    split_layout = bool(subfolders) and all(
+        name in split_names and _visible_subfolders(os.path.join(path, name)) for name in subfolders
+    )
+    roots = {name: os.path.join(path, name) for name in subfolders} if split_layout else {args.train_split_name: path}
+    data_files = {}
+    for split, root in roots.items():
+        class_names = _visible_subfolders(root)
+        files = [
+            file
+            for name in class_names
+            for file in _visible_files(os.path.join(root, name))
+            if file.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        loose = [f for f in _visible_files(root) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if loose:
+            logger.warning(f"Not reading {len(loose)} images of {root!r} that are in no class folder, e.g. {loose[0]}")
+        if not files:
+            raise ValueError(f"image folder {root!r} has no images in class subfolders (found {class_names})")
+        logger.info(f"Reading {len(files)} images in {len(class_names)} class folders of {root!r} as split {split!r}")
+        data_files[split] = files
+    return datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=False, cache_dir=args.cache_dir)
 
 
 class CifarUnpickler(pickle.Unpickler):
@@ -293,33 +421,83 @@ class CifarUnpickler(pickle.Unpickler):
 def read_cifar_pickle(path: str) -> dict[bytes, Any]:
     """Read one file of the original cifar-100-python folder (a dict with bytes keys) with `CifarUnpickler`."""
     with open(path, "rb") as file:
-        content = CifarUnpickler(file, encoding="bytes").load()
+        try:
+            content = CifarUnpickler(file, encoding="bytes").load()
+        except pickle.UnpicklingError:
+            raise
+        except Exception as error:  # numpy refuses inconsistent arrays with ValueError, truncation gives EOFError
+            raise ValueError(f"{path}: not a valid cifar-100-python file ({type(error).__name__}: {error})") from None
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected a dict as in the cifar-100-python files, got {type(content).__name__}")
     return content
 
 
+def _cifar_images(content: dict[bytes, Any], path: str) -> np.ndarray:
+    """The `(N, 3072)` uint8 `b"data"` array of a cifar-100-python file, checked against the file's own size.
+
+    A crafted pickle can rebuild an array whose shape promises far more data than the file holds (zero strides,
+    zero-size items); such an array is refused before anything reads or converts it.
+    """
+    data = content.get(b"data")
+    if not isinstance(data, np.ndarray):
+        raise ValueError(f"{path}: b'data' must be a numpy array, got {type(data).__name__}")
+    problems = []
+    if data.dtype != np.uint8:
+        problems.append(f"dtype {data.dtype} instead of uint8")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        problems.append(f"shape {data.shape} instead of (N, 3072)")
+    if not data.flags.c_contiguous or 0 in data.strides:
+        problems.append(f"strides {data.strides} of a non-contiguous array")
+    if data.nbytes > os.path.getsize(path):
+        problems.append(f"{data.nbytes} bytes of pixels in a file of {os.path.getsize(path)} bytes")
+    if problems:
+        raise ValueError(f"{path}: b'data' is not a CIFAR image array: {'; '.join(problems)}")
+    return data
+
+
+def _cifar_labels(content: dict[bytes, Any], key: bytes, rows: int, path: str) -> np.ndarray:
+    """The list of integer labels `key` of a cifar-100-python file, one per image row."""
+    values = content.get(key)
+    if not isinstance(values, (list, np.ndarray)) or len(values) != rows:
+        length = len(values) if isinstance(values, (list, np.ndarray)) else type(values).__name__
+        raise ValueError(f"{path}: {key!r} must be a list of {rows} labels (one per image), got {length}")
+    try:
+        return np.asarray(values, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"{path}: {key!r} must hold integer labels ({error})") from None
+
+
 def load_cifar_python(folder: str) -> DatasetDict:
-    """Load the original `cifar-100-python` folder (`train`, `test`, `meta`) into the Hub's `uoft-cs/cifar100` schema."""
-    meta = read_cifar_pickle(os.path.join(folder, "meta"))
+    """Load the original `cifar-100-python` folder (`train`, `test`, `meta`) into the Hub's `uoft-cs/cifar100` schema.
+
+    The class names of `meta` become `ClassLabel` names, so labels are later matched to the model's by name.
+    """
+    meta_path = os.path.join(folder, "meta")
+    meta = read_cifar_pickle(meta_path)
+    names = {}
+    for key in (b"fine_label_names", b"coarse_label_names"):
+        values = meta.get(key)
+        if not isinstance(values, list) or not all(isinstance(name, bytes) for name in values):
+            raise ValueError(f"{meta_path}: {key!r} must be a list of class names (bytes)")
+        names[key] = [name.decode() for name in values]
     features = Features(
         {
             "img": ImageFeature(),
-            "fine_label": ClassLabel(names=[name.decode() for name in meta[b"fine_label_names"]]),
-            "coarse_label": ClassLabel(names=[name.decode() for name in meta[b"coarse_label_names"]]),
+            "fine_label": ClassLabel(names=names[b"fine_label_names"]),
+            "coarse_label": ClassLabel(names=names[b"coarse_label_names"]),
         }
     )
     splits = {}
     for split in ("train", "test"):
-        content = read_cifar_pickle(os.path.join(folder, split))
-        data = np.asarray(content[b"data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{os.path.join(folder, split)}: b'data' must have shape (N, 3072), got {data.shape}")
+        path = os.path.join(folder, split)
+        content = read_cifar_pickle(path)
+        data = _cifar_images(content, path)
+        fine, coarse = (_cifar_labels(content, key, len(data), path) for key in (b"fine_labels", b"coarse_labels"))
         images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3), stored channel-first
         columns = {
             "img": [{"bytes": _png_bytes(image), "path": None} for image in images],
-            "fine_label": list(content[b"fine_labels"]),
-            "coarse_label": list(content[b"coarse_labels"]),
+            "fine_label": fine,
+            "coarse_label": coarse,
         }
         splits[split] = Dataset.from_dict(columns, features=features)
     return DatasetDict(splits)
@@ -353,8 +531,9 @@ def prepare_datasets(args: DataArguments, config: HierarchicalEfficientNetV2Conf
     ignored = [name for name in raw if name not in source_names.values()]
     if ignored:
         logger.warning(f"Ignoring the splits {ignored} of {args.dataset_name!r}")
+    root = source_folder(args)
     splits = {
-        split: standardise_split(raw[name], args, config, split_name=name)
+        split: resolve_image_paths(standardise_split(raw[name], args, config, split_name=name), root, split_name=name)
         for split, name in source_names.items()
         if name in raw
     }
@@ -364,6 +543,7 @@ def prepare_datasets(args: DataArguments, config: HierarchicalEfficientNetV2Conf
     for split, limit in limits.items():
         if split in splits and limit is not None and limit < len(splits[split]):
             splits[split] = splits[split].select(range(limit))
+    splits = check_duplicate_images(splits, drop=args.drop_duplicate_images)
     logger.info(f"Prepared splits: { {split: len(dataset) for split, dataset in splits.items()} }")
     return DatasetDict(splits)
 
@@ -386,24 +566,43 @@ def standardise_split(
         )
     labels = _column_to_numpy(dataset, label_column)
     label_feature = dataset.features[label_column]
-    if from_image_folder or labels.dtype.kind in "OUS":
-        class_names = label_feature.names if isinstance(label_feature, ClassLabel) else None
-        labels = labels_from_names(labels, class_names, config, f"{label_column!r} of split {split_name!r}")
+    class_names = _class_names(label_feature)
+    where = f"{label_column!r} of split {split_name!r}"
+    if class_names is not None:
+        check_label_range(labels, len(class_names), label_column, split_name)
+        labels = labels_from_names(labels, class_names, config, where)
+    elif labels.dtype.kind in "OUS":
+        labels = labels_from_names(labels, None, config, where)
     elif labels.dtype.kind not in "iu":
         raise ValueError(f"column {label_column!r} of split {split_name!r} must hold integers, got {label_feature}")
     check_label_range(labels, config.num_labels, label_column, split_name)
     coarse_labels = config.fine_to_coarse_tensor().numpy()[labels]
     coarse_column = args.coarse_label_column_name
     if coarse_column in dataset.column_names and not from_image_folder:
-        check_coarse_labels(_column_to_numpy(dataset, coarse_column), labels, config, coarse_column, split_name)
+        given = _column_to_numpy(dataset, coarse_column)
+        coarse_names = _class_names(dataset.features[coarse_column])
+        where = f"{coarse_column!r} of split {split_name!r}"
+        if coarse_names is not None:
+            check_label_range(given, len(coarse_names), coarse_column, split_name)
+        if coarse_names is not None or given.dtype.kind in "OUS":
+            given = ids_from_names(given, coarse_names, config.coarse_label_names, where)
+        check_coarse_labels(given, labels, config, coarse_column, split_name)
     else:
         logger.info(f"Split {split_name!r} has no column {coarse_column!r}: superclasses follow config.fine_to_coarse")
 
     standard = dataset.select_columns([image_column])
     if image_column != "image":
         standard = standard.rename_column(image_column, "image")
-    if not isinstance(standard.features["image"], ImageFeature):
-        if standard.features["image"].dtype not in ("binary", "large_binary", "string", "large_string"):
+    image_feature = standard.features["image"]
+    if isinstance(image_feature, dict) and "bytes" in image_feature and set(image_feature) <= {"bytes", "path"}:
+        standard = standard.cast_column("image", ImageFeature())  # a struct{bytes, path} written without metadata
+    elif not isinstance(image_feature, ImageFeature):
+        if not hasattr(image_feature, "dtype") or image_feature.dtype not in (
+            "binary",
+            "large_binary",
+            "string",
+            "large_string",
+        ):
             raise ValueError(
                 f"column {image_column!r} of split {split_name!r} must hold images, image bytes or image paths, "
                 f"got {standard.features['image']}"
@@ -421,19 +620,44 @@ def _column_to_numpy(dataset: Dataset, column: str) -> np.ndarray:
     return dataset.select_columns([column]).with_format("numpy")[:][column]
 
 
+def _class_names(feature: Any) -> list[str] | None:
+    """The names of a `ClassLabel` feature; `None` for other features and for the placeholder names "0", "1", ..."""
+    if not isinstance(feature, ClassLabel):
+        return None
+    if feature.names == [str(i) for i in range(feature.num_classes)]:  # ClassLabel(num_classes=n) carries no names
+        return None
+    return list(feature.names)
+
+
 def labels_from_names(
     values: np.ndarray, class_names: list[str] | None, config: HierarchicalEfficientNetV2Config, where: str
 ) -> np.ndarray:
     """Map class names (or ClassLabel ids with their `class_names`) onto the ids of `config.label2id`."""
+    return ids_from_names(values, class_names, [config.id2label[i] for i in range(config.num_labels)], where)
+
+
+def ids_from_names(
+    values: np.ndarray, class_names: list[str] | None, target_names: list[str], where: str
+) -> np.ndarray:
+    """Map names (or ids into `class_names`) onto positions in `target_names`; `ValueError` naming unknown names.
+
+    Names listed in `LABEL_NAME_ALIASES` (known misspellings in published metadata) are read as their correction
+    when `target_names` has the correction and not the misspelling.
+    """
     names = (np.asarray(class_names, dtype=object)[values] if class_names is not None else values).astype(str)
     unique_names, inverse = np.unique(names, return_inverse=True)
-    unknown = [str(name) for name in unique_names if name not in config.label2id]
+    target_ids = {name: i for i, name in enumerate(target_names)}
+    for alias, name in LABEL_NAME_ALIASES.items():
+        if alias in unique_names and alias not in target_ids and name in target_ids:
+            logger.info(f"Reading the class name {alias!r} in {where} as {name!r}")
+            target_ids[alias] = target_ids[name]
+    unknown = [str(name) for name in unique_names if name not in target_ids]
     if unknown:
         raise ValueError(
-            f"{len(unknown)} class names in {where} are not among the config's {config.num_labels} labels: "
+            f"{len(unknown)} class names in {where} are not among the config's {len(target_names)} labels: "
             f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}"
         )
-    return np.array([config.label2id[name] for name in unique_names], dtype=np.int64)[inverse]
+    return np.array([target_ids[name] for name in unique_names], dtype=np.int64)[inverse]
 
 
 def check_label_range(labels: np.ndarray, num_labels: int, column: str, split_name: str) -> None:
@@ -466,6 +690,131 @@ def check_coarse_labels(
         )
 
 
+def source_folder(args: DataArguments) -> str | None:
+    """The local folder that a dataset's relative image paths are resolved against; `None` for a Hub dataset."""
+    if args.dataset_name == "imagefolder":
+        return None if args.data_dir is None else os.path.abspath(os.path.expanduser(args.data_dir))
+    path = os.path.expanduser(args.dataset_name)
+    if any(char in path for char in "*?["):
+        matches = [os.path.dirname(os.path.abspath(p)) for p in glob.glob(path, recursive=True)]
+        return os.path.commonpath(matches) if matches else None
+    if os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path))
+    return os.path.abspath(path) if os.path.isdir(path) else None
+
+
+def _image_structs(dataset: Dataset) -> pyarrow.StructArray:
+    """The `image` column (struct of `bytes` and `path`) as one Arrow array, read without decoding."""
+    column = dataset.select_columns(["image"]).with_format("arrow")[:]["image"]
+    return column.combine_chunks() if isinstance(column, pyarrow.ChunkedArray) else column
+
+
+def resolve_image_paths(dataset: Dataset, root: str | None, split_name: str) -> Dataset:
+    """Check the rows whose image is a `path` (no bytes): each must be a regular file; relative paths are resolved
+    against `root`, the dataset's own folder. `ValueError` naming the row otherwise (a FIFO, a folder, a device,
+    a missing file, a relative path of a Hub dataset)."""
+    structs = _image_structs(dataset)
+    without_bytes = pyarrow.compute.is_null(pyarrow.compute.struct_field(structs, "bytes")).to_numpy(
+        zero_copy_only=False
+    )
+    rows = np.flatnonzero(without_bytes)
+    if rows.size == 0:
+        return dataset
+    paths = pyarrow.compute.struct_field(structs, "path").take(pyarrow.array(rows)).to_pylist()
+    resolved = {}
+    for row, path in zip(rows.tolist(), paths, strict=True):
+        if path is None:
+            raise ValueError(f"row index={row} of split {split_name!r} has neither image bytes nor an image path")
+        if not os.path.isabs(path):
+            if root is None:
+                raise ValueError(
+                    f"row index={row} of split {split_name!r} gives its image as the relative path {path!r}, and the dataset "
+                    "has no local folder to resolve it against"
+                )
+            resolved[row] = path = os.path.join(root, path)
+        check_regular_file(path, f"row index={row} of split {split_name!r}")
+    if not resolved:
+        return dataset
+
+    def absolute(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        return {
+            "image": [
+                {"bytes": value["bytes"], "path": resolved.get(index, value["path"])}
+                for value, index in zip(batch["image"], indices, strict=True)
+            ]
+        }
+
+    logger.info(f"Resolved {len(resolved)} relative image paths of split {split_name!r} against {root!r}")
+    dataset = dataset.cast_column("image", ImageFeature(decode=False))
+    dataset = dataset.map(absolute, batched=True, with_indices=True, desc=f"Resolving image paths of {split_name}")
+    return dataset.cast_column("image", ImageFeature())
+
+
+def check_regular_file(path: str, where: str) -> None:
+    """`ValueError` naming `where` unless `path` is a regular file (a FIFO would block, a device never ends)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise ValueError(f"the image of {where} is the path {path!r}, which cannot be read: {error}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"the image of {where} is the path {path!r}, which is not a regular file")
+
+
+def image_digests(dataset: Dataset) -> list[bytes]:
+    """A 128-bit BLAKE2b digest of every row's encoded image (its bytes, or the file its path names), undecoded."""
+    structs = _image_structs(dataset)
+    contents = pyarrow.compute.struct_field(structs, "bytes").to_pylist()
+    paths = pyarrow.compute.struct_field(structs, "path")
+    digests = []
+    for row, content in enumerate(contents):
+        if content is None:  # a path checked by resolve_image_paths
+            with open(paths[row].as_py(), "rb") as file:
+                content = file.read()
+        digests.append(hashlib.blake2b(content, digest_size=16).digest())
+    return digests
+
+
+def check_duplicate_images(splits: dict[str, Dataset], drop: bool = False) -> dict[str, Dataset]:
+    """Refuse evaluation images that are exact copies (same encoded bytes) of training images, or drop them.
+
+    Compares the "validation" and "test" splits with "train"; with `drop`, the copies are removed from the
+    evaluation splits and counted in the log. Rows are named by their `index` in the source split.
+    """
+    evaluation = [split for split in ("validation", "test") if split in splits]
+    if "train" not in splits or not evaluation:
+        return splits
+    start = time.perf_counter()
+    train_rows = {}
+    for row, digest in enumerate(image_digests(splits["train"])):
+        train_rows.setdefault(digest, row)
+    copies = {}
+    for split in evaluation:
+        digests = image_digests(splits[split])
+        copies[split] = [(row, train_rows[d]) for row, d in enumerate(digests) if d in train_rows]
+    hashed = sum(len(splits[split]) for split in ("train", *evaluation))
+    logger.info(f"Duplicate-image check: {hashed} images hashed in {time.perf_counter() - start:.2f} s")
+    found = {split: pairs for split, pairs in copies.items() if pairs}
+    if not found:
+        return splits
+    counts = ", ".join(f"{len(pairs)} of {len(splits[split])} {split} images" for split, pairs in found.items())
+    if not drop:
+        split, pairs = next(iter(found.items()))
+        row, train_row = pairs[0]
+        eval_index = splits[split].select_columns(["index"])[row]["index"]
+        train_index = splits["train"].select_columns(["index"])[train_row]["index"]
+        raise ValueError(
+            f"{counts} are exact copies (same encoded bytes) of training images, which would leak training data "
+            f"into evaluation; e.g. {split} row index={eval_index} equals train row index={train_index}. Remove them "
+            "from the data, or pass --drop_duplicate_images true to drop them from the evaluation splits"
+        )
+    splits = dict(splits)
+    for split, pairs in found.items():
+        duplicated = {row for row, _ in pairs}
+        splits[split] = splits[split].select([row for row in range(len(splits[split])) if row not in duplicated])
+    logger.warning(f"Dropped {counts} that are exact copies of training images (--drop_duplicate_images)")
+    return splits
+
+
 def split_train_validation(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Carve `fraction` of `train` out as validation with `seed`, stratified by `labels` where possible."""
     try:
@@ -494,17 +843,47 @@ def derive_seed(*values: int) -> int:
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Convert a PIL image of any mode (L, P, RGBA, I;16, ...) to 8-bit RGB."""
+    """Convert a PIL image of any mode (L, P, RGBA, I;16, F, ...) to 8-bit RGB; see `to_eight_bit` for deep pixels."""
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float grey
-        array = np.asarray(image, dtype=np.float64)
-        if image.mode != "F" and array.max() > 255:
-            array = array / 257.0  # 16-bit range onto 8 bits
-        image = PIL.Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
-    elif image.mode == "P":
+    image = to_eight_bit(image)
+    if image.mode == "P":
         image = image.convert("RGBA")  # palettes may carry transparency
     return image.convert("RGB")
+
+
+def to_eight_bit(image: PIL.Image.Image, where: str = "the image") -> PIL.Image.Image:
+    """Grey images deeper than 8 bits -> 8-bit "L", scaled by the range their mode stands for; others unchanged.
+
+    "I;16*" (16-bit): divided by 257. "I" (32-bit integers): read as 8-bit when every value is within [0, 255], as
+    16-bit (divided by 257) within [0, 65535], refused beyond. "F" (32-bit float): [0, 1] is scaled by 255, [0, 255]
+    kept; negative, larger or non-finite values are refused. `ValueError` names `where`.
+    """
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{where}: {image.mode} pixels include NaN or infinity")
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        array = array / 257.0
+    elif image.mode == "F":
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{where}: 32-bit float pixels in [{low:g}, {high:g}], neither in [0, 1] nor in [0, 255]; "
+                "convert the image to 8 bits"
+            )
+        if high <= 1.0:
+            array = array * 255.0
+    else:
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"{where}: 32-bit integer pixels in [{low:g}, {high:g}], beyond the 16-bit range [0, 65535]; "
+                "convert the image to 8 or 16 bits"
+            )
+        if high > 255:
+            array = array / 257.0  # 16-bit data
+    return PIL.Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
 
 
 class RandomCropWithPadding(torch.nn.Module):
@@ -712,10 +1091,19 @@ def build_train_transform(config: HierarchicalEfficientNetV2Config, args: DataAr
     return v2.Compose(steps)
 
 
-def decode_image(value: Any, index: int, split: str = "train") -> PIL.Image.Image:
-    """Decode one value of an `Image(decode=False)` column (a PIL image passes through); `ValueError` names the row."""
+def decode_image(
+    value: Any, index: int, split: str = "train", max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> PIL.Image.Image:
+    """Decode one value of an `Image(decode=False)` column (a PIL image passes through); `ValueError` names the row.
+
+    An image larger than `max_pixels` (width x height) is refused from its header, before it is decoded; a `path`
+    must name a regular file; grey images deeper than 8 bits are converted by `to_eight_bit`.
+    """
     if isinstance(value, PIL.Image.Image):
         return value
+    where = f"row index={index} of split {split!r}"
+    if value.get("bytes") is None and value.get("path") is not None:
+        check_regular_file(value["path"], where)  # before opening: a FIFO would block
     try:
         if value.get("bytes") is not None:
             image = PIL.Image.open(io.BytesIO(value["bytes"]))
@@ -723,19 +1111,32 @@ def decode_image(value: Any, index: int, split: str = "train") -> PIL.Image.Imag
             image = PIL.Image.open(value["path"])
         else:
             raise ValueError("the row has neither image bytes nor an image path")
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise _ImageTooLarge(
+                f"the image of {where} is {image.width}x{image.height} = {image.width * image.height:,} pixels, "
+                f"above the limit of {max_pixels:,} (--max_image_pixels)"
+            )
         image.load()
+    except _ImageTooLarge as error:
+        raise ValueError(str(error)) from None
     except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
         raise ValueError(
             f"could not decode the image of row index={index} of split {split!r}: {type(error).__name__}: {error}"
         ) from error
     if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:  # as datasets' Image feature does
         image = PIL.ImageOps.exif_transpose(image)
-    return image
+    return to_eight_bit(image, where)
 
 
-def decode_to_tensor(value: Any, index: int, split: str = "train") -> torch.Tensor:
+class _ImageTooLarge(Exception):
+    """An image above the pixel limit, raised inside `decode_image`'s guarded block."""
+
+
+def decode_to_tensor(
+    value: Any, index: int, split: str = "train", max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> torch.Tensor:
     """`decode_image`, then convert to an 8-bit RGB `(3, H, W)` tensor."""
-    return v2.functional.pil_to_tensor(to_rgb(decode_image(value, index, split)))
+    return v2.functional.pil_to_tensor(to_rgb(decode_image(value, index, split, max_pixels)))
 
 
 class ImageTransform:
@@ -753,6 +1154,8 @@ class ImageTransform:
             training examples for `HierarchicalCollator`. `None` for deterministic (evaluation) transforms.
         split (`str`, *optional*, defaults to `"train"`):
             Split name used in error messages.
+        max_image_pixels (`int`, *optional*, defaults to 50,000,000):
+            Images larger than this (width x height) are refused from their header, before decoding.
 
     Example:
 
@@ -765,10 +1168,17 @@ class ImageTransform:
     ```
     """
 
-    def __init__(self, transform: Callable, seed: int | None = None, split: str = "train"):
+    def __init__(
+        self,
+        transform: Callable,
+        seed: int | None = None,
+        split: str = "train",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
         self.transform = transform
         self.seed = seed
         self.split = split
+        self.max_image_pixels = max_image_pixels
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -779,16 +1189,18 @@ class ImageTransform:
         indices = batch["index"]
         values = zip(batch["image"], indices, strict=True)
         if self.seed is not None and isinstance(self.transform, BatchedAugment):
-            images = [decode_to_tensor(value, index, self.split) for value, index in values]
+            images = [decode_to_tensor(value, index, self.split, self.max_image_pixels) for value, index in values]
             seeds = [derive_seed(self.seed, self.epoch, index) for index in indices]
             pixel_values = self.transform.batch(images, seeds)
         elif self.seed is None:
-            pixel_values = [self.transform(decode_image(value, index, self.split)) for value, index in values]
+            pixel_values = [
+                self.transform(decode_image(value, index, self.split, self.max_image_pixels)) for value, index in values
+            ]
         else:
             with torch.random.fork_rng(devices=[]):
                 pixel_values = []
                 for value, index in values:
-                    image = decode_image(value, index, self.split)
+                    image = decode_image(value, index, self.split, self.max_image_pixels)
                     torch.default_generator.manual_seed(derive_seed(self.seed, self.epoch, index))
                     pixel_values.append(self.transform(image))
         output = {"pixel_values": pixel_values, "index": indices}
@@ -807,9 +1219,13 @@ def apply_transforms(
     transformed = {}
     for split, dataset in datasets.items():
         if split == "train":
-            transform = ImageTransform(build_train_transform(config, args), seed=seed, split=split)
+            transform = ImageTransform(
+                build_train_transform(config, args), seed=seed, split=split, max_image_pixels=args.max_image_pixels
+            )
         else:
-            transform = ImageTransform(build_eval_transform(config), split=split)
+            transform = ImageTransform(
+                build_eval_transform(config), split=split, max_image_pixels=args.max_image_pixels
+            )
         transformed[split] = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(transform)
     return DatasetDict(transformed)
 
