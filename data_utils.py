@@ -711,9 +711,12 @@ def _image_structs(dataset: Dataset) -> pyarrow.StructArray:
 
 
 def resolve_image_paths(dataset: Dataset, root: str | None, split_name: str) -> Dataset:
-    """Check the rows whose image is a `path` (no bytes): each must be a regular file; relative paths are resolved
-    against `root`, the dataset's own folder. `ValueError` naming the row otherwise (a FIFO, a folder, a device,
-    a missing file, a relative path of a Hub dataset)."""
+    """Check the rows whose image is given by a `path` (no bytes) and make relative paths absolute.
+
+    Each path must name a regular file; relative paths are resolved against `root`, the dataset's own folder.
+    `ValueError` naming the row otherwise (a FIFO, a folder, a device, a missing file, a relative path without a
+    local folder).
+    """
     structs = _image_structs(dataset)
     without_bytes = pyarrow.compute.is_null(pyarrow.compute.struct_field(structs, "bytes")).to_numpy(
         zero_copy_only=False
@@ -729,8 +732,8 @@ def resolve_image_paths(dataset: Dataset, root: str | None, split_name: str) -> 
         if not os.path.isabs(path):
             if root is None:
                 raise ValueError(
-                    f"row index={row} of split {split_name!r} gives its image as the relative path {path!r}, and the dataset "
-                    "has no local folder to resolve it against"
+                    f"row index={row} of split {split_name!r} gives its image as the relative path {path!r}, and "
+                    "the dataset has no local folder to resolve it against"
                 )
             resolved[row] = path = os.path.join(root, path)
         check_regular_file(path, f"row index={row} of split {split_name!r}")
@@ -765,11 +768,12 @@ def image_digests(dataset: Dataset) -> list[bytes]:
     """A 128-bit BLAKE2b digest of every row's encoded image (its bytes, or the file its path names), undecoded."""
     structs = _image_structs(dataset)
     contents = pyarrow.compute.struct_field(structs, "bytes").to_pylist()
-    paths = pyarrow.compute.struct_field(structs, "path")
+    paths = pyarrow.compute.struct_field(structs, "path").to_pylist()
     digests = []
     for row, content in enumerate(contents):
-        if content is None:  # a path checked by resolve_image_paths
-            with open(paths[row].as_py(), "rb") as file:
+        if content is None:  # a path, checked again right before it is opened
+            check_regular_file(paths[row], f"row {row} of the split being hashed")
+            with open(paths[row], "rb") as file:
                 content = file.read()
         digests.append(hashlib.blake2b(content, digest_size=16).digest())
     return digests
