@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import difflib
 import json
 import logging
 import math
@@ -24,7 +25,6 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import datasets
 import torch
@@ -45,12 +45,15 @@ from transformers import (
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy, SchedulerType
+from transformers.utils.import_utils import is_in_notebook
 
+import model_card
 from configuration_hierarchical import NUM_BACKBONE_STAGES, HierarchicalEfficientNetV2Config
 from data_utils import DataArguments, EpochCallback, HierarchicalCollator, apply_transforms, prepare_datasets
 from eval_report import write_prediction_report
 from hierarchy_metrics import compute_hierarchy_metrics
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
+from run_summary import quiet_transformers, run_summary, write_run_options
 
 logger = logging.getLogger(__name__)
 
@@ -226,13 +229,71 @@ class HierarchicalTrainingArguments(TrainingArguments):
                 raise ValueError(
                     f"--schedule_by_time needs --warmup_steps as a share of the time in [0, 1), got {self.warmup_steps}"
                 )
+        if not self.do_train and (self.do_eval or self.do_predict):  # evaluation only: no training-time schedules
+            self.eval_strategy, self.save_strategy = IntervalStrategy.NO.value, SaveStrategy.NO.value
         if IntervalStrategy.NO in (IntervalStrategy(self.eval_strategy), SaveStrategy(self.save_strategy)):
             self.load_best_model_at_end = False  # no evaluation or no checkpoints: no best checkpoint to reload
+        if self.load_best_model_at_end:
+            self._align_save_and_eval_schedules()
         if not self.use_cpu and not torch.accelerator.is_available():
             self.use_cpu = True  # lets `accelerate launch --multi_gpu` start gloo processes on a CPU-only machine
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False  # every trainable parameter takes part in every step
+        if self.disable_tqdm is None and not (sys.stderr.isatty() or is_in_notebook()):
+            self.disable_tqdm = True  # a redirected log gets the log lines, not progress bars drawn with "\r"
+        do_eval = self.do_eval
         super().__post_init__()
+        if not self.do_train:  # the evaluation schedule belongs to training: evaluate only when asked to
+            self.do_eval = do_eval
+
+    def _align_save_and_eval_schedules(self) -> None:
+        """Make the checkpoint and evaluation schedules agree, as reloading the best checkpoint needs: the schedule
+        left at its default follows the one that was changed. When both were changed and disagree, the best
+        checkpoint is not reloaded at the end (with a warning) instead of stopping the run."""
+        eval_strategy, save_strategy = IntervalStrategy(self.eval_strategy), SaveStrategy(self.save_strategy)
+        if save_strategy == SaveStrategy.BEST:
+            return
+        defaults = {name: type(self).__dataclass_fields__[name].default for name in ("eval_strategy", "save_strategy")}
+        if eval_strategy.value != save_strategy.value:
+            if self.eval_strategy == defaults["eval_strategy"]:
+                self.eval_strategy, self.eval_steps = save_strategy.value, self.eval_steps or self.save_steps
+                logger.warning(
+                    "--save_strategy %s: evaluating on the same schedule (--eval_strategy %s), so that the best "
+                    "checkpoint can be reloaded at the end",
+                    save_strategy.value,
+                    save_strategy.value,
+                )
+            elif self.save_strategy == defaults["save_strategy"]:
+                self.save_strategy = eval_strategy.value
+                if eval_strategy == IntervalStrategy.STEPS:
+                    self.save_steps = self.eval_steps or self.logging_steps
+                logger.warning(
+                    "--eval_strategy %s: saving checkpoints on the same schedule (--save_strategy %s), so that the "
+                    "best checkpoint can be reloaded at the end",
+                    eval_strategy.value,
+                    eval_strategy.value,
+                )
+            else:
+                self._drop_best_model_reload(
+                    f"--eval_strategy {eval_strategy.value}, --save_strategy {save_strategy.value}"
+                )
+                return
+        if IntervalStrategy(self.eval_strategy) == IntervalStrategy.STEPS:
+            eval_steps = self.eval_steps or self.logging_steps
+            if (eval_steps < 1) != (self.save_steps < 1) or round(self.save_steps / eval_steps, 6) % 1 != 0:
+                self._drop_best_model_reload(
+                    f"--save_steps {self.save_steps} is not a multiple of --eval_steps {eval_steps}"
+                )
+
+    def _drop_best_model_reload(self, reason: str) -> None:
+        """Turn off `load_best_model_at_end`, saying why."""
+        logger.warning(
+            "%s: checkpoints are not saved when the model is evaluated, so the best one cannot be reloaded at the "
+            "end; the final model is the last one (--load_best_model_at_end false). Give both schedules the same "
+            "value to keep the best model.",
+            reason,
+        )
+        self.load_best_model_at_end = False
 
 
 MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest; smaller blocks come from the heap, which is reused
@@ -256,13 +317,24 @@ def keep_freed_memory() -> bool:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, HierarchicalTrainingArguments]:
     """Parse the command line, or a single `.json` file holding every option."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, HierarchicalTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, HierarchicalTrainingArguments), allow_abbrev=False)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         if not os.path.isfile(argv[0]):
             raise ValueError(f"options file {argv[0]!r} does not exist")
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        known = [option for action in parser._actions for option in action.option_strings if "-" not in option[2:]]
+        hints = [
+            f"{arg} (did you mean {' or '.join(close)}?)"
+            if (close := difflib.get_close_matches(arg, known, n=2))
+            else arg
+            for arg in unknown
+            if arg.startswith("-")
+        ]
+        raise ValueError(f"unknown options: {', '.join(hints or unknown)}; `--help` lists every option")
+    return tuple(parsed)
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -276,7 +348,12 @@ def setup_logging(training_args: TrainingArguments) -> None:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
+    # datasets logs its cache internals at info level: shown from --log_level debug on, once (its own handler)
+    datasets.utils.logging.set_verbosity(log_level if log_level < logging.INFO else max(log_level, logging.WARNING))
+    datasets.utils.logging.disable_propagation()
+    if training_args.disable_tqdm:  # no progress bars in a redirected log: their carriage returns garble it
+        datasets.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
@@ -498,7 +575,11 @@ class HierarchicalTrainer(Trainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """Write this project's model card (used by `push_to_hub` too)."""
         if self.is_world_process_zero():
-            write_model_card(self.args.output_dir, self.model, self.args, getattr(self, "dataset_name", None))
+            trained = self.state.epoch if self.state.global_step > 0 else None
+            repo_id = (getattr(self, "hub_model_id", None) or self.args.hub_model_id) if self.args.push_to_hub else None
+            write_model_card(
+                self.args.output_dir, self.model, self.args, getattr(self, "dataset_name", None), trained, repo_id
+            )
 
 
 def compute_metrics(eval_prediction: EvalPrediction, fine_to_coarse: list[int]) -> dict[str, float]:
@@ -570,86 +651,17 @@ def resolve_checkpoint(training_args: HierarchicalTrainingArguments) -> str | No
 
 
 def write_model_card(
-    output_dir: str, model: nn.Module, training_args: TrainingArguments, dataset_name: str | None
+    output_dir: str,
+    model: nn.Module,
+    training_args: TrainingArguments,
+    dataset_name: str | None,
+    trained_epochs: float | None = None,
+    repo_id: str | None = None,
 ) -> None:
-    """Write `README.md` in `output_dir`: what the model is, how to load it, its metrics and its training setup."""
-    results_path = os.path.join(output_dir, "all_results.json")
-    results = json.loads(Path(results_path).read_text()) if os.path.isfile(results_path) else {}
-    config = model.config
-    rows = []
-    for name in (
-        "fine_accuracy", "fine_top5_accuracy", "coarse_accuracy", "coarse_from_fine_accuracy",
-        "consistency", "both_correct", "mistake_severity",
-    ):  # fmt: skip
-        values = [
-            f"{results[f'{split}_{name}']:.4f}" if f"{split}_{name}" in results else "-" for split in ("eval", "test")
-        ]
-        rows.append(f"| {name} | {values[0]} | {values[1]} |")
-    setup = {
-        "image_size": config.image_size,
-        "epochs": training_args.num_train_epochs,
-        "batch size (per device)": training_args.per_device_train_batch_size,
-        "lr_conv / lr_fc": f"{training_args.lr_conv} / {training_args.lr_fc}",
-        "weight decay": training_args.weight_decay,
-        "scheduler": f"{training_args.lr_scheduler_type}, warmup {training_args.warmup_steps}",
-        "frozen backbone stages": config.num_frozen_stages,
-        "label smoothing": config.label_smoothing,
-        "coarse loss weight": config.coarse_loss_weight,
-        "backbone initialisation": config.backbone_weights,
-        "seed": training_args.seed,
-    }
-    figure = "superclass_accuracy.png"
-    figure_line = (
-        f"\n![Accuracy per superclass]({figure})\n" if os.path.isfile(os.path.join(output_dir, figure)) else ""
-    )
-    repo = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
-    card = f"""---
-library_name: transformers
-pipeline_tag: image-classification
-datasets:
-- {dataset_name or "uoft-cs/cifar100"}
-tags:
-- image-classification
-- hierarchical-classification
-- efficientnet_v2
-- custom_code
----
-
-# Hierarchical EfficientNetV2-S for CIFAR-100
-
-EfficientNetV2-S (torchvision) with a coarse head for the 20 CIFAR-100 superclasses and a fine head for the
-100 classes that sees the pooled features together with the coarse logits. Trained on
-`{dataset_name or "uoft-cs/cifar100"}` with `run_classification.py`.
-
-## Results
-
-| metric | validation | test |
-| --- | --- | --- |
-{chr(10).join(rows)}
-
-`coarse_from_fine_accuracy`: the fine prediction mapped to its superclass; `consistency`: share of images whose
-fine prediction lies in the predicted superclass; `mistake_severity`: mean tree distance of wrong fine predictions
-(1 = right superclass, 2 = wrong superclass).
-{figure_line}
-## Usage
-
-```python
-from transformers import AutoModelForImageClassification, pipeline
-
-classifier = pipeline("image-classification", model="{repo}", trust_remote_code=True)
-classifier("image.png", top_k=5)
-
-model = AutoModelForImageClassification.from_pretrained("{repo}", trust_remote_code=True)
-prediction = model.predict_hierarchical(pixel_values)  # superclass and class, consistent with the hierarchy
-```
-
-## Training setup
-
-| option | value |
-| --- | --- |
-{chr(10).join(f"| {k} | {v} |" for k, v in setup.items())}
-"""
-    Path(output_dir, "README.md").write_text(card)
+    """Write `README.md` in `output_dir`: what the model is, how to load it, its metrics and its training setup
+    (see `model_card.build_model_card`). `trained_epochs` is None for a run that only evaluated the model."""
+    source = getattr(model.config, "_name_or_path", None) or None
+    model_card.write_model_card(output_dir, model.config, training_args, dataset_name, trained_epochs, source, repo_id)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -657,8 +669,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
     if training_args.keep_freed_memory and keep_freed_memory():
-        logger.info("glibc allocator keeps freed memory for reuse (--keep_freed_memory)")
-    logger.info("Training options %s", training_args.to_json_string() if training_args.should_log else "")
+        logger.debug("glibc allocator keeps freed memory for reuse (--keep_freed_memory)")
     set_seed(training_args.seed)
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         raise ValueError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
@@ -670,7 +681,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with training_args.main_process_first(desc="checkpoint scan"):
             checkpoint = resolve_checkpoint(training_args)
 
-    model = load_model(model_args, data_args.cache_dir)
+    with quiet_transformers():
+        model = load_model(model_args, data_args.cache_dir)
     config = model.config
     if training_args.sync_batchnorm and training_args.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -681,6 +693,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise ValueError("--do_eval needs a validation split: set --train_val_split > 0 or provide one")
     if training_args.do_predict and "test" not in splits:
         raise ValueError(f"--do_predict needs a test split ({data_args.test_split_name!r} not found)")
+    if training_args.should_save:
+        write_run_options(training_args.output_dir, model_args, data_args, training_args)
+    sizes = {split: len(dataset) for split, dataset in splits.items()}
+    logger.info(
+        run_summary(model, model_args.model_name_or_path, data_args.dataset_name, sizes, training_args, checkpoint)
+    )
 
     callbacks = [EpochCallback(splits["train"])] if "train" in splits else []
     if training_args.do_train and training_args.ema_decay > 0:

@@ -1,0 +1,204 @@
+"""The model card (`README.md`) that `run_classification.py` writes into its output folder and pushes to the Hub.
+
+Built with `huggingface_hub.ModelCard`: YAML metadata (with `model-index` evaluation results, which the Hub shows
+on the model page), the metrics at both levels of the hierarchy, a usage snippet that runs as written and the
+training setup. A run that only evaluated a saved model says so, and takes the training setup from that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers import PretrainedConfig, TrainingArguments
+
+from run_summary import OPTIONS_FILE
+
+METRICS = {  # key in all_results.json -> (model-index metric type, readable name)
+    "fine_accuracy": ("accuracy", "Class accuracy (100 classes, top-1)"),
+    "fine_top5_accuracy": ("top_5_accuracy", "Class accuracy (100 classes, top-5)"),
+    "coarse_accuracy": ("accuracy", "Superclass accuracy (20 superclasses, coarse head)"),
+    "coarse_from_fine_accuracy": ("accuracy", "Superclass accuracy of the class prediction"),
+    "consistency": ("consistency", "Class prediction inside the predicted superclass"),
+    "both_correct": ("accuracy", "Class and superclass both correct"),
+    "mistake_severity": ("mistake_severity", "Mean tree distance of wrong class predictions"),
+}
+SPLITS = {"eval": ("validation", "validation"), "test": ("test", "test")}  # results prefix -> (split, column)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
+
+
+def is_hub_dataset(name: str | None) -> bool:
+    """Whether `name` is a Hub dataset id (`owner/name`) and not a local file, folder or glob."""
+    if not name or os.path.exists(os.path.expanduser(name)) or name == "imagefolder":
+        return False
+    return HUB_ID.fullmatch(name) is not None
+
+
+def _plain(value: Any) -> Any:
+    """Enum options (`SchedulerType.COSINE`) as their value (`cosine`)."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def _read_json(path: str | os.PathLike) -> dict:
+    """The JSON object in `path`, or `{}` when the file is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def training_setup(options: dict[str, Any], config: PretrainedConfig, epochs: float | None) -> dict[str, Any]:
+    """The rows of the card's training-setup table from the run's options (a `TrainingArguments` dict)."""
+    return {
+        "image size": config.image_size,
+        "epochs trained": "unknown" if epochs is None else round(float(epochs), 2),
+        "batch size (per device)": options.get("per_device_train_batch_size"),
+        "lr_conv / lr_fc": f"{options.get('lr_conv')} / {options.get('lr_fc')}",
+        "weight decay": options.get("weight_decay"),
+        "scheduler": f"{_plain(options.get('lr_scheduler_type'))}, warmup {options.get('warmup_steps')}",
+        "frozen backbone stages": config.num_frozen_stages,
+        "label smoothing": config.label_smoothing,
+        "coarse loss weight": config.coarse_loss_weight,
+        "backbone initialisation": config.backbone_weights,
+        "seed": options.get("seed"),
+    }
+
+
+def eval_results(results: dict[str, float], dataset_name: str | None) -> list[EvalResult]:
+    """`model-index` entries for every metric in `results` (`eval_*` on the validation split, `test_*` on test)."""
+    hub = is_hub_dataset(dataset_name)
+    entries = []
+    for prefix, (split, _) in SPLITS.items():
+        for key, (metric_type, metric_name) in METRICS.items():
+            if f"{prefix}_{key}" in results:
+                entries.append(
+                    EvalResult(
+                        task_type="image-classification",
+                        task_name="Hierarchical image classification",
+                        dataset_type=dataset_name if hub else "cifar100-local",
+                        dataset_name="CIFAR-100" if hub else "CIFAR-100 (local copy)",
+                        dataset_split=split,
+                        metric_type=metric_type,
+                        metric_name=f"{metric_name}, {split}",
+                        metric_value=round(float(results[f"{prefix}_{key}"]), 4),
+                    )
+                )
+    return entries
+
+
+def build_model_card(
+    output_dir: str,
+    config: PretrainedConfig,
+    training_args: TrainingArguments,
+    dataset_name: str | None,
+    trained_epochs: float | None = None,
+    source_model: str | None = None,
+    repo_id: str | None = None,
+) -> ModelCard:
+    """The card of the model in `output_dir`, with the metrics of its `all_results.json`.
+
+    Args:
+        output_dir (`str`): the run's output folder (the model, `all_results.json`, figures).
+        config (`PretrainedConfig`): the model's config.
+        training_args (`TrainingArguments`): the run's options.
+        dataset_name (`str`, *optional*): `--dataset_name`; named in the metadata only when it is a Hub id.
+        trained_epochs (`float`, *optional*): epochs this run trained (the Trainer's `state.epoch`); `None` when
+            the run only evaluated `source_model`.
+        source_model (`str`, *optional*): the `--model_name_or_path` the run started from.
+        repo_id (`str`, *optional*): the Hub repository the card goes to; the snippet loads it, else the folder.
+    """
+    results = _read_json(os.path.join(output_dir, "all_results.json"))
+    evaluated_only = trained_epochs is None
+    options = {k: _plain(v) for k, v in training_args.to_dict().items()}
+    epochs, source_options = trained_epochs, {}
+    if evaluated_only and source_model and os.path.isdir(source_model):  # the setup of the run that trained it
+        source_options = _read_json(os.path.join(source_model, OPTIONS_FILE))
+        epochs = _read_json(os.path.join(source_model, "trainer_state.json")).get("epoch")
+    hub_data = is_hub_dataset(dataset_name)
+    model_path = repo_id or os.path.abspath(output_dir)
+    data = ModelCardData(
+        model_name=os.path.basename(model_path.rstrip("/")),
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        datasets=[dataset_name] if hub_data else None,
+        base_model=source_model if source_model and not os.path.isdir(source_model) else None,
+        metrics=["accuracy"],
+        tags=["image-classification", "hierarchical-classification", "efficientnet_v2", "custom_code"],
+        eval_results=eval_results(results, dataset_name) or None,
+    )
+
+    rows = []
+    for key in METRICS:
+        values = [f"{results[f'{p}_{key}']:.4f}" if f"{p}_{key}" in results else "-" for p in SPLITS]
+        rows.append(f"| {key} | {values[0]} | {values[1]} |")
+    data_text = f"`{dataset_name}` from the Hugging Face Hub" if hub_data else "a local copy of CIFAR-100"
+    if evaluated_only:
+        origin = f"This run evaluated `{source_model}` on {data_text}; it did not train the model." + (
+            " The training setup below is that of the run that trained it."
+            if source_options
+            else " The loaded folder does not record how it was trained: the setup below lists this run's options."
+        )
+        options = source_options or options
+    else:
+        origin = f"Trained on {data_text} with `run_classification.py`" + (
+            f", starting from `{source_model}`." if source_model else "."
+        )
+    figure = "superclass_accuracy.png"
+    figure_line = (
+        f"\n![Accuracy per superclass]({figure})\n" if os.path.isfile(os.path.join(output_dir, figure)) else ""
+    )
+    setup = training_setup(options, config, epochs)
+    body = f"""
+# Hierarchical EfficientNetV2-S for CIFAR-100
+
+EfficientNetV2-S (torchvision) with a coarse head for the 20 CIFAR-100 superclasses and a fine head for the
+100 classes that sees the pooled features together with the coarse logits. {origin}
+
+## Results
+
+| metric | validation | test |
+| --- | --- | --- |
+{chr(10).join(rows)}
+
+`coarse_from_fine_accuracy`: the fine prediction mapped to its superclass; `consistency`: share of images whose
+fine prediction lies in the predicted superclass; `mistake_severity`: mean tree distance of wrong fine predictions
+(1 = right superclass, 2 = wrong superclass).
+{figure_line}
+## Usage
+
+```python
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+classifier = pipeline("image-classification", model="{model_path}", trust_remote_code=True)
+image = Image.new("RGB", (32, 32), (200, 30, 30))  # or Image.open("photo.png")
+print(classifier(image, top_k=5))
+
+model = AutoModelForImageClassification.from_pretrained("{model_path}", trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained("{model_path}")
+prediction = model.predict_hierarchical(processor(image, return_tensors="pt")["pixel_values"])
+print(prediction.coarse_labels, prediction.fine_labels)  # superclass and class, consistent with the hierarchy
+```
+
+## Training setup
+
+| option | value |
+| --- | --- |
+{chr(10).join(f"| {k} | {v} |" for k, v in setup.items())}
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(output_dir: str, *args: Any, **kwargs: Any) -> Path:
+    """Write [`build_model_card`] as `README.md` in `output_dir` and return its path."""
+    path = Path(output_dir, "README.md")
+    build_model_card(output_dir, *args, **kwargs).save(path)
+    return path
+
+
+__all__ = ["build_model_card", "is_hub_dataset", "write_model_card"]

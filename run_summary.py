@@ -1,0 +1,129 @@
+"""What a run of `run_classification.py` says about itself: a short summary at the top of its log, and every option
+in `run_options.json` in its output folder."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from enum import Enum
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import transformers
+
+from torch import nn
+from transformers import TrainingArguments
+
+OPTIONS_FILE = "run_options.json"
+SECRET_OPTIONS = ("token", "hub_token")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly value: enums as their value, other unknown objects as text."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def run_options(*option_groups: Any) -> dict[str, Any]:
+    """Every option of the run in one flat dict (dataclasses in order; tokens masked)."""
+    options: dict[str, Any] = {}
+    for group in option_groups:
+        values = group.to_dict() if isinstance(group, TrainingArguments) else dataclasses.asdict(group)
+        options.update({key: _plain(value) for key, value in values.items()})
+    for key in SECRET_OPTIONS:
+        if options.get(key) is not None:
+            options[key] = f"<{key.upper()}>"
+    return options
+
+
+def write_run_options(output_dir: str, *option_groups: Any) -> Path:
+    """Write [`run_options`] to `output_dir/run_options.json` and return the path."""
+    path = Path(output_dir, OPTIONS_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run_options(*option_groups), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Inside this context transformers logs warnings only (loading a model logs its whole config at info level:
+    the run summary says what matters)."""
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity(max(verbosity, transformers.utils.logging.WARNING))
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+
+
+def run_summary(
+    model: nn.Module,
+    model_source: str | None,
+    dataset_name: str,
+    split_sizes: dict[str, int],
+    training_args: TrainingArguments,
+    checkpoint: str | None,
+) -> str:
+    """A few lines a person reads before the run starts: model, data, image size, batch, learning rates, epochs,
+    devices, output folder and resume point."""
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    origin = f"loaded from {model_source}" if model_source else f"new, backbone weights: {config.backbone_weights}"
+    tasks = [name for name in ("train", "eval", "predict") if getattr(training_args, f"do_{name}")]
+    per_step = (
+        training_args.per_device_train_batch_size
+        * max(1, training_args.world_size)
+        * training_args.gradient_accumulation_steps
+    )
+    lines = [
+        f"model:          HierarchicalEfficientNetV2 ({origin}), {total / 1e6:.1f}M parameters, "
+        f"{trainable / 1e6:.1f}M trainable",
+        f"data:           {dataset_name}: "
+        + ", ".join(
+            f"{split} {split_sizes[split]:,}" for split in ("train", "validation", "test") if split in split_sizes
+        )
+        + " images",
+        f"image size:     {config.image_size} px",
+    ]
+    if training_args.do_train:
+        if training_args.max_steps > 0:
+            length = f"{training_args.max_steps} steps"
+        else:
+            steps = math.ceil(split_sizes.get("train", 0) / per_step) * training_args.num_train_epochs
+            length = f"{training_args.num_train_epochs:g} ({math.ceil(steps):,} steps)"
+        if training_args.max_train_minutes is not None:
+            length += f", stopped after {training_args.max_train_minutes:g} minutes of training"
+        scheduler = _plain(training_args.lr_scheduler_type)
+        lines += [
+            f"batch:          {training_args.per_device_train_batch_size} per device, {per_step} per step",
+            f"learning rates: backbone {training_args.lr_conv:g}, heads {training_args.lr_fc:g} "
+            f"({scheduler}, warmup {training_args.warmup_steps:g})",
+            f"epochs:         {length}",
+        ]
+    else:
+        lines.append(f"batch:          {training_args.per_device_eval_batch_size} per device (evaluation)")
+    device = training_args.device
+    lines += [
+        f"devices:        {device.type} x {max(1, training_args.world_size)} process(es)",
+        f"tasks:          {', '.join(tasks)}",
+        f"output folder:  {os.path.abspath(training_args.output_dir)}",
+    ]
+    if training_args.do_train:
+        lines.append(f"resume from:    {checkpoint if checkpoint else 'nothing (training starts at step 0)'}")
+    lines.append(f"all options:    {os.path.join(os.path.abspath(training_args.output_dir), OPTIONS_FILE)}")
+    return "Run summary\n  " + "\n  ".join(lines)
+
+
+__all__ = ["OPTIONS_FILE", "quiet_transformers", "run_options", "run_summary", "write_run_options"]
