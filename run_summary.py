@@ -8,13 +8,12 @@ import dataclasses
 import json
 import math
 import os
-from enum import Enum
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import transformers
-
 from torch import nn
 from transformers import TrainingArguments
 
