@@ -51,7 +51,10 @@ AUGMENTATION_POLICIES = ("original", "trivialaugment", "randaugment", "autoaugme
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 CIFAR_PYTHON_FILES = ("train", "test", "meta")
-LOCAL_DATA_HINT = "--dataset_name ../shared/data/cifar100-real"
+LOCAL_DATA_HINT = (
+    "make a local copy once on a machine with internet access (`python data_utils.py download cifar100-local`), "
+    "copy that folder here and pass --dataset_name cifar100-local"
+)
 # Known misspellings of class names in published dataset metadata (uoft-cs/cifar100 spells "crab" as "cra").
 LABEL_NAME_ALIASES = {"cra": "crab"}
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
@@ -220,9 +223,8 @@ def load_hub_dataset(args: DataArguments) -> DatasetDict:
         raise FileNotFoundError(
             f"The dataset {args.dataset_name!r} could not be downloaded from the Hugging Face Hub "
             f"({type(error).__name__}: {error}), and there is no local file or folder of that name. This machine "
-            "may be offline: pass a local folder instead, e.g. "
-            f"{LOCAL_DATA_HINT} (parquet shards in the uoft-cs/cifar100 schema), an image folder with one "
-            "subfolder per class, or an extracted cifar-100-python folder."
+            f"may be offline: {LOCAL_DATA_HINT} (parquet shards in the uoft-cs/cifar100 schema); an image folder "
+            "with one subfolder per class or an extracted cifar-100-python folder work too."
         ) from None
 
 
@@ -1382,3 +1384,9 @@ __all__ = [
     "load_raw_datasets",
     "prepare_datasets",
 ]
+
+
+if __name__ == "__main__":  # `python data_utils.py download DEST`: a local copy of CIFAR-100, see download_data.py
+    from download_data import main
+
+    main()

@@ -53,6 +53,7 @@ from data_utils import DataArguments, EpochCallback, HierarchicalCollator, apply
 from eval_report import write_prediction_report
 from hierarchy_metrics import compute_hierarchy_metrics
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
+from remote_resources import check_remote_resources
 from run_summary import quiet_transformers, run_summary, write_run_options
 
 logger = logging.getLogger(__name__)
@@ -675,6 +676,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise ValueError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
     if not training_args.do_train and model_args.model_name_or_path is None:
         raise ValueError("evaluating without --do_train needs --model_name_or_path (a trained model)")
+
+    check_remote_resources(
+        data_args.dataset_name,
+        model_args.model_name_or_path,
+        model_args.backbone_weights,
+        cache_dir=data_args.cache_dir,
+        revision=model_args.model_revision,
+    )
 
     checkpoint = None
     if training_args.do_train:

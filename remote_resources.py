@@ -1,0 +1,171 @@
+"""Check, before any work, that every remote resource a run needs is on this machine or can be downloaded.
+
+A run may need the dataset (a Hub id), the model it starts from (a Hub id) and torchvision's ImageNet weights. Each
+is looked up in its local cache first; what is not cached needs its server, which is probed once with a short
+timeout. When the Hugging Face Hub does not answer, offline mode is switched on, so that cached resources load
+without the libraries' download retries; everything still missing is named in one error with what to pass instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+from huggingface_hub import constants as hub_constants
+from torchvision.models import EfficientNet_V2_S_Weights
+from transformers.utils import logging
+
+from data_utils import LOCAL_DATA_HINT
+from download_data import imagenet_weights_path
+
+logger = logging.get_logger(__name__)
+
+PROBE_TIMEOUT_S = 5.0
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass
+class Resource:
+    """One remote resource of a run: what it is, whether a local copy is there, and what to pass instead."""
+
+    description: str
+    cached: bool
+    server: str  # "hub" or the URL it downloads from
+    instead: str
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face Hub answers within `timeout` seconds (False in offline mode, without a request)."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        huggingface_hub.get_session().head(hub_constants.ENDPOINT, timeout=timeout)
+    except Exception:  # offline mode, DNS, connection or timeout errors: all mean "not reachable now"
+        return False
+    return True
+
+
+def url_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the server of `url` answers a HEAD request within `timeout` seconds."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except Exception:  # URLError, socket timeouts, HTTP errors
+        return False
+
+
+def enable_offline_mode() -> None:
+    """Make huggingface_hub, datasets and transformers read their caches without trying the network (and without
+    retrying), in this process and in the processes it starts."""
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers
+    datasets.config.HF_HUB_OFFLINE = True  # datasets keeps its own copy, read at call time
+
+
+def dataset_is_cached(repo_id: str, cache_dir: str | None = None) -> bool:
+    """Whether `datasets` has `repo_id` prepared (`<cache>/<owner>___<name>`) or its files sit in the Hub cache."""
+    prepared = Path(cache_dir or datasets.config.HF_DATASETS_CACHE, repo_id.replace("/", "___"))
+    snapshots = Path(hub_constants.HF_HUB_CACHE, f"datasets--{repo_id.replace('/', '--')}", "snapshots")
+    return any(folder.is_dir() and any(folder.iterdir()) for folder in (prepared, snapshots))
+
+
+def model_is_cached(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> bool:
+    """Whether the Hub cache holds the `config.json` of the model `repo_id`."""
+    found = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+    return isinstance(found, str)
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub id (`name` or `owner/name`) and names nothing on this machine."""
+    return HUB_ID.fullmatch(name) is not None and not os.path.exists(os.path.expanduser(name))
+
+
+def needed_resources(
+    dataset_name: str | None,
+    model_name_or_path: str | None,
+    backbone_weights: str | None,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+) -> list[Resource]:
+    """The remote resources a run with these options downloads, with whether each is cached here."""
+    needed = []
+    if dataset_name and dataset_name != "imagefolder" and _is_hub_id(dataset_name):
+        needed.append(
+            Resource(
+                f"the dataset {dataset_name!r} (--dataset_name: no local folder of that name, not in the cache)",
+                dataset_is_cached(dataset_name, cache_dir),
+                "hub",
+                LOCAL_DATA_HINT,
+            )
+        )
+    if model_name_or_path and _is_hub_id(model_name_or_path):
+        needed.append(
+            Resource(
+                f"the model {model_name_or_path!r} (--model_name_or_path: no local folder of that name, not in the "
+                "cache)",
+                model_is_cached(model_name_or_path, revision, cache_dir),
+                "hub",
+                "pass --model_name_or_path with a local folder written by run_classification.py (or save_pretrained)",
+            )
+        )
+    if model_name_or_path is None and backbone_weights == "imagenet":
+        path = imagenet_weights_path()
+        needed.append(
+            Resource(
+                f"the ImageNet weights of EfficientNetV2-S (--backbone_weights imagenet: {path.name}, not in "
+                f"{path.parent})",
+                path.is_file(),
+                EfficientNet_V2_S_Weights.IMAGENET1K_V1.url,
+                "fetch them once on a machine with internet access with `python data_utils.py download-weights "
+                f"--copy_to weights`, then put the file in {path.parent} or pass --backbone_weights "
+                f"weights/{path.name}; or pass --backbone_weights none (random initialisation)",
+            )
+        )
+    return needed
+
+
+def check_remote_resources(
+    dataset_name: str | None,
+    model_name_or_path: str | None,
+    backbone_weights: str | None,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+) -> None:
+    """Fail fast, naming everything missing at once, when a needed resource is neither cached nor reachable.
+
+    Probes the Hub (once, with a short timeout) when the run needs anything from it; when it does not answer,
+    switches on offline mode so that cached resources load from the cache. Raises `FileNotFoundError` listing every
+    missing resource with what to pass instead.
+    """
+    needed = needed_resources(dataset_name, model_name_or_path, backbone_weights, cache_dir, revision)
+    offline_asked = hub_constants.HF_HUB_OFFLINE
+    reachable: dict[str, bool] = {}
+    for resource in needed:
+        if resource.server not in reachable and (resource.server == "hub" or not resource.cached):
+            reachable[resource.server] = hub_reachable() if resource.server == "hub" else url_reachable(resource.server)
+    if reachable.get("hub") is False:
+        enable_offline_mode()
+        if any(r.server == "hub" and r.cached for r in needed):
+            logger.warning("The Hugging Face Hub does not answer: using the copies in the local cache (offline mode)")
+    missing = [r for r in needed if not r.cached and not reachable[r.server]]
+    if not missing:
+        return
+    servers = []
+    if any(r.server == "hub" for r in missing):
+        why = "HF_HUB_OFFLINE is set" if offline_asked else "it does not answer"
+        servers.append(f"the Hugging Face Hub ({hub_constants.ENDPOINT}: {why})")
+    servers += [f"{r.server.split('/')[2]} (it does not answer)" for r in missing if r.server != "hub"]
+    lines = [
+        f"This run needs {'these' if len(missing) > 1 else 'this'}, which {'are' if len(missing) > 1 else 'is'} not "
+        f"on this machine and cannot be downloaded now from {' or '.join(servers)}:"
+    ]
+    lines += [f"  - {r.description}: {r.instead}" for r in missing]
+    raise FileNotFoundError("\n".join(lines))
+
+
+__all__ = ["check_remote_resources", "enable_offline_mode", "hub_reachable", "needed_resources", "url_reachable"]
