@@ -4,7 +4,9 @@
 `write_eval_report` turns predictions into `eval_report.md` and PNG figures; `evaluate_saved_model` runs a saved
 model on a dataset split and writes that report:
 
-    python eval_report.py outputs/run --dataset_name ../shared/data/cifar100-real --split validation
+    python eval_report.py outputs/run --dataset_name cifar100-local --split validation
+
+`cifar100-local` is a local copy of CIFAR-100 (`python data_utils.py download cifar100-local`); a Hub id works too.
 
 The figures need matplotlib (optional): without it the markdown report is still written.
 """

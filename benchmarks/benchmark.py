@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO_ROOT))
 # The project modules are imported inside the functions that use them: the ceiling's process then holds only what
 # a plain training loop needs (torch and the model), so its memory and start-up are not inflated by `datasets`.
 
-REAL_DATASET = REPO_ROOT.parent / "shared" / "data" / "cifar100-real"
+HUB_DATASET = "uoft-cs/cifar100"
 GENERATED = "generated"
 RESULT_PREFIX = "BENCHMARK_CHILD_RESULT "
 SEED = 42
@@ -77,10 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inference_images", type=int, default=None, help="Images for the inference measurements (default 1024)."
     )
     parser.add_argument(
+        "--dataset_name",
         "--dataset",
+        dest="dataset",
         default=None,
-        help=f"Parquet folder in the uoft-cs/cifar100 schema, or '{GENERATED}' for random images written to a temp "
-        f"folder. Default: {REAL_DATASET} when present (not with --tiny), else generated.",
+        help=f"A Hub id, a local folder in a format --dataset_name of run_classification.py reads, or '{GENERATED}' "
+        f"for random images written to a temp folder. Default: {HUB_DATASET} (generated with --tiny, and when the "
+        "Hub does not answer and it is not cached, which the table says).",
     )
     parser.add_argument(
         "--repeats",
@@ -109,8 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.dataset is None:
-        args.dataset = str(REAL_DATASET) if REAL_DATASET.is_dir() and not args.tiny else GENERATED
+    args.dataset_note = ""
+    if args.dataset is None and not args.child:
+        args.dataset = GENERATED if args.tiny else HUB_DATASET
+        if not args.tiny:
+            from remote_resources import hub_reachable, needed_resources
+
+            if not (needed_resources(HUB_DATASET, None, None)[0].cached or hub_reachable()):
+                args.dataset, args.dataset_note = GENERATED, f" ({HUB_DATASET} not cached and the Hub does not answer)"
     for name in ("batch_size", "steps", "warmup_steps", "loader_batches", "inference_images", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -541,8 +550,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows = math.ceil(1.25 * (args.warmup_steps + args.steps + 2) * args.batch_size) + 64
             dataset, cache_dir = str(Path(tmp, "data")), str(Path(tmp, "cache"))
             write_generated_dataset(Path(dataset), max(rows, args.inference_images))
-        elif not Path(dataset).exists():
-            raise FileNotFoundError(f"--dataset {dataset!r}: no such folder")
+        elif not Path(dataset).exists() and dataset != HUB_DATASET:
+            raise FileNotFoundError(f"--dataset_name {dataset!r}: no such folder")
         # The data measurements come first: they also build the datasets cache the Trainer's process then reads.
         splits, data_args = prepare_splits(dataset, cache_dir)
         loader = {
@@ -608,7 +617,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "other_processes_cpu_share": other_cpu_share(cpu_before, time.perf_counter() - start),
         "benchmark_seconds": time.perf_counter() - start,
-        "dataset": GENERATED if args.dataset == GENERATED else args.dataset,
+        "dataset": (GENERATED if args.dataset == GENERATED else args.dataset) + args.dataset_note,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
