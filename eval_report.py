@@ -558,7 +558,9 @@ def evaluate_saved_model(
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Command line: `python eval_report.py MODEL_DIR --dataset_name PATH [--split test] [data options]`."""
-    parser = HfArgumentParser(DataArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = HfArgumentParser(
+        DataArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("model_dir", help="Saved model folder (save_pretrained / run_classification.py output).")
     parser.add_argument("--split", default="test", choices=("train", "validation", "test"), help="Split to evaluate.")
     parser.add_argument("--output_dir", default=None, help="Where the report goes (default: MODEL_DIR).")
