@@ -248,42 +248,31 @@ class HierarchicalTrainingArguments(TrainingArguments):
             self.do_eval = do_eval
 
     def _align_save_and_eval_schedules(self) -> None:
-        """Make the checkpoint and evaluation schedules agree, as reloading the best checkpoint needs: the schedule
-        left at its default follows the one that was changed. When both were changed and disagree, the best
-        checkpoint is not reloaded at the end (with a warning) instead of stopping the run."""
+        """Make the checkpoint and evaluation schedules agree, as reloading the best checkpoint at the end needs:
+        when one of them is changed to `steps`, the other one (left at `epoch`) follows it. When their steps do not
+        line up, the best checkpoint is not reloaded (with a warning) instead of stopping the run."""
         eval_strategy, save_strategy = IntervalStrategy(self.eval_strategy), SaveStrategy(self.save_strategy)
         if save_strategy == SaveStrategy.BEST:
             return
-        defaults = {name: type(self).__dataclass_fields__[name].default for name in ("eval_strategy", "save_strategy")}
-        if eval_strategy.value != save_strategy.value:
-            if self.eval_strategy == defaults["eval_strategy"]:
-                self.eval_strategy, self.eval_steps = save_strategy.value, self.eval_steps or self.save_steps
-                logger.warning(
-                    "--save_strategy %s: evaluating on the same schedule (--eval_strategy %s), so that the best "
-                    "checkpoint can be reloaded at the end",
-                    save_strategy.value,
-                    save_strategy.value,
-                )
-            elif self.save_strategy == defaults["save_strategy"]:
-                self.save_strategy = eval_strategy.value
-                if eval_strategy == IntervalStrategy.STEPS:
-                    self.save_steps = self.eval_steps or self.logging_steps
-                logger.warning(
-                    "--eval_strategy %s: saving checkpoints on the same schedule (--save_strategy %s), so that the "
-                    "best checkpoint can be reloaded at the end",
-                    eval_strategy.value,
-                    eval_strategy.value,
-                )
-            else:
-                self._drop_best_model_reload(
-                    f"--eval_strategy {eval_strategy.value}, --save_strategy {save_strategy.value}"
-                )
-                return
+        if save_strategy == SaveStrategy.STEPS and eval_strategy == IntervalStrategy.EPOCH:
+            self.eval_strategy, self.eval_steps = IntervalStrategy.STEPS.value, self.eval_steps or self.save_steps
+            logger.warning(
+                "--save_strategy steps: evaluating on the same schedule (--eval_strategy steps --eval_steps %s), so "
+                "that the best checkpoint can be reloaded at the end",
+                self.eval_steps,
+            )
+        elif eval_strategy == IntervalStrategy.STEPS and save_strategy == SaveStrategy.EPOCH:
+            self.save_strategy, self.save_steps = SaveStrategy.STEPS.value, self.eval_steps or self.logging_steps
+            logger.warning(
+                "--eval_strategy steps: saving checkpoints on the same schedule (--save_strategy steps --save_steps "
+                "%s), so that the best checkpoint can be reloaded at the end",
+                self.save_steps,
+            )
         if IntervalStrategy(self.eval_strategy) == IntervalStrategy.STEPS:
             eval_steps = self.eval_steps or self.logging_steps
             if (eval_steps < 1) != (self.save_steps < 1) or round(self.save_steps / eval_steps, 6) % 1 != 0:
                 self._drop_best_model_reload(
-                    f"--save_steps {self.save_steps} is not a multiple of --eval_steps {eval_steps}"
+                    f"--save_steps {self.save_steps:g} is not a multiple of --eval_steps {eval_steps:g}"
                 )
 
     def _drop_best_model_reload(self, reason: str) -> None:
