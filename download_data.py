@@ -21,6 +21,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from datasets import load_dataset
 from torchvision.datasets.utils import check_integrity, download_url
 from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
@@ -71,7 +72,7 @@ def write_parquet_shards(
 
 def download_cifar100_parquet(destination: str | Path, overwrite: bool = False) -> list[Path]:
     """Download `uoft-cs/cifar100` (train and test) from the Hub and write it as parquet shards to `destination`."""
-    dataset_dict = datasets.load_dataset(HUB_DATASET)
+    dataset_dict = load_dataset(HUB_DATASET)
     missing = {"train", "test"} - set(dataset_dict)
     if missing:
         raise ValueError(f"{HUB_DATASET} came without the splits {sorted(missing)}; it has {list(dataset_dict)}")

@@ -51,6 +51,17 @@ def test_training_writes_metrics_model_and_card(trained_run):
 
 
 @pytest.mark.slow
+def test_card_usage_snippet_runs_as_written(trained_run, tmp_path):
+    """The card's snippet, run in a folder without this project: the model loads from the output folder's code."""
+    output_dir, _ = trained_run
+    snippet = (output_dir / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    completed = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "'score'" in completed.stdout and "[" in completed.stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
 def test_output_folder_reloads_and_predicts(trained_run):
     output_dir, _ = trained_run
     model = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(output_dir).eval()
