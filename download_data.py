@@ -140,6 +140,39 @@ def download_imagenet_weights(copy_to: str | Path | None = None) -> Path:
     return path
 
 
+def write_generated_cifar100(
+    destination: str | Path, train_per_class: int = 3, test_per_class: int = 1, seed: int = 0
+) -> list[Path]:
+    """Write small generated images (32 px, a colour per class plus noise) in the `uoft-cs/cifar100` schema, as
+    `train` and `test` parquet shards: a stand-in that lets examples run end to end where neither the Hub nor a local
+    copy is there. Models learn nothing real from it."""
+    import numpy as np
+
+    from configuration_hierarchical import CIFAR100_COARSE_LABELS, CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE
+
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "fine_label": datasets.ClassLabel(names=CIFAR100_FINE_LABELS),
+            "coarse_label": datasets.ClassLabel(names=CIFAR100_COARSE_LABELS),
+        }
+    )
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 200, (len(CIFAR100_FINE_LABELS), 3))  # (classes, 3)
+    splits = {}
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = [label for label in range(len(CIFAR100_FINE_LABELS)) for _ in range(per_class)]
+        noise = rng.integers(0, 56, (len(labels), 32, 32, 3))  # (rows, 32, 32, 3)
+        images = (palette[labels][:, None, None, :] + noise).astype(np.uint8)
+        columns = {
+            "img": list(images),
+            "fine_label": labels,
+            "coarse_label": [CIFAR100_FINE_TO_COARSE[label] for label in labels],
+        }
+        splits[split] = datasets.Dataset.from_dict(columns, features=features)
+    return write_parquet_shards(datasets.DatasetDict(splits), destination, overwrite=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `download` and `download-weights` commands."""
     parser = argparse.ArgumentParser(
