@@ -194,7 +194,8 @@ def test_offline_hub_id_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="could not be downloaded") as raised:
         load_raw_datasets(data_args(tmp_path, "nobody-here/made-up-cifar-dataset-4821"))
-    assert "--dataset_name ../shared/data/cifar100-real" in str(raised.value)
+    assert "python data_utils.py download cifar100-local" in str(raised.value)
+    assert "--dataset_name cifar100-local" in str(raised.value)
     assert raised.value.__cause__ is None and raised.value.__suppress_context__  # no network traceback
 
 

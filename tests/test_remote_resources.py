@@ -41,7 +41,7 @@ def test_one_error_names_the_dataset_and_the_imagenet_weights(offline, tmp_path)
     assert "--dataset_name cifar100-local" in message
     assert "efficientnet_v2_s-dd5fe13b.pth" in message and "--backbone_weights none" in message
     assert "python data_utils.py download-weights" in message and "HF_HUB_OFFLINE is set" in message
-    assert "shared/data" not in message
+    assert "cifar100-real" not in message
     assert offline == ["hub", remote_resources.EfficientNet_V2_S_Weights.IMAGENET1K_V1.url]  # one probe each
     assert not (tmp_path / "out").exists(), "nothing is written before the check"
 
