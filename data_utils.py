@@ -1387,6 +1387,6 @@ __all__ = [
 
 
 if __name__ == "__main__":  # `python data_utils.py download DEST`: a local copy of CIFAR-100, see download_data.py
-    from download_data import main
+    from download_data import cli
 
-    main()
+    cli()

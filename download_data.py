@@ -20,11 +20,12 @@ import tarfile
 from pathlib import Path
 
 import datasets
-import torch
 from datasets import load_dataset
 from torchvision.datasets.utils import check_integrity, download_url
 from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
+
+from remote_resources import hub_reachable, imagenet_weights_path, url_reachable
 
 logger = logging.get_logger(__name__)
 
@@ -33,6 +34,15 @@ CIFAR100_ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz
 CIFAR100_ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 DEFAULT_FOLDER = "cifar100-local"
 MAX_ROWS_PER_SHARD = 25_000
+
+
+def _check_reachable(server: str, reachable: bool, instead: str) -> None:
+    """`ConnectionError` naming `server` when it does not answer (no download attempts, no retries)."""
+    if not reachable:
+        raise ConnectionError(
+            f"{server} does not answer: this command needs internet access. Run it on a machine that has it and copy "
+            f"the result here; offline, it accepts {instead}"
+        )
 
 
 def _prepare_destination(destination: str | Path, overwrite: bool) -> Path:
@@ -72,6 +82,7 @@ def write_parquet_shards(
 
 def download_cifar100_parquet(destination: str | Path, overwrite: bool = False) -> list[Path]:
     """Download `uoft-cs/cifar100` (train and test) from the Hub and write it as parquet shards to `destination`."""
+    _check_reachable("the Hugging Face Hub", hub_reachable(), "--archive FILE (a cifar-100-python.tar.gz on disk)")
     dataset_dict = load_dataset(HUB_DATASET)
     missing = {"train", "test"} - set(dataset_dict)
     if missing:
@@ -106,6 +117,7 @@ def download_cifar100_archive(
     extract it safely into `destination`. Returns the `cifar-100-python` folder, which `--dataset_name` reads."""
     folder = _prepare_destination(destination, overwrite)
     if archive is None:
+        _check_reachable(CIFAR100_ARCHIVE_URL, url_reachable(CIFAR100_ARCHIVE_URL), "--archive FILE (the file on disk)")
         download_url(CIFAR100_ARCHIVE_URL, str(folder), filename="cifar-100-python.tar.gz")
         archive = folder / "cifar-100-python.tar.gz"
     if not check_integrity(str(archive), CIFAR100_ARCHIVE_MD5):
@@ -123,16 +135,13 @@ def download_cifar100_archive(
     return extracted
 
 
-def imagenet_weights_path() -> Path:
-    """Where torchvision keeps the ImageNet weights of EfficientNetV2-S: the torch hub cache (`$TORCH_HOME`)."""
-    url = EfficientNet_V2_S_Weights.IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-
-
 def download_imagenet_weights(copy_to: str | Path | None = None) -> Path:
     """Fetch torchvision's `IMAGENET1K_V1` EfficientNetV2-S weights into the torch hub cache (hash checked);
     with `copy_to`, also copy the file into that folder to carry it to another machine. Returns the file."""
-    EfficientNet_V2_S_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    weights = EfficientNet_V2_S_Weights.IMAGENET1K_V1
+    if not imagenet_weights_path().is_file():
+        _check_reachable(weights.url, url_reachable(weights.url), "nothing: the file has to come from there")
+    weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     path = imagenet_weights_path()
     if copy_to is not None:
         Path(copy_to).expanduser().mkdir(parents=True, exist_ok=True)
@@ -241,5 +250,13 @@ def main(argv: list[str] | None = None) -> Path:
     return Path(args.destination)
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """`main` for the command line: errors as one line on stderr and exit status 1, without a traceback."""
+    try:
+        main(argv)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import datasets
 import huggingface_hub
+import torch
 from huggingface_hub import constants as hub_constants
 from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
 
 from data_utils import LOCAL_DATA_HINT
-from download_data import imagenet_weights_path
 
 logger = logging.get_logger(__name__)
 
@@ -78,6 +78,11 @@ def model_is_cached(repo_id: str, revision: str | None = None, cache_dir: str | 
     """Whether the Hub cache holds the `config.json` of the model `repo_id`."""
     found = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
     return isinstance(found, str)
+
+
+def imagenet_weights_path() -> Path:
+    """Where torchvision keeps the ImageNet weights of EfficientNetV2-S: the torch hub cache (`$TORCH_HOME/hub`)."""
+    return Path(torch.hub.get_dir(), "checkpoints", os.path.basename(EfficientNet_V2_S_Weights.IMAGENET1K_V1.url))
 
 
 def _is_hub_id(name: str) -> bool:
@@ -168,4 +173,11 @@ def check_remote_resources(
     raise FileNotFoundError("\n".join(lines))
 
 
-__all__ = ["check_remote_resources", "enable_offline_mode", "hub_reachable", "needed_resources", "url_reachable"]
+__all__ = [
+    "check_remote_resources",
+    "enable_offline_mode",
+    "hub_reachable",
+    "imagenet_weights_path",
+    "needed_resources",
+    "url_reachable",
+]

@@ -38,6 +38,7 @@ def read_back(folder):
 def test_download_writes_parquet_shards_in_the_hub_schema(hub_copy, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(download_data, "load_dataset", lambda name: calls.append(name) or hub_copy)
+    monkeypatch.setattr(download_data, "hub_reachable", lambda: True)
     monkeypatch.setattr(download_data, "MAX_ROWS_PER_SHARD", 150)  # the 200 training rows make two shards
     download_data.main(["download", str(tmp_path / "cifar100-local")])
     assert calls == ["uoft-cs/cifar100"]
@@ -52,6 +53,7 @@ def test_download_writes_parquet_shards_in_the_hub_schema(hub_copy, tmp_path, mo
 
 def test_download_refuses_a_folder_that_already_holds_data(hub_copy, tmp_path, monkeypatch):
     monkeypatch.setattr(download_data, "load_dataset", lambda name: hub_copy)
+    monkeypatch.setattr(download_data, "hub_reachable", lambda: True)
     make_parquet_dataset(tmp_path / "dest", split="train")
     with pytest.raises(ValueError, match="already holds.*--overwrite"):
         download_data.main(["download", str(tmp_path / "dest")])
@@ -82,6 +84,7 @@ def test_archive_download_checks_the_md5_and_extracts(tmp_path, monkeypatch):
         shutil.copy(archive, f"{root}/{filename}")
 
     monkeypatch.setattr(download_data, "download_url", fake_download_url)
+    monkeypatch.setattr(download_data, "url_reachable", lambda url: True)
     download_data.main(["download", str(tmp_path / "local"), "--source", "archive"])
     assert calls == ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
     splits = read_back(tmp_path / "local")
@@ -122,12 +125,13 @@ def test_download_weights_fetches_into_the_torch_hub_cache_and_copies(tmp_path, 
     weights = download_data.EfficientNet_V2_S_Weights.IMAGENET1K_V1
 
     def fake_get_state_dict(*args, **kwargs):  # what torchvision does: download into the torch hub cache
-        path = download_data.imagenet_weights_path()
+        path = tmp_path / "torch" / "hub" / "checkpoints" / "efficientnet_v2_s-dd5fe13b.pth"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"features.0.0.weight": torch.zeros(1)}, path)
         return torch.load(path, weights_only=True)
 
     monkeypatch.setattr(type(weights), "get_state_dict", fake_get_state_dict)
+    monkeypatch.setattr(download_data, "url_reachable", lambda url: True)
     path = download_data.main(["download-weights", "--copy_to", str(tmp_path / "carry")])
     assert path == tmp_path / "carry" / "efficientnet_v2_s-dd5fe13b.pth" and path.is_file()
     assert (tmp_path / "torch" / "hub" / "checkpoints" / "efficientnet_v2_s-dd5fe13b.pth").is_file()
@@ -140,3 +144,16 @@ def test_help_lists_the_commands():
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "download" in completed.stdout and "download-weights" in completed.stdout
     assert "cifar100-local" in completed.stdout
+
+
+def test_without_internet_the_commands_stop_at_once_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(download_data, "hub_reachable", lambda: False)
+    monkeypatch.setattr(download_data, "url_reachable", lambda url: False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(download_data, "load_dataset", lambda name: pytest.fail("no download may be attempted"))
+    monkeypatch.setattr(download_data, "download_url", lambda *args, **kwargs: pytest.fail("no download"))
+    for command in (["download", str(tmp_path / "a")], ["download", str(tmp_path / "b"), "--source", "archive"]):
+        with pytest.raises(SystemExit, match="does not answer: this command needs internet access"):
+            download_data.cli(command)
+    with pytest.raises(SystemExit, match="download.pytorch.org"):
+        download_data.cli(["download-weights"])
