@@ -169,12 +169,12 @@ def test_cifar_python_folder_trains(tiny_cifar_python_dir, tmp_path):
         (["--schedule_by_time"], "schedule_by_time needs --max_train_minutes"),
         (["--schedule_by_time", "--max_train_minutes", "1", "--lr_scheduler_type", "linear"], "decays with a cosine"),
         (["--schedule_by_time", "--max_train_minutes", "1", "--warmup_steps", "10"], "share of the time"),
-        ([], "evaluating without --do_train needs --model_name_or_path"),
+        (["--do_eval"], "evaluating without --do_train needs --model_name_or_path"),
     ],
 )
 def test_contradictory_options_are_rejected_before_any_work(tiny_parquet_dir, tmp_path, extra, message):
     output_dir = tmp_path / "out"
-    action = ["--do_train"] if extra and extra != ["--eval_strategy", "no"] else []
+    action = [] if extra in (["--eval_strategy", "no"], ["--do_eval"]) else ["--do_train"]
     with pytest.raises(ValueError, match=message):
         main(tiny_args(tiny_parquet_dir, output_dir, *action, *extra))
     assert not output_dir.exists() or not any(output_dir.iterdir())
