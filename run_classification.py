@@ -318,7 +318,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         known = [option for action in parser._actions for option in action.option_strings if "-" not in option[2:]]
         hints = [
             f"{arg} (did you mean {' or '.join(close)}?)"
-            if (close := difflib.get_close_matches(arg, known, n=2))
+            if (close := difflib.get_close_matches(arg, known, n=1))
             else arg
             for arg in unknown
             if arg.startswith("-")
