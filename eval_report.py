@@ -47,6 +47,7 @@ FIGURE_NAMES = {
     "risk_coverage": "risk_coverage.png",
 }
 CURVE_THRESHOLDS = np.linspace(0.0, 1.0, 201)  # the x axis of the risk-coverage figure
+MIN_ANSWERS_PLOTTED = 20  # the accuracy curve is drawn where at least this many images are answered
 TOP_CONFUSED_PAIRS = 15
 MAX_MISCLASSIFIED = 16
 DPI = 110
@@ -502,7 +503,7 @@ def plot_reliability(new_figure: Any, data: ReportData, config: HierarchicalEffi
         c = data.calibration
         axes.set_title(
             f"{'class' if level == 'fine' else 'superclass'}: ECE {c[f'{level}_ece_uncalibrated']:.3f} -> "
-            f"{c[f'{level}_ece']:.3f} ({level} head temperature {getattr(config, f'{level}_temperature'):.2f})",
+            f"{c[f'{level}_ece']:.3f} (head T = {getattr(config, f'{level}_temperature'):.2f})",
             fontsize=10,
         )
         if column == 0:
@@ -533,7 +534,9 @@ def plot_risk_coverage(new_figure: Any, data: ReportData, config: HierarchicalEf
     )  # fmt: skip
     with np.errstate(invalid="ignore", divide="ignore"):
         accuracy = curve["correct"] / curve["answered"]
-    axes.plot(thresholds, accuracy, color="black", linewidth=2, label="accuracy of the answers")
+    accuracy[curve["answered"] < MIN_ANSWERS_PLOTTED] = np.nan  # a handful of answers gives a noisy rate
+    axes.plot(thresholds, accuracy, color="black", linewidth=2,
+              label=f"accuracy of the answers (>= {MIN_ANSWERS_PLOTTED})")  # fmt: skip
     if config.selective_target_accuracy is not None:
         axes.axhline(config.selective_target_accuracy, color="black", linestyle=":", linewidth=1,
                      label=f"target accuracy {config.selective_target_accuracy:g}")  # fmt: skip
@@ -541,14 +544,13 @@ def plot_risk_coverage(new_figure: Any, data: ReportData, config: HierarchicalEf
         threshold = config.selective_threshold
         axes.axvline(threshold, color="tab:red", linestyle="--", linewidth=1.5)
         text = (
-            f"min_confidence {threshold:g}\nclass {c['selective_fine_coverage']:.0%}, "
+            f"min_confidence {threshold:g} (red line)\nclass {c['selective_fine_coverage']:.0%}, "
             f"superclass {c['selective_coarse_coverage']:.0%}, unknown {c['selective_abstention_rate']:.0%}"
         )
         if "selective_accuracy" in c:
             text += f"\naccuracy {c['selective_accuracy']:.3f}"
-        axes.annotate(text, (threshold, 0.03), xytext=(6, 0), textcoords="offset points", fontsize=8,
-                      color="tab:red", ha="left" if threshold < 0.6 else "right",
-                      bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})  # fmt: skip
+        axes.text(0.98, 0.97, text, transform=axes.transAxes, fontsize=8, color="tab:red", ha="right", va="top",
+                  bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "tab:red"})  # fmt: skip
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1)
     axes.set_xlabel("confidence threshold (min_confidence)")
