@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -41,6 +42,13 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 # torchvision's efficientnet_v2_s().features has 8 stages: 0 stem, 1-3 FusedMBConv, 4-6 MBConv, 7 head conv.
 NUM_BACKBONE_STAGES = 8
+# The pipeline saved with every model (`pipeline_hierarchical.py`), found by `pipeline(..., trust_remote_code=True)`.
+HIERARCHICAL_PIPELINE_TASK = "hierarchical-image-classification"
+HIERARCHICAL_PIPELINE = {
+    "impl": "pipeline_hierarchical.HierarchicalImageClassificationPipeline",
+    "pt": ["AutoModelForImageClassification"],
+    "type": "image",
+}
 
 
 class HierarchicalEfficientNetV2Config(PretrainedConfig):
@@ -85,6 +93,20 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
             Per-channel standard deviation used for normalisation.
         channels_last (`bool`, *optional*, defaults to `False`):
             Keep weights and activations in channels-last memory format (faster with mixed precision on GPU).
+        fine_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature of the fine head: its logits are divided by it before the softmax in `predict_hierarchical`
+            and the hierarchical pipeline (never in `forward`, so the loss is unchanged). Fitted on held-out data
+            by `calibration.fit_temperatures`.
+        coarse_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature of the coarse head, used in the same places.
+        selective_threshold (`float`, *optional*):
+            Default `min_confidence` of selective predictions, in (0, 1]: answer the class when its probability
+            reaches it, else the superclass when that reaches it, else abstain. `None`: no selective answer unless
+            asked for. Chosen by `calibration.choose_selective_threshold`.
+        selective_target_accuracy (`float`, *optional*):
+            The accuracy of answers the threshold was chosen for (a record, not used for predictions).
+        selective_confidence (`float`, *optional*):
+            The confidence with which that accuracy holds on new data (a record, not used for predictions).
 
     Example:
 
@@ -116,6 +138,11 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         image_std: list[float] | None = None,
         channels_last: bool = False,
         num_channels: int = 3,
+        fine_temperature: float = 1.0,
+        coarse_temperature: float = 1.0,
+        selective_threshold: float | None = None,
+        selective_target_accuracy: float | None = None,
+        selective_confidence: float | None = None,
         **kwargs,
     ):
         if kwargs.get("per_layer_config") is not None:
@@ -138,6 +165,13 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         self.image_std = list(IMAGENET_STD if image_std is None else image_std)
         self.channels_last = channels_last
         self.num_channels = num_channels
+        self.fine_temperature = fine_temperature
+        self.coarse_temperature = coarse_temperature
+        self.selective_threshold = selective_threshold
+        self.selective_target_accuracy = selective_target_accuracy
+        self.selective_confidence = selective_confidence
+        if kwargs.get("custom_pipelines") is None:
+            kwargs["custom_pipelines"] = {HIERARCHICAL_PIPELINE_TASK: dict(HIERARCHICAL_PIPELINE)}
         super().__init__(**kwargs)
         self.validate_hierarchy()
 
@@ -204,6 +238,18 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
             raise ValueError(
                 f"backbone_weights must be 'imagenet', None or a .pth/.pt/.safetensors file, got {self.backbone_weights!r}"
             )
+        for field in ("fine_temperature", "coarse_temperature"):
+            value = getattr(self, field)
+            if not _is_number(value) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{field} must be a finite number > 0, got {value!r}")
+        if self.selective_threshold is not None and not (
+            _is_number(self.selective_threshold) and 0 < self.selective_threshold <= 1
+        ):
+            raise ValueError(f"selective_threshold must be None or in (0, 1], got {self.selective_threshold!r}")
+        for field in ("selective_target_accuracy", "selective_confidence"):
+            value = getattr(self, field)
+            if value is not None and not (_is_number(value) and 0 < value < 1):
+                raise ValueError(f"{field} must be None or in (0, 1), got {value!r}")
 
     def fine_to_coarse_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The fine-to-coarse mapping as a `(num_labels,)` int64 tensor."""
@@ -218,6 +264,11 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
     def coarse_children(self, coarse_id: int) -> list[int]:
         """Fine class indices that belong to superclass `coarse_id`."""
         return [fine for fine, coarse in enumerate(self.fine_to_coarse) if coarse == coarse_id]
+
+
+def _is_number(value: Any) -> bool:
+    """Whether `value` is an int or float (not a bool); NaN passes here and fails the range checks."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 __all__ = ["HierarchicalEfficientNetV2Config"]

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluation report of the hierarchical classifier: metrics at both levels, accuracy per superclass, confusions.
+"""Evaluation report of the hierarchical classifier: metrics at both levels, accuracy per superclass, confusions,
+calibration and selective answers.
 
 `write_eval_report` turns predictions into `eval_report.md` and PNG figures; `evaluate_saved_model` runs a saved
 model on a dataset split and writes that report:
@@ -30,9 +31,10 @@ from transformers import HfArgumentParser
 from transformers.trainer_utils import PredictionOutput
 from transformers.utils import logging
 
+from calibration import evaluate_calibration, hierarchical_scores
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_utils import DataArguments, HierarchicalCollator, ImageTransform, build_eval_transform, prepare_datasets
-from hierarchy_metrics import compute_hierarchy_metrics
+from hierarchy_metrics import ECE_BINS, compute_hierarchy_metrics, reliability_bins, selective_curve
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 
 logger = logging.get_logger(__name__)
@@ -43,7 +45,11 @@ FIGURE_NAMES = {
     "superclass_confusion": "superclass_confusion.png",
     "confused_pairs": "confused_pairs.png",
     "misclassified": "misclassified.png",
+    "reliability": "reliability.png",
+    "risk_coverage": "risk_coverage.png",
 }
+CURVE_THRESHOLDS = np.linspace(0.0, 1.0, 201)  # the x axis of the risk-coverage figure
+MIN_ANSWERS_PLOTTED = 20  # the accuracy curve is drawn where at least this many images are answered
 TOP_CONFUSED_PAIRS = 15
 MAX_MISCLASSIFIED = 16
 DPI = 110
@@ -69,6 +75,11 @@ class ReportData:
             per true superclass: number of samples, fine accuracy and coarse-head accuracy (NaN without samples).
         confusion (`np.ndarray` of shape `(num_coarse, num_coarse)`): rows true superclass, columns coarse prediction.
         confused_pairs (`list[tuple[int, int, int]]`): `(true fine, predicted fine, count)`, most frequent first.
+        calibration (`dict[str, float]`): [`calibration.evaluate_calibration`] with the config's temperatures and
+            selective threshold.
+        reliability (`dict[str, dict[str, dict[str, np.ndarray]]]`): [`hierarchy_metrics.reliability_bins`] per level
+            (`"fine"`, `"coarse"`) and per state (`"uncalibrated"`, `"calibrated"`).
+        curve (`dict[str, np.ndarray]`): [`hierarchy_metrics.selective_curve`] at `thresholds` (calibrated scores).
     """
 
     metrics: dict[str, float]
@@ -81,6 +92,9 @@ class ReportData:
     superclass_coarse_accuracy: np.ndarray
     confusion: np.ndarray
     confused_pairs: list[tuple[int, int, int]]
+    calibration: dict[str, float] = dataclasses.field(default_factory=dict)
+    reliability: dict[str, dict[str, dict[str, np.ndarray]]] = dataclasses.field(default_factory=dict)
+    curve: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def compute_report_data(
@@ -116,7 +130,17 @@ def compute_report_data(
         if name in given and not np.isclose(given[name], value, rtol=0, atol=1e-6):
             logger.warning(f"{name} = {given[name]} in the given metrics but {value} from the predictions")
     hierarchy = {name: given.get(name, float(value)) for name, value in computed.items()}
-    extra = {name: value for name, value in given.items() if name not in computed}
+    calibration = evaluate_calibration(logits, coarse_logits, labels, coarse_labels, config)
+    extra = {name: value for name, value in given.items() if name not in computed and name not in calibration}
+    reliability: dict[str, dict[str, dict[str, np.ndarray]]] = {"fine": {}, "coarse": {}}
+    for state in ("uncalibrated", "calibrated"):
+        scores = hierarchical_scores(logits, coarse_logits, labels, coarse_labels, config, state == "calibrated")
+        reliability["fine"][state] = reliability_bins(scores.fine_confidence, scores.fine_correct, ECE_BINS)
+        reliability["coarse"][state] = reliability_bins(scores.coarse_confidence, scores.coarse_correct, ECE_BINS)
+    curve = selective_curve(
+        scores.fine_confidence, scores.fine_correct, scores.coarse_confidence, scores.coarse_correct, CURVE_THRESHOLDS
+    )
+    curve["thresholds"] = CURVE_THRESHOLDS
 
     fine_predictions, coarse_predictions = logits.argmax(1), coarse_logits.argmax(1)
     shifted = np.exp(logits - logits.max(1, keepdims=True))
@@ -146,6 +170,9 @@ def compute_report_data(
         superclass_coarse_accuracy=coarse_accuracy,
         confusion=confusion,
         confused_pairs=[pair for pair in pairs if pair[2] > 0],
+        calibration=calibration,
+        reliability=reliability,
+        curve=curve,
     )
 
 
@@ -206,10 +233,13 @@ def render_markdown(
         "superclass_confusion": "Superclass confusion matrix",
         "confused_pairs": "Most confused classes",
         "misclassified": "Misclassified images",
+        "reliability": "Reliability diagrams",
+        "risk_coverage": "Hierarchical risk-coverage",
     }
     lines += [f"- [{titles[key]}]({name})" for key, name in figures.items()]
     if "superclass_accuracy" in figures:
         lines += ["", f"![Accuracy per superclass]({figures['superclass_accuracy']})"]
+    lines += render_calibration_section(data.calibration, config, figures)
 
     lines += [
         "",
@@ -245,6 +275,71 @@ def render_markdown(
     else:
         lines.append("No fine-class mistakes.")
     return "\n".join(lines) + "\n"
+
+
+def render_calibration_section(
+    calibration: dict[str, float], config: HierarchicalEfficientNetV2Config, figures: dict[str, str]
+) -> list[str]:
+    """Markdown lines of the calibration and selective-prediction section."""
+    c = calibration
+    lines = [
+        "",
+        "## Calibration and selective prediction",
+        "",
+        f"Scores of the consistent distribution (what `predict_hierarchical` and the hierarchical pipeline return), "
+        f"with the temperatures of the model's config: fine {config.fine_temperature:.3f}, coarse "
+        f"{config.coarse_temperature:.3f} (1 = not calibrated). Expected calibration error with {ECE_BINS} bins.",
+        "",
+        "| level | ECE before | ECE after | NLL before | NLL after | Brier before | Brier after |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for level in ("fine", "coarse"):
+        cells = [
+            f"{_format(c[f'{level}_{name}_uncalibrated'])} | {_format(c[f'{level}_{name}'])}"
+            for name in ("ece", "nll", "brier")
+        ]
+        lines.append(f"| {level} | " + " | ".join(cells) + " |")
+    lines += [""]
+    threshold = config.selective_threshold
+    if threshold is None:
+        lines.append("The model stores no selective threshold (`selective_threshold`).")
+    else:
+        target = config.selective_target_accuracy
+        chosen = (
+            f", chosen for an accuracy of at least {target:g} on new data with confidence {config.selective_confidence:g}"
+            if target is not None
+            else ""
+        )
+        accuracy = _format(c["selective_accuracy"]) if "selective_accuracy" in c else "- (nothing answered)"
+        lines += [
+            f"Selective answers at `min_confidence` {threshold:g}{chosen}: the class when its probability reaches it, "
+            "else the superclass, else *unknown*.",
+            "",
+            "| answered with the class | answered with the superclass | unknown | accuracy of the answers |",
+            "| --- | --- | --- | --- |",
+            f"| {_format(c['selective_fine_coverage'])} | {_format(c['selective_coarse_coverage'])} | "
+            f"{_format(c['selective_abstention_rate'])} | {accuracy} |",
+        ]
+    lines += [
+        "",
+        f"Area under the hierarchical risk-coverage curve (error rate of the answers over the share answered, "
+        f"lower is better): {_format(c['selective_haurc'])}.",
+        "",
+        "Superclass accuracy, read four ways:",
+        "",
+        "| superclass from | accuracy |",
+        "| --- | --- |",
+        f"| the coarse head (argmax) | {_format(c['coarse_head_accuracy'])} |",
+        f"| the fine head's probabilities summed per superclass | {_format(c['coarse_summed_fine_accuracy'])} |",
+        f"| the consistent prediction (parent of the predicted class) | {_format(c['coarse_consistent_accuracy'])} |",
+        f"| the most probable superclass of the consistent distribution | {_format(c['coarse_combined_accuracy'])} |",
+        "",
+        f"Class accuracy of the consistent prediction: {_format(c['fine_consistent_accuracy'])}.",
+    ]
+    for key, title in (("reliability", "Reliability diagrams"), ("risk_coverage", "Hierarchical risk-coverage")):
+        if key in figures:
+            lines += ["", f"![{title}]({figures[key]})"]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,6 +481,90 @@ def plot_misclassified(
     return _save(figure, path)
 
 
+def plot_reliability(new_figure: Any, data: ReportData, config: HierarchicalEfficientNetV2Config, path: str) -> str:
+    """Reliability diagram per level: accuracy against confidence in 15 bins, before and after temperature scaling,
+    with the share of images per bin underneath."""
+    figure = new_figure(figsize=(10, 5.2))
+    grid = figure.add_gridspec(2, 2, height_ratios=(3, 1), hspace=0.08)
+    width = 1.0 / ECE_BINS
+    centres = (np.arange(ECE_BINS) + 0.5) * width
+    for column, level in enumerate(("fine", "coarse")):
+        axes = figure.add_subplot(grid[0, column])
+        shares = figure.add_subplot(grid[1, column], sharex=axes)
+        after, before = data.reliability[level]["calibrated"], data.reliability[level]["uncalibrated"]
+        axes.bar(centres, np.nan_to_num(after["accuracy"]), width * 0.9, color="tab:blue", alpha=0.8,
+                 label="accuracy, calibrated")  # fmt: skip
+        filled = before["counts"] > 0
+        axes.plot(before["confidence"][filled], before["accuracy"][filled], "o-", color="tab:gray", markersize=3,
+                  label="accuracy, uncalibrated")  # fmt: skip
+        axes.plot([0, 1], [0, 1], "--", color="black", linewidth=1, label="perfect calibration")
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.grid(alpha=0.3)
+        axes.tick_params(labelbottom=False)
+        c = data.calibration
+        axes.set_title(
+            f"{'class' if level == 'fine' else 'superclass'}: ECE {c[f'{level}_ece_uncalibrated']:.3f} -> "
+            f"{c[f'{level}_ece']:.3f} (head T = {getattr(config, f'{level}_temperature'):.2f})",
+            fontsize=10,
+        )
+        if column == 0:
+            axes.set_ylabel("accuracy")
+            axes.legend(loc="upper left", fontsize=8)
+        total = max(int(after["counts"].sum()), 1)
+        shares.bar(centres, after["counts"] / total, width * 0.9, color="tab:blue", alpha=0.8)
+        shares.set_xlabel("confidence (probability of the prediction)")
+        shares.grid(alpha=0.3)
+        if column == 0:
+            shares.set_ylabel("share of images")
+    figure.suptitle(f"Reliability (n = {int(data.metrics['num_samples'])}, {ECE_BINS} bins)", fontsize=11)
+    return _save(figure, path)
+
+
+def plot_risk_coverage(new_figure: Any, data: ReportData, config: HierarchicalEfficientNetV2Config, path: str) -> str:
+    """What the selective rule answers at each threshold: stacked shares of images answered with the class, with
+    the superclass, and not at all, and the accuracy of the answers; the stored threshold marked."""
+    curve, c = data.curve, data.calibration
+    thresholds, n = curve["thresholds"], curve["num_samples"].astype(np.float64)
+    figure = new_figure(figsize=(8, 4.6))
+    axes = figure.add_subplot()
+    fine, coarse = curve["fine"] / n, curve["coarse"] / n
+    axes.stackplot(
+        thresholds, fine, coarse, 1.0 - fine - coarse,
+        labels=("answered: class", "answered: superclass", "unknown"),
+        colors=("tab:blue", "tab:orange", "lightgray"), alpha=0.85,
+    )  # fmt: skip
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = curve["correct"] / curve["answered"]
+    accuracy[curve["answered"] < MIN_ANSWERS_PLOTTED] = np.nan  # a handful of answers gives a noisy rate
+    axes.plot(thresholds, accuracy, color="black", linewidth=2,
+              label=f"accuracy of the answers (>= {MIN_ANSWERS_PLOTTED})")  # fmt: skip
+    if config.selective_target_accuracy is not None:
+        axes.axhline(config.selective_target_accuracy, color="black", linestyle=":", linewidth=1,
+                     label=f"target accuracy {config.selective_target_accuracy:g}")  # fmt: skip
+    if config.selective_threshold is not None:
+        threshold = config.selective_threshold
+        axes.axvline(threshold, color="tab:red", linestyle="--", linewidth=1.5)
+        text = (
+            f"min_confidence {threshold:g} (red line)\nclass {c['selective_fine_coverage']:.0%}, "
+            f"superclass {c['selective_coarse_coverage']:.0%}, unknown {c['selective_abstention_rate']:.0%}"
+        )
+        if "selective_accuracy" in c:
+            text += f"\naccuracy {c['selective_accuracy']:.3f}"
+        axes.text(0.98, 0.97, text, transform=axes.transAxes, fontsize=8, color="tab:red", ha="right", va="top",
+                  bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "tab:red"})  # fmt: skip
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("confidence threshold (min_confidence)")
+    axes.set_ylabel("share of images / accuracy")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
+    axes.set_title(
+        f"Class, else superclass, else unknown (n = {int(n[0])}, hAURC {c['selective_haurc']:.3f})", fontsize=10
+    )
+    return _save(figure, path)
+
+
 def _images_at(images: Sequence[PIL.Image.Image] | Dataset, rows: list[int]) -> list[PIL.Image.Image]:
     """PIL images at `rows` of a sequence of images or of a `Dataset` with an `image` column (any format)."""
     if isinstance(images, Dataset):
@@ -453,6 +632,8 @@ def write_eval_report(
             new_figure, data, config, path["superclass_confusion"]
         )
         written["confused_pairs"] = plot_confused_pairs(new_figure, data, config, path["confused_pairs"])
+        written["reliability"] = plot_reliability(new_figure, data, config, path["reliability"])
+        written["risk_coverage"] = plot_risk_coverage(new_figure, data, config, path["risk_coverage"])
         if images is not None:
             grid = plot_misclassified(
                 new_figure, data, np.asarray(labels), np.asarray(coarse_labels), images, config, path["misclassified"]
@@ -508,7 +689,8 @@ def evaluate_saved_model(
         seed: the training seed, which decides a carved validation split.
         data_options: other `DataArguments` fields (column and split names, `train_val_split`, ...).
 
-    Returns the hierarchy metrics (`fine_accuracy`, `coarse_accuracy`, ...).
+    Returns the hierarchy metrics (`fine_accuracy`, `coarse_accuracy`, ...) and the calibration and selective ones
+    of the model's temperatures and threshold (`fine_ece`, `selective_accuracy`, ...).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -539,9 +721,9 @@ def evaluate_saved_model(
             outputs["labels"].append(batch["labels"].numpy())
             outputs["coarse_labels"].append(batch["coarse_labels"].numpy())
     arrays = {name: np.concatenate(parts) for name, parts in outputs.items()}
-    metrics = compute_hierarchy_metrics(
-        arrays["logits"], arrays["coarse_logits"], arrays["labels"], arrays["coarse_labels"], config.fine_to_coarse
-    )
+    predictions = (arrays["logits"], arrays["coarse_logits"], arrays["labels"], arrays["coarse_labels"])
+    metrics = compute_hierarchy_metrics(*predictions, config.fine_to_coarse)
+    metrics |= evaluate_calibration(*predictions, config)
     write_eval_report(
         model_dir if output_dir is None else output_dir,
         arrays["logits"],

@@ -97,6 +97,10 @@ class HierarchicalImageClassifierOutput(ModelOutput):
     coarse_logits: torch.FloatTensor | None = None
 
 
+ANSWER_LEVELS = ("fine", "coarse", "abstain")  # the values of `HierarchicalPrediction.answer_levels`
+UNKNOWN_LABEL = "unknown"  # the answer label of an abstention
+
+
 @dataclass
 class HierarchicalPrediction:
     """
@@ -109,6 +113,14 @@ class HierarchicalPrediction:
         coarse_scores (`torch.FloatTensor` of shape `(batch,)`): their probabilities.
         fine_labels (`list[str]`): class names.
         coarse_labels (`list[str]`): superclass names.
+        answer_levels (`list[str]`, *optional*): with a confidence threshold, the level answered for each image:
+            `"fine"`, `"coarse"` or `"abstain"`.
+        answer_ids (`torch.LongTensor` of shape `(batch,)`, *optional*): the class id (fine answers), the superclass
+            id (coarse answers) or -1 (abstentions).
+        answer_labels (`list[str]`, *optional*): the class or superclass name, or `"unknown"`.
+        answer_scores (`torch.FloatTensor` of shape `(batch,)`, *optional*): the probability of the answer (for an
+            abstention, that of the most probable superclass, which stayed below the threshold).
+        min_confidence (`float`, *optional*): the threshold the answers were selected with.
     """
 
     fine_ids: torch.Tensor
@@ -117,24 +129,77 @@ class HierarchicalPrediction:
     coarse_scores: torch.Tensor
     fine_labels: list[str]
     coarse_labels: list[str]
+    answer_levels: list[str] | None = None
+    answer_ids: torch.Tensor | None = None
+    answer_labels: list[str] | None = None
+    answer_scores: torch.Tensor | None = None
+    min_confidence: float | None = None
+
+
+def hierarchical_log_probabilities(
+    logits: torch.Tensor,
+    coarse_logits: torch.Tensor,
+    fine_to_coarse: torch.Tensor,
+    fine_temperature: float | torch.Tensor = 1.0,
+    coarse_temperature: float | torch.Tensor = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logarithms of [`hierarchical_probabilities`], computed without underflow (for likelihoods and fitting).
+
+    Each head's logits are divided by its temperature first. Returns `(log_fine (batch, num_labels),
+    log_coarse (batch, num_coarse_labels))`.
+    """
+    log_fine = F.log_softmax(logits.float() / fine_temperature, dim=-1)
+    log_coarse = F.log_softmax(coarse_logits.float() / coarse_temperature, dim=-1)
+    log_joint = log_fine + log_coarse[:, fine_to_coarse]  # (batch, num_labels)
+    log_joint = log_joint - log_joint.logsumexp(-1, keepdim=True)
+    # log of the summed joint probabilities of each superclass's classes: a log-sum-exp per superclass
+    index = fine_to_coarse.expand_as(log_joint)  # (batch, num_labels)
+    peak = torch.full_like(log_coarse, -torch.inf).scatter_reduce(1, index, log_joint, "amax").detach()
+    summed = torch.zeros_like(log_coarse).scatter_add(1, index, (log_joint - peak.gather(1, index)).exp())
+    return log_joint, summed.log() + peak
 
 
 def hierarchical_probabilities(
-    logits: torch.Tensor, coarse_logits: torch.Tensor, fine_to_coarse: torch.Tensor
+    logits: torch.Tensor,
+    coarse_logits: torch.Tensor,
+    fine_to_coarse: torch.Tensor,
+    fine_temperature: float | torch.Tensor = 1.0,
+    coarse_temperature: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine both heads into one consistent distribution.
 
     The joint score of fine class `f` is `p_fine(f) * p_coarse(parent(f))`, renormalised over the classes; the
     probability of a superclass is the sum of the joint scores of its classes. A class scores high only when both
     heads agree, and a prediction read from the joint scores is consistent with the hierarchy by construction.
+    `p_fine` and `p_coarse` are the softmax of each head's logits divided by its temperature (1: as trained).
     Returns `(fine_probs (batch, num_labels), coarse_probs (batch, num_coarse_labels))`.
     """
-    fine_probs = logits.float().softmax(-1)
-    coarse_probs = coarse_logits.float().softmax(-1)
-    joint = fine_probs * coarse_probs[:, fine_to_coarse]  # (batch, num_labels)
-    joint = joint / joint.sum(-1, keepdim=True).clamp_min(torch.finfo(joint.dtype).tiny)
-    combined_coarse = torch.zeros_like(coarse_probs).index_add_(1, fine_to_coarse, joint)
-    return joint, combined_coarse
+    log_fine, log_coarse = hierarchical_log_probabilities(
+        logits, coarse_logits, fine_to_coarse, fine_temperature, coarse_temperature
+    )
+    return log_fine.exp(), log_coarse.exp()
+
+
+def selective_answers(
+    fine_probs: torch.Tensor, coarse_probs: torch.Tensor, min_confidence: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hierarchical selective rule on consistent probabilities (from [`hierarchical_probabilities`]).
+
+    Answer the most probable class when its probability reaches `min_confidence`; else the most probable
+    superclass when its probability reaches it; else abstain. Returns `(levels, ids, scores)`, each `(batch,)`:
+    levels index `ANSWER_LEVELS` (0 fine, 1 coarse, 2 abstain), ids are class ids, superclass ids or -1, scores
+    the probability of the answer (of the most probable superclass for abstentions).
+    """
+    fine_scores, fine_ids = fine_probs.max(-1)
+    coarse_scores, coarse_ids = coarse_probs.max(-1)
+    answer_fine = fine_scores >= min_confidence
+    answer_coarse = ~answer_fine & (coarse_scores >= min_confidence)
+    levels = torch.full_like(fine_ids, 2)
+    levels[answer_coarse] = 1
+    levels[answer_fine] = 0
+    ids = torch.where(answer_fine, fine_ids, torch.where(answer_coarse, coarse_ids, -1))
+    scores = torch.where(answer_fine, fine_scores, coarse_scores)
+    return levels, ids, scores
 
 
 class HierarchicalEfficientNetV2PreTrainedModel(PreTrainedModel):
@@ -306,33 +371,70 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
         return HierarchicalImageClassifierOutput(loss=loss, logits=logits, coarse_logits=coarse_logits)
 
     @torch.no_grad()
-    def predict_hierarchical(self, pixel_values: torch.Tensor, consistent: bool = True) -> HierarchicalPrediction:
-        """Predict superclass and class for a batch of normalised images.
-
-        With `consistent=True` both predictions come from the combined distribution of
-        [`hierarchical_probabilities`] (`p_fine(f) * p_coarse(parent(f))`, renormalised): the predicted superclass
-        is the parent of the predicted class, the class score is its combined probability and the superclass
-        score the summed probability of its classes. With `consistent=False` each head is read on its own (softmax
-        and argmax), and the two predictions may disagree.
-        """
+    def predict_hierarchical(
+        self, pixel_values: torch.Tensor, consistent: bool = True, min_confidence: float | None = None
+    ) -> HierarchicalPrediction:
+        """Predict superclass and class for a batch of normalised images; see [`predict_from_logits`]."""
         outputs = self(pixel_values)
+        return self.predict_from_logits(outputs.logits, outputs.coarse_logits, consistent, min_confidence)
+
+    @torch.no_grad()
+    def predict_from_logits(
+        self,
+        logits: torch.Tensor,
+        coarse_logits: torch.Tensor,
+        consistent: bool = True,
+        min_confidence: float | None = None,
+    ) -> HierarchicalPrediction:
+        """Predictions from the two heads' logits (`(batch, num_labels)`, `(batch, num_coarse_labels)`).
+
+        Each head's logits are divided by its calibrated temperature (`config.fine_temperature`,
+        `config.coarse_temperature`; 1 when the model was not calibrated). With `consistent=True` both predictions
+        come from the combined distribution of [`hierarchical_probabilities`] (`p_fine(f) * p_coarse(parent(f))`,
+        renormalised): the predicted superclass is the parent of the predicted class, the class score is its
+        combined probability and the superclass score the summed probability of its classes. With
+        `consistent=False` each head is read on its own (softmax and argmax), and the two may disagree.
+
+        Selective answers: with `min_confidence` (or, when it is not given, `config.selective_threshold`), each
+        image also gets the class when its combined probability reaches the threshold, else the most probable
+        superclass when its summed probability reaches it, else `"unknown"` ([`selective_answers`]; they always
+        read the combined distribution).
+        """
+        config = self.config
+        if min_confidence is not None and not (
+            isinstance(min_confidence, int | float) and not isinstance(min_confidence, bool) and 0 < min_confidence <= 1
+        ):
+            raise ValueError(f"min_confidence must be a number in (0, 1], got {min_confidence!r}")
+        threshold = config.selective_threshold if min_confidence is None else float(min_confidence)
+        fine_to_coarse = self.fine_to_coarse.to(logits.device)
+        temperatures = (config.fine_temperature, config.coarse_temperature)
+        fine_probs, coarse_probs = hierarchical_probabilities(logits, coarse_logits, fine_to_coarse, *temperatures)
         if consistent:
-            fine_probs, _ = hierarchical_probabilities(outputs.logits, outputs.coarse_logits, self.fine_to_coarse)
             fine_scores, fine_ids = fine_probs.max(-1)
-            coarse_ids = self.fine_to_coarse[fine_ids]
-            coarse_mask = self.fine_to_coarse.unsqueeze(0) == coarse_ids.unsqueeze(1)  # (batch, num_labels)
-            coarse_scores = (fine_probs * coarse_mask).sum(-1)
+            coarse_ids = fine_to_coarse[fine_ids]
+            coarse_scores = coarse_probs.gather(1, coarse_ids.unsqueeze(1)).squeeze(1)
         else:
-            fine_scores, fine_ids = outputs.logits.float().softmax(-1).max(-1)
-            coarse_scores, coarse_ids = outputs.coarse_logits.float().softmax(-1).max(-1)
-        return HierarchicalPrediction(
+            fine_scores, fine_ids = (logits.float() / temperatures[0]).softmax(-1).max(-1)
+            coarse_scores, coarse_ids = (coarse_logits.float() / temperatures[1]).softmax(-1).max(-1)
+        prediction = HierarchicalPrediction(
             fine_ids=fine_ids,
             fine_scores=fine_scores,
             coarse_ids=coarse_ids,
             coarse_scores=coarse_scores,
-            fine_labels=[self.config.id2label[int(i)] for i in fine_ids],
-            coarse_labels=[self.config.coarse_label_names[int(i)] for i in coarse_ids],
+            fine_labels=[config.id2label[int(i)] for i in fine_ids],
+            coarse_labels=[config.coarse_label_names[int(i)] for i in coarse_ids],
         )
+        if threshold is not None:
+            levels, ids, scores = selective_answers(fine_probs, coarse_probs, threshold)
+            names = (config.id2label, config.coarse_label_names)
+            prediction.answer_levels = [ANSWER_LEVELS[level] for level in levels.tolist()]
+            prediction.answer_ids, prediction.answer_scores = ids, scores
+            prediction.answer_labels = [
+                UNKNOWN_LABEL if level == 2 else names[level][answer]
+                for level, answer in zip(levels.tolist(), ids.tolist(), strict=True)
+            ]
+            prediction.min_confidence = threshold
+        return prediction
 
 
 def build_image_processor(config: HierarchicalEfficientNetV2Config) -> ViTImageProcessor:
@@ -350,6 +452,13 @@ def build_image_processor(config: HierarchicalEfficientNetV2Config) -> ViTImageP
     )
 
 
+# The hierarchical pipeline: importing it registers the task, and this relative import makes `save_pretrained` copy
+# its file beside the model (config.json names it in `custom_pipelines`).
+try:
+    from .pipeline_hierarchical import HierarchicalImageClassificationPipeline  # noqa: E402, F401
+except ImportError:
+    from pipeline_hierarchical import HierarchicalImageClassificationPipeline  # noqa: E402, F401
+
 HierarchicalEfficientNetV2Config.register_for_auto_class()
 HierarchicalEfficientNetV2ForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 AutoConfig.register(HierarchicalEfficientNetV2Config.model_type, HierarchicalEfficientNetV2Config, exist_ok=True)
@@ -358,11 +467,15 @@ AutoModelForImageClassification.register(
 )
 
 __all__ = [
+    "ANSWER_LEVELS",
     "build_image_processor",
     "HierarchicalEfficientNetV2ForImageClassification",
     "HierarchicalEfficientNetV2PreTrainedModel",
     "HierarchicalImageClassifierOutput",
     "HierarchicalPrediction",
+    "hierarchical_log_probabilities",
     "hierarchical_probabilities",
     "load_backbone_state_dict",
+    "selective_answers",
+    "UNKNOWN_LABEL",
 ]

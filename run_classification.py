@@ -48,6 +48,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, 
 from transformers.utils.import_utils import is_in_notebook
 
 import model_card
+from calibration import CalibrationArguments, calibrate_and_select, evaluate_calibration, subset_prediction
 from configuration_hierarchical import NUM_BACKBONE_STAGES, HierarchicalEfficientNetV2Config
 from data_utils import DataArguments, EpochCallback, HierarchicalCollator, apply_transforms, prepare_datasets
 from eval_report import write_prediction_report
@@ -64,8 +65,9 @@ EMA_FILE = "ema.safetensors"
 
 
 @dataclass
-class ModelArguments:
-    """Where the model comes from: a saved model / Hub id, or a fresh model built from these options."""
+class ModelArguments(CalibrationArguments):
+    """Where the model comes from: a saved model / Hub id, or a fresh model built from these options; and how it is
+    calibrated after evaluation ([`CalibrationArguments`]: temperatures and selective threshold, saved with it)."""
 
     model_name_or_path: str | None = field(
         default=None,
@@ -97,6 +99,7 @@ class ModelArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token for private models."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.backbone_weights.lower() == "none":
             self.backbone_weights = None
 
@@ -737,15 +740,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # predict, not evaluate: the same eval_* metrics plus the logits the report needs
         prediction = trainer.predict(splits["validation"], metric_key_prefix="eval")
         eval_metrics = prediction.metrics
+        report = (prediction, splits["validation"], "validation")
+        if model_args.calibrate:  # temperatures and selective threshold, stored in the saved config
+            calibration = calibrate_and_select(config, prediction, model_args, training_args.seed)
+            eval_metrics.update(calibration.metrics)
+            if calibration.heldout_rows is not None:  # the report measures the images not used to calibrate
+                rows = calibration.heldout_rows
+                report = (
+                    subset_prediction(prediction, rows),
+                    splits["validation"].select(rows),
+                    "validation, held out",
+                )
+            if trainer.is_world_process_zero():
+                config.save_pretrained(training_args.output_dir)
         trainer.log(eval_metrics)  # as trainer.evaluate does: log history, integrations, "epoch"
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
         if trainer.is_world_process_zero():
-            write_prediction_report(training_args.output_dir, prediction, config, splits["validation"], "validation")
+            write_prediction_report(training_args.output_dir, report[0], config, report[1], report[2])
     if training_args.do_predict:
         prediction = trainer.predict(splits["test"], metric_key_prefix="test")
         test_metrics = prediction.metrics
+        logits, labels = prediction.predictions, prediction.label_ids
+        test_metrics.update(
+            {f"test_{name}": value for name, value in evaluate_calibration(*logits, *labels, config).items()}
+        )
         trainer.log_metrics("test", test_metrics)
         trainer.save_metrics("test", test_metrics)
         metrics.update(test_metrics)

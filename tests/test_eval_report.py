@@ -24,7 +24,10 @@ HIERARCHY_METRICS = {
     "fine_accuracy", "fine_top5_accuracy", "coarse_accuracy", "coarse_from_fine_accuracy",
     "consistency", "both_correct", "mistake_severity", "num_samples",
 }  # fmt: skip
-FIGURES = ("superclass_accuracy.png", "superclass_confusion.png", "confused_pairs.png", "misclassified.png")
+FIGURES = (
+    "superclass_accuracy.png", "superclass_confusion.png", "confused_pairs.png", "misclassified.png",
+    "reliability.png", "risk_coverage.png",
+)  # fmt: skip
 
 
 def small_config() -> HierarchicalEfficientNetV2Config:
@@ -68,7 +71,10 @@ def assert_report_matches(text: str, expected: dict[str, float]) -> None:
 
 def test_report_files_exist(tmp_path, predictions, images):
     written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), images=images)
-    assert set(written) == {"report", "superclass_accuracy", "superclass_confusion", "confused_pairs", "misclassified"}
+    assert set(written) == {
+        "report", "superclass_accuracy", "superclass_confusion", "confused_pairs", "misclassified",
+        "reliability", "risk_coverage",
+    }  # fmt: skip
     assert {Path(path).name for path in written.values()} == {"eval_report.md", *FIGURES}
     assert all(Path(path).is_file() and Path(path).parent == tmp_path for path in written.values())
     text = (tmp_path / "eval_report.md").read_text()

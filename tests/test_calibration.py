@@ -1,0 +1,327 @@
+"""Tests of calibration and selective prediction: metrics, temperature scaling, the threshold's guarantee, and the
+training script's calibration step."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers.trainer_utils import PredictionOutput
+
+from calibration import (
+    CalibrationArguments,
+    accuracy_lower_bound,
+    binomial_cdf,
+    calibrate_and_select,
+    choose_selective_threshold,
+    evaluate_calibration,
+    fit_temperatures,
+    hierarchical_nll,
+    hierarchical_scores,
+    split_rows,
+)
+from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from conftest import tiny_args
+from hierarchy_metrics import (
+    brier_score,
+    expected_calibration_error,
+    hierarchical_risk_coverage,
+    negative_log_likelihood,
+    reliability_bins,
+    selective_curve,
+    selective_scores,
+)
+from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
+from run_classification import main, parse_args
+
+
+def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
+    return HierarchicalEfficientNetV2Config(**{"backbone_weights": None, "image_size": 32, **kwargs})
+
+
+def overconfident_predictions(
+    config: HierarchicalEfficientNetV2Config, n: int, sharpen: float = 3.0, seed: int = 0, scale: float = 2.5
+) -> dict[str, np.ndarray]:
+    """Labels drawn from known probabilities; the model's logits are the true ones times `sharpen` (> 1:
+    over-confident), the coarse head the true superclass log-probabilities times `sharpen` plus noise."""
+    rng = np.random.default_rng(seed)
+    fine_to_coarse = np.asarray(config.fine_to_coarse)
+    true_logits = rng.normal(size=(n, config.num_labels)) * scale
+    probs = torch.tensor(true_logits).softmax(-1).numpy()
+    labels = (probs.cumsum(1) > rng.random((n, 1))).argmax(1)
+    coarse_probs = np.stack([probs[:, fine_to_coarse == c].sum(1) for c in range(config.num_coarse_labels)], 1)
+    return {
+        "logits": true_logits * sharpen,
+        "coarse_logits": np.log(coarse_probs) * sharpen + rng.normal(size=coarse_probs.shape),
+        "labels": labels,
+        "coarse_labels": fine_to_coarse[labels],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_expected_calibration_error_on_a_hand_made_example():
+    confidences = np.array([0.9, 0.9, 0.6, 0.6])
+    correct = np.array([1, 0, 1, 1])
+    # 15 bins: 0.9 falls in bin 13 (accuracy 0.5, gap 0.4), 0.6 in bin 8 (accuracy 1.0, gap 0.4), half the images each
+    assert expected_calibration_error(confidences, correct) == pytest.approx(0.4)
+    bins = reliability_bins(confidences, correct)
+    assert bins["counts"].tolist() == [0] * 8 + [2] + [0] * 4 + [2, 0]
+    assert bins["accuracy"][13] == 0.5 and bins["confidence"][8] == pytest.approx(0.6)
+    assert expected_calibration_error(np.array([0.75, 0.75, 0.75, 0.75]), np.array([1, 1, 1, 0])) == 0.0
+    with pytest.raises(ValueError, match=r"confidences must lie in \[0, 1\]"):
+        expected_calibration_error(np.array([1.5]), np.array([1]))
+
+
+def test_nll_and_brier_on_a_hand_made_example():
+    probs = np.array([[0.5, 0.5, 0.0], [0.1, 0.8, 0.1]])
+    labels = np.array([0, 1])
+    with np.errstate(divide="ignore"):  # log(0) = -inf, never read
+        log_probs = np.log(probs)
+    assert negative_log_likelihood(log_probs, labels) == pytest.approx(-(math.log(0.5) + math.log(0.8)) / 2)
+    # (0.25 + 0.25) and (0.01 + 0.04 + 0.01)
+    assert brier_score(probs, labels) == pytest.approx((0.5 + 0.06) / 2)
+
+
+def test_hierarchical_risk_coverage_on_a_hand_made_example():
+    fine_confidence, fine_correct = np.array([0.9, 0.5, 0.2]), np.array([1, 0, 0])
+    coarse_confidence, coarse_correct = np.array([0.95, 0.8, 0.3]), np.array([1, 1, 0])
+    curve = hierarchical_risk_coverage(fine_confidence, fine_correct, coarse_confidence, coarse_correct)
+    assert curve["thresholds"].tolist() == [0.95, 0.9, 0.8, 0.5, 0.3, 0.2]
+    np.testing.assert_allclose(curve["coverage"], [1 / 3, 1 / 3, 2 / 3, 2 / 3, 1, 1])
+    np.testing.assert_allclose(curve["fine_share"], [0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(curve["risk"], [0, 0, 0, 0.5, 2 / 3, 2 / 3])
+    assert curve["haurc"] == pytest.approx(2 / 9)  # only the last third is answered with errors (2 of 3)
+    at = selective_scores(fine_confidence, fine_correct, coarse_confidence, coarse_correct, 0.8)
+    assert at == pytest.approx(
+        {
+            "selective_fine_coverage": 1 / 3,
+            "selective_coarse_coverage": 1 / 3,
+            "selective_abstention_rate": 1 / 3,
+            "selective_accuracy": 1.0,
+        }
+    )
+    nothing = selective_scores(fine_confidence, fine_correct, coarse_confidence, coarse_correct, 0.99)
+    assert nothing["selective_abstention_rate"] == 1.0 and "selective_accuracy" not in nothing
+
+
+def test_binomial_tail_and_accuracy_bound_are_exact():
+    for k, n, p in ((0, 5, 0.1), (3, 30, 0.1), (10, 100, 0.2), (60, 60, 0.5), (7, 40, 0.05)):
+        direct = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+        assert binomial_cdf(np.array([k]), np.array([n]), p)[0] == pytest.approx(direct, rel=1e-9)
+    # all answers right: the Clopper-Pearson lower bound solves accuracy**n = 1 - confidence
+    assert accuracy_lower_bound(22, 22, 0.9) == pytest.approx(0.1 ** (1 / 22), abs=1e-9)
+    assert accuracy_lower_bound(0, 0, 0.9) == 0.0 and accuracy_lower_bound(0, 10, 0.9) == 0.0
+    assert accuracy_lower_bound(90, 100, 0.9) < 0.9 < accuracy_lower_bound(900, 1000, 0.5) + 0.01
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Temperature scaling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_temperatures_reduce_the_likelihood_loss_of_an_overconfident_model():
+    config = small_config()
+    data = overconfident_predictions(config, n=600, sharpen=3.0)
+    tensors = [torch.as_tensor(data[name]) for name in ("logits", "coarse_logits", "labels", "coarse_labels")]
+    fine_to_coarse = config.fine_to_coarse_tensor()
+    before = [float(v) for v in hierarchical_nll(*[t.float() if t.is_floating_point() else t for t in tensors],
+                                                 fine_to_coarse)]  # fmt: skip
+    fine_t, coarse_t = fit_temperatures(**data, config=config)
+    assert fine_t > 1.5 and coarse_t > 1.5  # over-confident heads get flattened
+    after = [
+        float(v)
+        for v in hierarchical_nll(
+            *[t.float() if t.is_floating_point() else t for t in tensors], fine_to_coarse, fine_t, coarse_t
+        )
+    ]
+    assert after[0] < before[0] - 1.0 and after[1] < before[1] - 1.0
+
+    uncalibrated = evaluate_calibration(**data, config=config)
+    config.fine_temperature, config.coarse_temperature = fine_t, coarse_t
+    calibrated = evaluate_calibration(**data, config=config)
+    for level in ("fine", "coarse"):
+        assert calibrated[f"{level}_ece"] < 0.1 < 0.3 < uncalibrated[f"{level}_ece"]
+        assert calibrated[f"{level}_ece_uncalibrated"] == uncalibrated[f"{level}_ece"]
+        assert calibrated[f"{level}_brier"] < uncalibrated[f"{level}_brier"]
+        assert calibrated[f"{level}_nll"] == pytest.approx(after[0 if level == "fine" else 1], rel=1e-5)
+    # temperatures never change a head's own argmax
+    assert calibrated["coarse_head_accuracy"] == uncalibrated["coarse_head_accuracy"]
+
+
+def test_temperatures_of_a_calibrated_model_stay_near_one():
+    config = small_config()
+    data = overconfident_predictions(config, n=800, sharpen=1.0)
+    data["coarse_logits"] = np.full_like(data["coarse_logits"], 0.0)  # an uninformative coarse head: no double count
+    fine_t, _ = fit_temperatures(**data, config=config)
+    assert fine_t == pytest.approx(1.0, abs=0.12)
+
+
+def test_bad_predictions_are_rejected():
+    config = small_config()
+    data = overconfident_predictions(config, n=20)
+    with pytest.raises(ValueError, match="logits hold 20 NaN"):
+        fit_temperatures(**(data | {"logits": np.where(np.eye(20, 100) == 1, np.nan, data["logits"])}), config=config)
+    with pytest.raises(ValueError, match=r"coarse_logits must have shape \(20, 20\)"):
+        evaluate_calibration(**(data | {"coarse_logits": data["coarse_logits"][:, :5]}), config=config)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 100\)"):
+        evaluate_calibration(**(data | {"labels": data["labels"] + 100}), config=config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The threshold and its guarantee
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def simulate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Images with known chances of being right: the class confidence `p`, right with probability `p**1.5`
+    (over-confident scores); the superclass confidence `q >= p`, right whenever the class is, else with probability
+    `(q - p) / (1 - p)`."""
+    p = rng.beta(2.0, 1.2, n)
+    q = p + (1 - p) * rng.beta(1.5, 1.5, n)
+    fine_correct = rng.random(n) < p**1.5
+    coarse_correct = fine_correct | (rng.random(n) < (q - p) / (1 - p))
+    return p, fine_correct, q, coarse_correct
+
+
+def test_chosen_threshold_meets_the_target_with_the_stated_confidence():
+    target, confidence, draws = 0.85, 0.9, 200
+    rng = np.random.default_rng(0)
+    grid = np.arange(1000, 0, -1) / 1000
+    population = selective_curve(*simulate(200_000, rng), grid)  # true accuracies, to within about 0.002
+    with np.errstate(invalid="ignore"):
+        true_accuracy = dict(zip(grid, population["correct"] / population["answered"], strict=True))
+    coverage = dict(zip(grid, population["answered"] / population["num_samples"], strict=True))
+
+    chosen, naive = [], []
+    for _ in range(draws):
+        calibration = simulate(500, rng)
+        result = choose_selective_threshold(*calibration, target_accuracy=target, confidence=confidence)
+        if result.threshold is not None:  # else nothing is certified: the model answers nothing, wrongly or not
+            assert result.accuracy_lower_bound >= target
+            chosen.append(result.threshold)
+        # the plug-in alternative: the lowest threshold whose calibration accuracy reaches the target
+        counts = selective_curve(*calibration, grid)
+        reached = counts["correct"] >= target * counts["answered"]
+        naive.append(grid[np.flatnonzero(reached & (counts["answered"] > 0))[-1]])
+    assert len(chosen) >= 0.9 * draws, "a threshold should be found in almost every draw"
+    met = (np.sum([true_accuracy[t] >= target for t in chosen]) + draws - len(chosen)) / draws
+    assert met >= confidence, f"target met in only {met:.0%} of {draws} draws"
+    assert np.mean([coverage[t] for t in chosen]) > 0.3, "the guarantee should not come from answering little"
+    # a method without the finite-sample bound misses the target far more often: the test can fail
+    assert np.mean([true_accuracy[t] >= target for t in naive]) < confidence
+
+
+def test_unreachable_target_gives_no_threshold():
+    rng = np.random.default_rng(1)
+    p, fine_correct, q, coarse_correct = simulate(300, rng)
+    result = choose_selective_threshold(p, fine_correct, q, coarse_correct, target_accuracy=0.999, confidence=0.9)
+    assert result.threshold is None and result.answered == 0
+    with pytest.raises(ValueError, match="target_accuracy must be in"):
+        choose_selective_threshold(p, fine_correct, q, coarse_correct, target_accuracy=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# After training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_calibrate_and_select_stores_the_results_and_measures_the_held_out_part(caplog):
+    config = small_config()
+    data = overconfident_predictions(config, n=1200, sharpen=2.0, seed=3, scale=4.0)
+    prediction = PredictionOutput(
+        predictions=(data["logits"], data["coarse_logits"]),
+        label_ids=(data["labels"], data["coarse_labels"]),
+        metrics={},
+    )
+    args = CalibrationArguments(selective_target_accuracy=0.6, selective_confidence=0.9, calibration_split_fraction=0.5)
+    result = calibrate_and_select(config, prediction, args, seed=0)
+    assert len(result.calibration_rows) == len(result.heldout_rows) == 600
+    assert not set(result.calibration_rows) & set(result.heldout_rows)
+    assert config.fine_temperature > 1.2 and config.selective_threshold == result.threshold.threshold
+    assert (config.selective_target_accuracy, config.selective_confidence) == (0.6, 0.9)
+    metrics = result.metrics
+    assert metrics["eval_calibration_samples"] == 600 and metrics["eval_heldout_samples"] == 600
+    assert metrics["eval_selective_accuracy"] >= metrics["eval_selective_accuracy_lower_bound"] >= 0.6
+    held = {name: data[name][result.heldout_rows] for name in data}
+    expected = evaluate_calibration(**held, config=config)
+    assert metrics["eval_heldout_selective_accuracy"] == expected["selective_accuracy"]
+    assert metrics["eval_heldout_fine_ece"] < metrics["eval_heldout_fine_ece_uncalibrated"]
+    assert 0 < metrics["eval_heldout_selective_fine_coverage"] + metrics["eval_heldout_selective_coarse_coverage"] < 1
+
+    # without a target, a threshold chosen for other temperatures is dropped
+    result = calibrate_and_select(config, prediction, CalibrationArguments(selective_target_accuracy=0), seed=0)
+    assert config.selective_threshold is None and result.threshold is None and result.heldout_rows is None
+    assert "eval_selective_accuracy" not in result.metrics
+
+
+def test_scores_read_the_configs_temperatures():
+    config = small_config(fine_temperature=2.0, coarse_temperature=0.5)
+    data = overconfident_predictions(config, n=50)
+    calibrated, raw = hierarchical_scores(**data, config=config), hierarchical_scores(**data, config=config,
+                                                                                     calibrated=False)  # fmt: skip
+    assert not np.allclose(calibrated.fine_confidence, raw.fine_confidence)
+    assert np.all(calibrated.coarse_confidence >= calibrated.fine_confidence - 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"selective_target_accuracy": float("nan")}, "--selective_target_accuracy must be in"),
+        ({"selective_target_accuracy": 1.0}, "--selective_target_accuracy must be in"),
+        ({"selective_confidence": 0.0}, "--selective_confidence must be in"),
+        ({"selective_confidence": float("nan")}, "--selective_confidence must be in"),
+        ({"calibration_split_fraction": 0.0}, "--calibration_split_fraction must be in"),
+        ({"calibration_split_fraction": float("nan")}, "--calibration_split_fraction must be in"),
+    ],
+)
+def test_calibration_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CalibrationArguments(**kwargs)
+
+
+def test_calibration_options_parse_with_the_training_script():
+    model_args, _, _ = parse_args(["--output_dir", "x", "--selective_target_accuracy", "0.8",
+                                   "--calibration_split_fraction", "0.5"])  # fmt: skip
+    assert model_args.selective_target_accuracy == 0.8 and model_args.calibration_split_fraction == 0.5
+    assert parse_args(["--output_dir", "x", "--selective_target_accuracy", "0"])[0].selective_target_accuracy is None
+    with pytest.raises(ValueError, match="--selective_confidence must be in"):
+        parse_args(["--output_dir", "x", "--selective_confidence", "nan"])
+    with pytest.raises(ValueError, match="leaves an empty part"):
+        split_rows(10, 0.01, seed=0)
+
+
+@pytest.mark.slow
+def test_evaluation_run_calibrates_a_saved_model(tiny_parquet_dir, tmp_path):
+    torch.manual_seed(0)
+    model = HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
+    with torch.no_grad():  # confident random heads: over-confident, so the fitted temperatures move away from 1
+        model.fine_classifier.weight.mul_(1e4)
+        model.coarse_classifier.weight.mul_(1e4)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    build_image_processor(model.config).save_pretrained(model_dir)
+    output_dir = tmp_path / "eval"
+    metrics = main(
+        tiny_args(tiny_parquet_dir, output_dir, "--model_name_or_path", str(model_dir), "--do_eval", "--do_predict",
+                  "--calibration_split_fraction", "0.5")
+    )  # fmt: skip
+    saved = json.loads((output_dir / "config.json").read_text())
+    assert saved["fine_temperature"] == pytest.approx(metrics["eval_fine_temperature"])
+    assert saved["fine_temperature"] > 1.0 and saved["coarse_temperature"] > 1.0
+    assert saved["selective_threshold"] is None  # 10 calibration images cannot certify 90% accuracy
+    results = json.loads(Path(output_dir, "eval_results.json").read_text())
+    assert results["eval_calibration_samples"] == results["eval_heldout_samples"] == 10
+    assert {"eval_fine_ece", "eval_heldout_coarse_ece_uncalibrated", "eval_selective_haurc"} <= set(results)
+    tests = json.loads(Path(output_dir, "test_results.json").read_text())
+    assert {"test_fine_ece", "test_coarse_brier", "test_coarse_summed_fine_accuracy"} <= set(tests)
+    assert tests["test_fine_temperature"] == pytest.approx(saved["fine_temperature"])
+    reloaded = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(output_dir)
+    assert reloaded.config.fine_temperature == pytest.approx(saved["fine_temperature"])
