@@ -1435,11 +1435,12 @@ class HierarchicalCollator:
                 target_lam = 1.0 - (bottom - top) * (right - left) / (height * width)  # the share actually kept
             else:
                 pixel_lam = target_lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
-        weights = torch.tensor([pixel_lam, 1.0 - pixel_lam, target_lam, 1.0 - target_lam], dtype=torch.float32)
         return {
             "mix_index": index,
             "mix_box": torch.tensor(box, dtype=torch.long).expand(batch_size, 4).contiguous(),
-            "mix_weights": weights.expand(batch_size, 4).contiguous(),
+            "mix_weights": torch.tensor([pixel_lam, target_lam], dtype=torch.float32)
+            .expand(batch_size, 2)
+            .contiguous(),
         }
 
 

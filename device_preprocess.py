@@ -42,8 +42,8 @@ class DevicePreprocessor(torch.nn.Module):
       `jitter_factors` `(batch, 3)` float and `jitter_order` `(batch, 3)` int, brightness, contrast and saturation
       factors and their order; `erase_box` `(batch, 4)` int, the (top, left, bottom, right) rectangle erased at the
       model size (empty: none); `mix_index` `(batch,)` int, the partner of each image, `mix_box` `(batch, 4)` int,
-      the CutMix rectangle taken from the partner, and `mix_weights` `(batch, 4)` float, the weights of the image
-      and of its partner for the pixels outside the rectangle and for the targets.
+      the CutMix rectangle taken from the partner, and `mix_weights` `(batch, 2)` float, the weight of the image
+      (against its partner's) for the pixels outside the rectangle and for the targets.
 
     Returns the batch with `pixel_values` as normalised float32 `(batch, 3, S, S)`, without `augmentation`, and with
     soft `(batch, num_labels)` and `(batch, num_coarse_labels)` targets when it was mixed.
@@ -144,11 +144,11 @@ class DevicePreprocessor(torch.nn.Module):
         """MixUp/CutMix with the drawn partners, rectangles and weights; returns pixels, fine and coarse targets."""
         index, weights = augmentation["mix_index"], augmentation["mix_weights"].float()
         partner = pixels[index]
-        blended = pixels * weights[:, 0].view(-1, 1, 1, 1) + partner * weights[:, 1].view(-1, 1, 1, 1)
+        blended = torch.lerp(partner, pixels, weights[:, 0].view(-1, 1, 1, 1))  # exactly `pixels` at weight 1
         pixels = torch.where(box_mask(augmentation["mix_box"], pixels.shape[-2:]), partner, blended)
         targets = torch.zeros(len(labels), self.num_labels, device=labels.device)
         targets.scatter_(1, labels.view(-1, 1), 1.0)  # one-hot (batch, num_labels), without reading labels back
-        targets = targets * weights[:, 2:3] + targets[index] * weights[:, 3:4]
+        targets = targets * weights[:, 1:2] + targets[index] * (1.0 - weights[:, 1:2])
         return pixels, targets, targets @ self.hierarchy  # coarse: (batch, num_coarse_labels)
 
 
