@@ -476,7 +476,10 @@ class HierarchicalTrainer(Trainer):
     def train(self, *args, **kwargs):
         """Train. With `--logging_nan_inf_filter` (the default), non-finite losses are kept out of the logged loss
         on the device, in `training_step`, instead of by the Trainer's own filter, which reads every loss on the host
-        and so makes it wait for the device at each step. The option reads as given everywhere else."""
+        and so makes it wait for the device at each step. The option reads as given everywhere else. (Versions of
+        the Trainer that keep the running loss in a local variable keep their own filter.)"""
+        if "_tr_loss" not in Trainer._inner_training_loop.__code__.co_names:
+            return super().train(*args, **kwargs)
         self._filter_loss_on_device, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
         try:
             return super().train(*args, **kwargs)

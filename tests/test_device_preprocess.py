@@ -4,6 +4,7 @@ per-image transforms, and a training step that never reads a value back from the
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -12,9 +13,11 @@ import pytest
 import torch
 from accelerate.utils import send_to_device
 from torchvision.transforms import v2
+from transformers import Trainer, TrainerCallback
 
+import run_classification
 from configuration_hierarchical import CIFAR100_FINE_TO_COARSE, HierarchicalEfficientNetV2Config
-from conftest import encode_image, make_image_array
+from conftest import encode_image, make_image_array, tiny_args
 from data_utils import (
     DataArguments,
     HierarchicalCollator,
@@ -242,3 +245,73 @@ def test_forward_still_checks_label_range_on_the_cpu():
     model = HierarchicalEfficientNetV2ForImageClassification(make_config(32)).eval()
     with pytest.raises(ValueError, match=r"labels must be in \[0, 100\), got values from 0 to 250"):
         model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 250]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trainer_keeps_non_finite_losses_out_of_the_logs_on_the_device(tiny_parquet_dir, tmp_path, monkeypatch):
+    """The Trainer's own filter reads every loss on the host; the HierarchicalTrainer filters on the device, and
+    the option reads as given wherever else it is used (evaluation, saved options)."""
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            seen.append(("non_blocking", train_dataloader._non_blocking))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(("step", args.logging_nan_inf_filter))
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            seen.append(("evaluate", args.logging_nan_inf_filter))
+
+    class RecordingTrainer(run_classification.HierarchicalTrainer):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[*(callbacks or []), Record()], **kwargs)
+
+    training_step, save = Trainer.training_step, Trainer._save
+
+    def nan_at_step_three(self, model, inputs, num_items_in_batch=None):
+        loss = training_step(self, model, inputs, num_items_in_batch)
+        return loss * float("nan") if self.state.global_step == 2 else loss
+
+    def recording_save(self, *args, **kwargs):
+        seen.append(("save", self.args.logging_nan_inf_filter))
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", nan_at_step_three)
+    monkeypatch.setattr(Trainer, "_save", recording_save)
+    monkeypatch.setattr(run_classification, "HierarchicalTrainer", RecordingTrainer)
+    output_dir = tmp_path / "out"
+    extra = ["--do_train", "--do_eval", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps"]
+    run_classification.main(tiny_args(tiny_parquet_dir, output_dir, *extra, "--save_steps", "2"))
+
+    losses = [
+        entry["loss"]
+        for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+        if "loss" in entry
+    ]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    assert losses[2] == 0.0  # the mean of the losses since the last log (none: it logs every step), as the Trainer's
+    assert seen[0] == ("non_blocking", True)
+    assert {value for kind, value in seen if kind == "step"} == {False}  # the Trainer's host-side check is off
+    assert {value for kind, value in seen if kind in ("evaluate", "save")} == {True}
+    assert {kind for kind, _ in seen} == {"non_blocking", "step", "evaluate", "save"}
+
+
+def test_torch_compile_traces_the_whole_training_forward_as_one_graph():
+    """A graph break in the forward makes dynamo give up on it and compile each block on its own, recompiling for
+    every stochastic-depth rate until its limit, after which the blocks run eagerly."""
+    from torch._dynamo.utils import counters
+
+    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32, num_frozen_stages=0)
+    model = HierarchicalEfficientNetV2ForImageClassification(config).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    compiled(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([1, 2])).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["stats"])
+    torch._dynamo.reset()
