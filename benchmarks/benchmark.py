@@ -16,7 +16,10 @@ Measured side by side in one run, on the current machine:
    main process with one thread, as in one worker), at 32 px, 224 px and the model's image size;
 4. inference on the same PIL images: by hand in batches (image processor, then an eval-mode forward under no_grad;
    also the forward alone), and `pipeline("image-classification", batch_size=B)`;
-5. peak resident memory and start-up time (process start to the end of the first optimizer step) of 1 and 2.
+5. peak resident memory and start-up time (process start to the end of the first optimizer step) of 1 and 2;
+6. the data path of `recipes/gpu_imagenet_384px.json` at 224 and 384 px: bytes per sample crossing the DataLoader
+   and a worker's CPU time per 1,000 samples, before and after preprocessing moved to the device (which takes
+   `DevicePreprocessor`'s time, measured apart); `--data_path_only` measures only this.
 
 Every measurement runs `--repeats` times, alternating, and the fastest run counts. A table goes to stdout, then one
 JSON line with the ratios, the figures behind them and the settings. The targets in the table are for a quiet
