@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 import torch
 from transformers import PretrainedConfig
@@ -175,12 +174,12 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         super().__init__(**kwargs)
         self.validate_hierarchy()
 
-    def __getattribute__(self, key: str) -> Any:
-        # The base class sends every attribute read through `attribute_map` aliases and per-layer (heterogeneous)
-        # checks; this config has neither (the class defines no aliases, `__init__` refuses `per_layer_config`).
-        # Plain lookups halve the image-classification pipeline's post-processing, which reads `config.id2label`
-        # once per class and image.
-        return object.__getattribute__(self, key)
+    # The base class sends every attribute read through `attribute_map` aliases and per-layer (heterogeneous)
+    # checks; this config has neither (the class defines no aliases, `__init__` refuses `per_layer_config`).
+    # Plain lookups halve the image-classification pipeline's post-processing, which reads `config.id2label`
+    # once per class and image. Python's own lookup itself (not a method calling it), so that `torch.compile`
+    # traces `self.config.x` in the forward instead of giving up on the whole forward.
+    __getattribute__ = object.__getattribute__
 
     @property
     def num_coarse_labels(self) -> int:

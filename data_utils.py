@@ -39,6 +39,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from device_preprocess import JITTER_ORDERS, DevicePreprocessor
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
@@ -914,10 +915,6 @@ class RandomCropWithPadding(torch.nn.Module):
         return shifted
 
 
-JITTER_ORDERS = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
-GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's "L" mode and torchvision's rgb_to_grayscale
-
-
 def uniform_draws(seeds: list[int], count: int) -> torch.Tensor:
     """`(len(seeds), count)` float64 uniforms in [0, 1), a pure function of each seed (a splitmix64 counter)."""
     state = np.asarray(seeds, dtype=np.uint64)[:, None] + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(
@@ -929,14 +926,96 @@ def uniform_draws(seeds: list[int], count: int) -> torch.Tensor:
     return torch.from_numpy((state >> np.uint64(11)).astype(np.float64) / 2.0**53)
 
 
-class BatchedAugment:
-    """The 'original' (or 'none') training augmentation, run on a batch of 8-bit tensors at once.
+NO_BOX = (0, 0, 0, 0)  # an empty (top, left, bottom, right) rectangle
+
+
+class TrainAugment:
+    """A training augmentation split in two: `sample` runs in the DataLoader workers at the source resolution and
+    draws every random parameter; `DevicePreprocessor` applies the rest to whole batches on the training device.
+
+    Args:
+        config (`HierarchicalEfficientNetV2Config`):
+            Model image size and normalisation.
+        args (`DataArguments`):
+            The augmentation options.
+
+    `sample(images, seeds)` returns 8-bit `(3, H, W)` tensors at the source size and a dict of per-image parameter
+    tensors (see `DevicePreprocessor`); image i draws only from `seeds[i]`, so its augmentation does not depend on
+    the batch it is in. Calling the object on one PIL image runs both parts, with a seed drawn from the global torch
+    RNG like a torchvision transform, and returns a normalised `(3, S, S)` float tensor.
+    """
+
+    def __init__(self, config: HierarchicalEfficientNetV2Config, args: DataArguments):
+        self.image_size = config.image_size
+        self.random_erasing = v2.RandomErasing(p=args.random_erasing, value=0) if args.random_erasing > 0 else None
+        self.preprocessor = DevicePreprocessor(config)
+
+    def sample(self, images: list[PIL.Image.Image], seeds: list[int]) -> tuple[list[torch.Tensor], dict]:
+        """8-bit tensors at the source size and the per-image parameters of the device-side steps."""
+        raise NotImplementedError
+
+    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
+        """Augment one PIL image (any mode) into a normalised `(3, S, S)` float tensor."""
+        images, parameters = self.sample([image], [int(torch.randint(2**62, ()))])
+        return self.preprocessor({"pixel_values": images[0][None], "augmentation": parameters})["pixel_values"][0]
+
+    def _erase_box(self) -> tuple[int, int, int, int]:
+        """The rectangle `v2.RandomErasing` would erase at the model size, drawn from the current torch RNG."""
+        if self.random_erasing is None or torch.rand(1) >= self.random_erasing.p:  # as its forward draws
+            return NO_BOX
+        shape_only = torch.zeros(1, 1, 1).expand(3, self.image_size, self.image_size)  # only its size is read
+        params = self.random_erasing.make_params([shape_only])
+        if params["v"] is None:  # no rectangle fitted in ten tries: nothing is erased
+            return NO_BOX
+        return params["i"], params["j"], params["i"] + params["h"], params["j"] + params["w"]
+
+
+class PolicyAugment(TrainAugment):
+    """Crop, flip and a torchvision policy ('trivialaugment', 'randaugment', 'autoaugment') on 8-bit PIL images at
+    their source resolution, where they are cheapest, then random erasing on the device.
+
+    Each image runs under the torch CPU RNG seeded with its seed (inside `torch.random.fork_rng`); the erased
+    rectangle is drawn right after the policy from the same stream, as when `v2.RandomErasing` ended the transform.
+    """
+
+    POLICIES = {
+        "trivialaugment": v2.TrivialAugmentWide,
+        "randaugment": v2.RandAugment,
+        "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+    }
+
+    def __init__(self, config: HierarchicalEfficientNetV2Config, args: DataArguments):
+        super().__init__(config, args)
+        steps: list[Callable] = [to_rgb]
+        if args.random_crop:
+            steps.append(RandomCropWithPadding())
+        if args.horizontal_flip:
+            steps.append(v2.RandomHorizontalFlip())
+        steps += [self.POLICIES[args.augmentation](), v2.PILToTensor()]
+        self.transform = v2.Compose(steps)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform}, random_erasing={self.random_erasing})"
+
+    def sample(self, images: list[PIL.Image.Image], seeds: list[int]) -> tuple[list[torch.Tensor], dict]:
+        outputs, boxes = [], []
+        with torch.random.fork_rng(devices=[]):
+            for image, seed in zip(images, seeds, strict=True):
+                torch.default_generator.manual_seed(seed)
+                outputs.append(self.transform(image))
+                boxes.append(self._erase_box())
+        parameters = {"erase_box": torch.tensor(boxes, dtype=torch.long)} if self.random_erasing is not None else {}
+        return outputs, parameters
+
+
+class BatchedAugment(TrainAugment):
+    """The 'original' (or 'none') training augmentation, drawn per image and applied to whole batches.
 
     Per image: CIFAR-style random crop with zero padding, horizontal flip and rotation (bilinear, black fill), done
     together by one `grid_sample` at the source resolution; then brightness, contrast and saturation jitter in a
     random order (`v2.ColorJitter`'s factors and blends); then the resize to the model size, normalisation and
-    random erasing. Every random draw of an image comes from its own seed, so an image gets the same augmentation
-    whatever batch it is in. At 32 px this is several times faster than the same steps image by image in PIL.
+    random erasing. The workers only decode the image and draw these parameters from the image's seed; every step
+    runs on the batch in `DevicePreprocessor`.
 
     Args:
         config (`HierarchicalEfficientNetV2Config`):
@@ -944,54 +1023,56 @@ class BatchedAugment:
         args (`DataArguments`):
             `random_crop`, `horizontal_flip`, `rotation_degrees` and `color_jitter` (used with the 'original'
             policy only) and `random_erasing`.
-
-    Calling the object on one PIL image draws its seed from the global torch RNG, like a torchvision transform;
-    `ImageTransform` calls `batch` with seeds derived from (seed, epoch, index).
     """
 
     def __init__(self, config: HierarchicalEfficientNetV2Config, args: DataArguments):
+        super().__init__(config, args)
         original = args.augmentation == "original"
-        self.image_size = config.image_size
         self.random_crop = args.random_crop
         self.horizontal_flip = args.horizontal_flip
         self.rotation_degrees = args.rotation_degrees if original else 0.0
         self.color_jitter = args.color_jitter if original else 0.0
-        self.mean = torch.tensor(config.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(config.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.random_erasing = v2.RandomErasing(p=args.random_erasing, value=0) if args.random_erasing > 0 else None
 
     def __repr__(self) -> str:
         options = ("random_crop", "horizontal_flip", "rotation_degrees", "color_jitter", "image_size")
         return f"{type(self).__name__}({', '.join(f'{name}={getattr(self, name)}' for name in options)})"
 
-    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        """Augment one PIL image (any mode) into a normalised `(3, S, S)` float tensor."""
-        seed = int(torch.randint(2**62, ()))
-        return self.batch([decode_to_tensor(image, index=0)], [seed])[0]
+    def sample(self, images: list[PIL.Image.Image], seeds: list[int]) -> tuple[list[torch.Tensor], dict]:
+        tensors = [v2.functional.pil_to_tensor(to_rgb(image)) for image in images]
+        return tensors, self.parameters([tuple(tensor.shape[-2:]) for tensor in tensors], seeds)
 
     def batch(self, images: list[torch.Tensor], seeds: list[int]) -> list[torch.Tensor]:
-        """Augment 8-bit `(3, H, W)` RGB tensors, image i with `seeds[i]`; sizes may differ between images."""
-        outputs: list[torch.Tensor | None] = [None] * len(images)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for position, image in enumerate(images):
-            groups.setdefault(tuple(image.shape), []).append(position)
-        for positions in groups.values():
-            group_seeds = [seeds[p] for p in positions]
-            pixels = torch.stack([images[p] for p in positions]).float().div_(255.0)  # (n, 3, H, W) in [0, 1]
-            draws = uniform_draws(group_seeds, 8)
-            pixels = (self._resize(self._jitter(self._geometry(pixels, draws), draws)) - self.mean) / self.std
-            for position, seed, output in zip(positions, group_seeds, pixels, strict=True):
-                outputs[position] = self._erase(output, seed)
-        return outputs
+        """Augment 8-bit `(3, H, W)` RGB tensors completely, image i with `seeds[i]`; sizes may differ."""
+        parameters = self.parameters([tuple(image.shape[-2:]) for image in images], seeds)
+        return list(self.preprocessor({"pixel_values": list(images), "augmentation": parameters})["pixel_values"])
 
-    def _geometry(self, pixels: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        """Shift (crop with padding), flip and rotate every image by its own draws, in one bilinear resampling."""
-        if not (self.random_crop or self.horizontal_flip or self.rotation_degrees > 0):
-            return pixels
-        n, _, height, width = pixels.shape
+    def parameters(self, sizes: list[tuple[int, int]], seeds: list[int]) -> dict[str, torch.Tensor]:
+        """The per-image parameters of images of `sizes` (height, width), image i drawn from `seeds[i]`."""
+        draws = uniform_draws(seeds, 8)
+        parameters = {}
+        if self.random_crop or self.horizontal_flip or self.rotation_degrees > 0:
+            parameters["affine"] = self._affine(sizes, draws)
+        if self.color_jitter > 0:
+            low = max(0.0, 1.0 - self.color_jitter)
+            parameters["jitter_factors"] = (low + draws[:, 4:7] * (1.0 + self.color_jitter - low)).float()
+            parameters["jitter_order"] = JITTER_ORDERS[(draws[:, 7] * len(JITTER_ORDERS)).long()]
+        if self.random_erasing is not None:
+            with torch.random.fork_rng(devices=[]):
+                boxes = []
+                for seed in seeds:
+                    torch.default_generator.manual_seed(derive_seed(seed, 1))
+                    boxes.append(self._erase_box())
+            parameters["erase_box"] = torch.tensor(boxes, dtype=torch.long)
+        return parameters
+
+    def _affine(self, sizes: list[tuple[int, int]], draws: torch.Tensor) -> torch.Tensor:
+        """`(n, 2, 3)` `affine_grid` matrices that shift (crop with padding), flip and rotate each image."""
+        n = len(sizes)
+        height = torch.tensor([size[0] for size in sizes], dtype=torch.float64)
+        width = torch.tensor([size[1] for size in sizes], dtype=torch.float64)
         shift = torch.zeros(n, 2, dtype=torch.float64)  # pixels, (x, y)
         if self.random_crop:
-            pad = max(1, round(min(height, width) * 4 / 32))
+            pad = torch.tensor([max(1, round(min(size) * 4 / 32)) for size in sizes], dtype=torch.float64)[:, None]
             shift = torch.floor(draws[:, 0:2] * (2 * pad + 1)) - pad
         flip = torch.ones(n, dtype=torch.float64)
         if self.horizontal_flip:
@@ -1004,41 +1085,7 @@ class BatchedAugment:
         theta[:, 0, 0], theta[:, 0, 1] = flip * cos, -flip * sin * height / width
         theta[:, 1, 0], theta[:, 1, 1] = sin * width / height, cos
         theta[:, 0, 2], theta[:, 1, 2] = 2 * shift[:, 0] / width, 2 * shift[:, 1] / height
-        grid = torch.nn.functional.affine_grid(theta.float(), list(pixels.shape), align_corners=False)
-        return torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-    def _jitter(self, pixels: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        """Brightness, contrast and saturation with factors in [1 - s, 1 + s], in a random order per image."""
-        if self.color_jitter <= 0:
-            return pixels
-        low = max(0.0, 1.0 - self.color_jitter)
-        factors = (low + draws[:, 4:7] * (1.0 + self.color_jitter - low)).float()  # (n, 3)
-        orders = JITTER_ORDERS[(draws[:, 7] * len(JITTER_ORDERS)).long()]  # (n, 3): 0 brightness, 1 contrast, 2 sat.
-        grey_weights = torch.tensor(GREY_WEIGHTS).view(1, 3, 1, 1)
-        for step in range(3):
-            op = orders[:, step]
-            factor = factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1)
-            grey = (pixels * grey_weights).sum(dim=1, keepdim=True)  # (n, 1, H, W)
-            # Every op blends with a target: black (brightness), the mean grey level (contrast), the grey image.
-            target = torch.where(op.view(-1, 1, 1, 1) == 1, grey.mean(dim=(2, 3), keepdim=True), grey)
-            target = target * (op != 0).view(-1, 1, 1, 1)
-            pixels = torch.lerp(target, pixels, factor).clamp_(0.0, 1.0)
-        return pixels
-
-    def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Bilinear (antialiased) resize to the model's image size; nothing at that size already."""
-        if tuple(pixels.shape[-2:]) == (self.image_size, self.image_size):
-            return pixels
-        size = (self.image_size, self.image_size)
-        return torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", antialias=True, align_corners=False)
-
-    def _erase(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
-        """Random erasing of one normalised image under a generator seeded from the image's seed."""
-        if self.random_erasing is None:
-            return pixels
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(derive_seed(seed, 1))
-            return self.random_erasing(pixels.clone())
+        return theta.float()
 
 
 class ToNormalizedFloat(torch.nn.Module):
@@ -1071,31 +1118,19 @@ def build_eval_transform(config: HierarchicalEfficientNetV2Config) -> v2.Compose
     return v2.Compose([to_rgb, *_model_input_steps(config)])
 
 
-def build_train_transform(config: HierarchicalEfficientNetV2Config, args: DataArguments) -> BatchedAugment | v2.Compose:
-    """The training augmentation of `args.augmentation`: PIL image of any mode -> normalised (3, S, S) float tensor.
+def build_train_transform(config: HierarchicalEfficientNetV2Config, args: DataArguments) -> TrainAugment:
+    """The training augmentation of `args.augmentation`, split between the DataLoader workers and the device.
 
-    'original' and 'none' give a `BatchedAugment`, which `ImageTransform` runs on whole batches of 8-bit tensors.
-    The torchvision policies run image by image: crop, flip and the policy on the 8-bit PIL image at its source
-    resolution, where they are cheapest (at 32 px, PIL beats tensor kernels); the resize to the model size and the
-    normalisation come last, as in `build_eval_transform`, followed by random erasing on the normalised tensor.
+    'original' and 'none' give a `BatchedAugment`: the workers only decode and draw parameters, every step runs on
+    the batch on the device. The torchvision policies give a `PolicyAugment`: crop, flip and the policy run image by
+    image on the 8-bit PIL image at its source resolution, where they are cheapest (at 32 px, PIL beats tensor
+    kernels). In both cases the resize to the model size, the normalisation (as in `build_eval_transform`) and random
+    erasing on the normalised image run on the device (`DevicePreprocessor`). Called on one PIL image, the result
+    runs everything and returns a normalised `(3, S, S)` float tensor.
     """
     if args.augmentation in ("original", "none"):
         return BatchedAugment(config, args)
-    steps: list[Callable] = [to_rgb]
-    if args.random_crop:
-        steps.append(RandomCropWithPadding())
-    if args.horizontal_flip:
-        steps.append(v2.RandomHorizontalFlip())
-    policies = {
-        "trivialaugment": v2.TrivialAugmentWide,
-        "randaugment": v2.RandAugment,
-        "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
-    }
-    steps.append(policies[args.augmentation]())
-    steps += _model_input_steps(config)
-    if args.random_erasing > 0:
-        steps.append(v2.RandomErasing(p=args.random_erasing, value=0))  # 0 is the mean colour after normalisation
-    return v2.Compose(steps)
+    return PolicyAugment(config, args)
 
 
 def decode_image(
@@ -1150,9 +1185,12 @@ class ImageTransform:
     """Batch transform for `Dataset.with_transform`: decode every image, transform it, keep the labels.
 
     Args:
-        transform (`Callable`):
-            Per-image transform, from `build_train_transform` or `build_eval_transform`. A `BatchedAugment` gets
-            the whole batch as 8-bit tensors.
+        transform (`Callable`, *optional*):
+            `None` (evaluation): every image becomes an 8-bit RGB `(3, H, W)` tensor at its source size, for
+            `DevicePreprocessor` to resize and normalise on the device. A `TrainAugment` from
+            `build_train_transform` (training) gives 8-bit tensors at the source size too, after its per-image
+            policy, plus the per-image parameters of the device-side steps under `augmentation`. Any other
+            callable (such as `build_eval_transform`) maps one PIL image to the model's input.
         seed (`int`, *optional*):
             For random (training) transforms: image `index` of epoch `e` is augmented from the seed
             `derive_seed(seed, e, index)` (per-image transforms run under the torch CPU RNG seeded with it inside
@@ -1170,14 +1208,14 @@ class ImageTransform:
     >>> transform = ImageTransform(build_train_transform(config, data_args), seed=42)
     >>> train = prepared["train"].cast_column("image", Image(decode=False)).with_transform(transform)
     >>> transform.set_epoch(1)
-    >>> train[0]["pixel_values"].shape
-    torch.Size([3, 224, 224])
+    >>> train[0]["pixel_values"].shape, train[0]["pixel_values"].dtype
+    (torch.Size([3, 32, 32]), torch.uint8)
     ```
     """
 
     def __init__(
         self,
-        transform: Callable,
+        transform: Callable | None = None,
         seed: int | None = None,
         split: str = "train",
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
@@ -1195,14 +1233,21 @@ class ImageTransform:
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         indices = batch["index"]
         values = zip(batch["image"], indices, strict=True)
-        if self.seed is not None and isinstance(self.transform, BatchedAugment):
-            images = [decode_to_tensor(value, index, self.split, self.max_image_pixels) for value, index in values]
-            seeds = [derive_seed(self.seed, self.epoch, index) for index in indices]
-            pixel_values = self.transform.batch(images, seeds)
+        output = {}
+        if self.transform is None:
+            pixel_values = [
+                decode_to_tensor(value, index, self.split, self.max_image_pixels) for value, index in values
+            ]
         elif self.seed is None:
             pixel_values = [
                 self.transform(decode_image(value, index, self.split, self.max_image_pixels)) for value, index in values
             ]
+        elif isinstance(self.transform, TrainAugment):
+            images = [decode_image(value, index, self.split, self.max_image_pixels) for value, index in values]
+            seeds = [derive_seed(self.seed, self.epoch, index) for index in indices]
+            pixel_values, parameters = self.transform.sample(images, seeds)
+            if parameters:
+                output["augmentation"] = [{k: v[i] for k, v in parameters.items()} for i in range(len(indices))]
         else:
             with torch.random.fork_rng(devices=[]):
                 pixel_values = []
@@ -1210,7 +1255,7 @@ class ImageTransform:
                     image = decode_image(value, index, self.split, self.max_image_pixels)
                     torch.default_generator.manual_seed(derive_seed(self.seed, self.epoch, index))
                     pixel_values.append(self.transform(image))
-        output = {"pixel_values": pixel_values, "index": indices}
+        output.update(pixel_values=pixel_values, index=indices)
         for key in ("labels", "coarse_labels"):
             if key in batch:
                 output[key] = batch[key]
@@ -1222,7 +1267,8 @@ class ImageTransform:
 def apply_transforms(
     datasets: DatasetDict, config: HierarchicalEfficientNetV2Config, args: DataArguments, seed: int
 ) -> DatasetDict:
-    """Attach the seeded training transform to "train" and the evaluation transform to the other splits."""
+    """Attach the seeded training transform to "train"; the other splits decode to 8-bit tensors at the source
+    size. `DevicePreprocessor` (which `HierarchicalTrainer` runs on the device) turns both into model inputs."""
     transformed = {}
     for split, dataset in datasets.items():
         if split == "train":
@@ -1230,9 +1276,7 @@ def apply_transforms(
                 build_train_transform(config, args), seed=seed, split=split, max_image_pixels=args.max_image_pixels
             )
         else:
-            transform = ImageTransform(
-                build_eval_transform(config), split=split, max_image_pixels=args.max_image_pixels
-            )
+            transform = ImageTransform(split=split, max_image_pixels=args.max_image_pixels)
         transformed[split] = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(transform)
     return DatasetDict(transformed)
 
@@ -1287,11 +1331,12 @@ def _epoch_target(target: Any) -> Any:
 
 @dataclass
 class HierarchicalCollator:
-    """Stack examples into a batch; optionally MixUp/CutMix training batches with soft fine and coarse targets.
+    """Stack examples into a batch and draw the MixUp/CutMix parameters of training batches.
 
     Args:
         config (`HierarchicalEfficientNetV2Config`, *optional*):
-            Needed when mixing: the number of classes and the hierarchy that sums fine targets into superclasses.
+            The number of classes (labels are checked against it) and the model image size (the CutMix rectangle);
+            needed when mixing.
         mixup_alpha (`float`, *optional*, defaults to 0.0):
             MixUp Beta(alpha, alpha) parameter; 0 disables MixUp.
         cutmix_alpha (`float`, *optional*, defaults to 0.0):
@@ -1303,16 +1348,20 @@ class HierarchicalCollator:
         seed (`int`, *optional*, defaults to 0):
             Seed of the mixing draws, together with the batch's epoch and row indices.
 
-    Without mixing, `labels` and `coarse_labels` are `(batch,)` int64. With mixing, batches of training examples
-    (those that carry `epoch`, set by the seeded `ImageTransform`) get soft `(batch, num_labels)` and
-    `(batch, num_coarse_labels)` float targets, with `coarse_labels == labels @ config.hierarchy_matrix()`;
-    evaluation batches are never mixed, so one collator serves the Trainer's training and evaluation.
+    The batch holds `labels` and `coarse_labels` as `(batch,)` int64 (checked against `config` here, on the CPU,
+    so the training step never reads them back from the device), `pixel_values` stacked as the examples give them
+    (8-bit images at the source size from `ImageTransform`; a list when their sizes differ) and, for training
+    examples, `augmentation`: their per-image parameters stacked, plus the mixing parameters when mixing is on.
+    Training examples are those that carry `epoch` (set by the seeded `ImageTransform`); evaluation batches are
+    never mixed, so one collator serves the Trainer's training and evaluation. `DevicePreprocessor` applies the
+    parameters on the device; mixed batches then get soft `(batch, num_labels)` and `(batch, num_coarse_labels)`
+    targets, with `coarse_labels == labels @ config.hierarchy_matrix()`.
 
     Example:
 
     ```python
     >>> collator = HierarchicalCollator(config, mixup_alpha=0.2, cutmix_alpha=1.0, seed=42)
-    >>> batch = collator([train[i] for i in range(8)])
+    >>> batch = DevicePreprocessor(config)(collator([train[i] for i in range(8)]))
     >>> batch["labels"].shape, batch["coarse_labels"].shape
     (torch.Size([8, 100]), torch.Size([8, 20]))
     ```
@@ -1336,40 +1385,65 @@ class HierarchicalCollator:
         """Whether training batches are mixed at all."""
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = {
-            "pixel_values": torch.stack([example["pixel_values"] for example in examples]),  # (batch, 3, H, W)
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = {  # labels first: the Trainer reads the batch size from the first tensor it finds
             "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
             "coarse_labels": torch.tensor([example["coarse_labels"] for example in examples], dtype=torch.long),
         }
-        if not self.mixes or not all("epoch" in example for example in examples):
-            return batch
-        seed = derive_seed(self.seed, examples[0]["epoch"], *(example["index"] for example in examples))
-        return self.mix(batch["pixel_values"], batch["labels"], np.random.default_rng(seed))
+        if self.config is not None:
+            self.check_labels(batch, examples)
+        images = [example["pixel_values"] for example in examples]
+        same_size = all(image.shape == images[0].shape for image in images)
+        batch["pixel_values"] = torch.stack(images) if same_size else images  # (batch, 3, H, W)
+        augmentation = {}
+        if "augmentation" in examples[0]:
+            keys = examples[0]["augmentation"]
+            augmentation = {key: torch.stack([example["augmentation"][key] for example in examples]) for key in keys}
+        if self.mixes and all("epoch" in example for example in examples):
+            seed = derive_seed(self.seed, examples[0]["epoch"], *(example["index"] for example in examples))
+            augmentation.update(self.mix_parameters(len(examples), np.random.default_rng(seed)))
+        if augmentation:
+            batch["augmentation"] = augmentation
+        return batch
 
-    def mix(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
-    ) -> dict[str, torch.Tensor]:
-        """MixUp or CutMix one batch (with probability `mix_prob`) and return soft fine and coarse targets."""
-        targets = torch.nn.functional.one_hot(labels, self.config.num_labels).float()  # (batch, num_labels)
+    def check_labels(self, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]]) -> None:
+        """Raise `ValueError` naming the example when a label is outside the config's classes."""
+        for name, classes in (("labels", self.config.num_labels), ("coarse_labels", self.config.num_coarse_labels)):
+            bad = ((batch[name] < 0) | (batch[name] >= classes)).nonzero()
+            if len(bad):
+                row = int(bad[0, 0])
+                raise ValueError(
+                    f"{name} must be in [0, {classes}), got {int(batch[name][row])} for the example with "
+                    f"index={examples[row].get('index', row)} ({len(bad)} of {len(examples)} in this batch)"
+                )
+
+    def mix_parameters(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """MixUp or CutMix parameters for one batch (mixed with probability `mix_prob`), per image: the partner
+        (`mix_index`), the rectangle taken from it at the model size (`mix_box`) and the weights (`mix_weights`)."""
+        index = torch.arange(batch_size)
+        box = NO_BOX
+        pixel_lam = target_lam = 1.0
         if rng.random() < self.mix_prob:
-            permutation = torch.from_numpy(rng.permutation(len(labels)))
+            index = torch.from_numpy(rng.permutation(batch_size))
             use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < self.cutmix_switch_prob)
             if use_cutmix:
                 lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
-                height, width = pixel_values.shape[-2:]
+                height = width = self.config.image_size
                 cut_height, cut_width = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
                 center_y, center_x = rng.integers(height), rng.integers(width)
                 top, bottom = max(center_y - cut_height // 2, 0), min(center_y + cut_height // 2, height)
                 left, right = max(center_x - cut_width // 2, 0), min(center_x + cut_width // 2, width)
-                pixel_values[..., top:bottom, left:right] = pixel_values[permutation, :, top:bottom, left:right]
-                lam = 1.0 - (bottom - top) * (right - left) / (height * width)  # the share actually kept
+                box = (top, left, bottom, right)
+                target_lam = 1.0 - (bottom - top) * (right - left) / (height * width)  # the share actually kept
             else:
-                lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
-                pixel_values = pixel_values * lam + pixel_values[permutation] * (1.0 - lam)
-            targets = targets * lam + targets[permutation] * (1.0 - lam)
-        coarse_targets = targets @ self.config.hierarchy_matrix()  # (batch, num_coarse_labels)
-        return {"pixel_values": pixel_values.contiguous(), "labels": targets, "coarse_labels": coarse_targets}
+                pixel_lam = target_lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
+        return {
+            "mix_index": index,
+            "mix_box": torch.tensor(box, dtype=torch.long).expand(batch_size, 4).contiguous(),
+            "mix_weights": torch.tensor([pixel_lam, target_lam], dtype=torch.float32)
+            .expand(batch_size, 2)
+            .contiguous(),
+        }
 
 
 __all__ = [
@@ -1378,6 +1452,8 @@ __all__ = [
     "EpochCallback",
     "HierarchicalCollator",
     "ImageTransform",
+    "PolicyAugment",
+    "TrainAugment",
     "apply_transforms",
     "build_eval_transform",
     "build_train_transform",

@@ -297,7 +297,11 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
     def _check_inputs(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None, coarse_labels: torch.Tensor | None
     ):
-        """Raise `ValueError` describing what was expected when an input has the wrong shape, dtype or range."""
+        """Raise `ValueError` describing what was expected when an input has the wrong shape, dtype or range.
+
+        The range of class indices is checked on the CPU only: on an accelerator, reading their minimum and maximum
+        back would make the host wait for the device at every step (`HierarchicalCollator` checks them on the CPU).
+        """
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shape}")
@@ -322,7 +326,7 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
                     raise ValueError(f"soft {name} must have shape ({batch}, {classes}), got {tuple(target.shape)}")
             elif target.shape != (batch,):
                 raise ValueError(f"{name} must have shape ({batch},), got {tuple(target.shape)}")
-            elif target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
+            elif target.device.type == "cpu" and target.numel() and (target.min() < 0 or target.max() >= classes):
                 raise ValueError(
                     f"{name} must be in [0, {classes}), got values from {int(target.min())} to {int(target.max())}"
                 )

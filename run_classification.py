@@ -51,6 +51,7 @@ import model_card
 from calibration import CalibrationArguments, calibrate_and_select, evaluate_calibration, subset_prediction
 from configuration_hierarchical import NUM_BACKBONE_STAGES, HierarchicalEfficientNetV2Config
 from data_utils import DataArguments, EpochCallback, HierarchicalCollator, apply_transforms, prepare_datasets
+from device_preprocess import DevicePreprocessor
 from eval_report import write_prediction_report
 from hierarchy_metrics import compute_hierarchy_metrics
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
@@ -514,7 +515,79 @@ def time_schedule_factor(progress: float, warmup: float) -> float:
 
 class HierarchicalTrainer(Trainer):
     """`Trainer` with separate learning rates for the backbone and the heads, evaluation of the weight average
-    when `--ema_decay` is set, and this project's model card."""
+    when `--ema_decay` is set, preprocessing on the device, and this project's model card.
+
+    Batches come from `HierarchicalCollator` as 8-bit images at their source size with the drawn augmentation
+    parameters; they are copied to the device without blocking the host, and `device_preprocessor` turns them into
+    model inputs there (resize, normalisation, augmentation, mixing), for training and evaluation alike. A training
+    step never waits for the device: only the steps that log read the loss and gradient norm back.
+
+    Args:
+        device_preprocessor (`DevicePreprocessor`, *optional*):
+            Defaults to one built from the model's config. Every other argument is the `Trainer`'s.
+    """
+
+    def __init__(self, *args, device_preprocessor: DevicePreprocessor | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        preprocessor = device_preprocessor or DevicePreprocessor(self.model.config)
+        self.device_preprocessor = preprocessor.to(self.args.device)
+        self._filter_loss_on_device = False
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """As the Trainer's, with batches copied to the device without blocking the host (from pinned memory with
+        `--dataloader_pin_memory`, the default): a blocking copy waits for every queued kernel first."""
+        super().create_accelerator_and_postprocess()
+        self.accelerator.dataloader_config.non_blocking = True
+
+    def _prepare_inputs(self, inputs: dict) -> dict[str, torch.Tensor]:
+        """The batch on the device (where the data loader already put it), preprocessed there."""
+        return self.device_preprocessor(super()._prepare_inputs(inputs))
+
+    def train(self, *args, **kwargs):
+        """Train. With `--logging_nan_inf_filter` (the default), non-finite losses are kept out of the logged loss
+        on the device, in `training_step`, instead of by the Trainer's own filter, which reads every loss on the host
+        and so makes it wait for the device at each step. The option reads as given everywhere else. (Versions of
+        the Trainer that keep the running loss in a local variable keep their own filter.)"""
+        if "_tr_loss" not in Trainer._inner_training_loop.__code__.co_names:
+            return super().train(*args, **kwargs)
+        self._filter_loss_on_device, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.args.logging_nan_inf_filter, self._filter_loss_on_device = self._filter_loss_on_device, False
+
+    def training_step(
+        self, model: nn.Module, inputs: dict, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """One forward and backward pass; a non-finite loss counts as the mean of the losses since the last log,
+        as with the Trainer's `logging_nan_inf_filter`, without reading it on the host."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._filter_loss_on_device:
+            mean_so_far = self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
+            loss = torch.where(torch.isfinite(loss), loss, mean_so_far)
+        return loss
+
+    @contextlib.contextmanager
+    def _options_as_given(self) -> Iterator[None]:
+        """Inside this context `self.args.logging_nan_inf_filter` is the user's (see `train`)."""
+        if not self._filter_loss_on_device:
+            yield
+            return
+        self.args.logging_nan_inf_filter = True
+        try:
+            yield
+        finally:
+            self.args.logging_nan_inf_filter = False
+
+    def _save(self, *args, **kwargs) -> None:
+        """Save the model, with the options as given (they are saved too)."""
+        with self._options_as_given():
+            super()._save(*args, **kwargs)
+
+    def _push_from_checkpoint(self, *args, **kwargs) -> None:
+        """Push a checkpoint, with the options as given (they are pushed too)."""
+        with self._options_as_given():
+            super()._push_from_checkpoint(*args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Build the optimizer chosen by `--optim` over [`parameter_groups`]; the scheduler scales every group."""
@@ -554,15 +627,17 @@ class HierarchicalTrainer(Trainer):
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
-        """The Trainer's estimate (6 x input elements x parameters), with the parameters counted once, not per step."""
+        """The Trainer's estimate (6 x input elements x parameters) at the model's input size (the batch holds the
+        images at their source size), with the parameters counted once, not per step."""
         if not hasattr(self, "_num_parameters"):
             self._num_parameters = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs["pixel_values"].numel() * self._num_parameters
+        config = self.model.config
+        return 6 * len(inputs["labels"]) * config.num_channels * config.image_size**2 * self._num_parameters
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """Evaluate; with `--ema_decay`, the averaged weights are evaluated (and so pick the best checkpoint)."""
         ema = next((c for c in self.callback_handler.callbacks if isinstance(c, EMACallback)), None)
-        with ema.applied(self.model) if ema is not None else contextlib.nullcontext():
+        with self._options_as_given(), ema.applied(self.model) if ema is not None else contextlib.nullcontext():
             return super().evaluate(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs) -> None:

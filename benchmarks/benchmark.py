@@ -16,7 +16,10 @@ Measured side by side in one run, on the current machine:
    main process with one thread, as in one worker), at 32 px, 224 px and the model's image size;
 4. inference on the same PIL images: by hand in batches (image processor, then an eval-mode forward under no_grad;
    also the forward alone), and `pipeline("image-classification", batch_size=B)`;
-5. peak resident memory and start-up time (process start to the end of the first optimizer step) of 1 and 2.
+5. peak resident memory and start-up time (process start to the end of the first optimizer step) of 1 and 2;
+6. the data path of `recipes/gpu_imagenet_384px.json` at 224 and 384 px: bytes per sample crossing the DataLoader
+   and a worker's CPU time per 1,000 samples, before and after preprocessing moved to the device (which takes
+   `DevicePreprocessor`'s time, measured apart); `--data_path_only` measures only this.
 
 Every measurement runs `--repeats` times, alternating, and the fastest run counts. A table goes to stdout, then one
 JSON line with the ratios, the figures behind them and the settings. The targets in the table are for a quiet
@@ -61,6 +64,9 @@ TARGETS = {
     "pipeline_ratio": (">=", 0.8),
     "memory_ratio": ("<=", 1.3),
 }
+# The GPU recipe's data path (any machine): bytes per CIFAR sample crossing the DataLoader, and how many times less
+# worker CPU time per sample it takes at 384 px than when workers also resized, normalised, erased and mixed.
+DATA_PATH_TARGETS = {"after_bytes_per_sample": ("<=", 4096.0), "worker_cpu_reduction_384": (">=", 10.0)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         'e.g. "--max_grad_norm 1 --dataloader_num_workers 1" to measure a change of default.',
     )
     parser.add_argument("--tiny", action="store_true", help="Tiny settings on generated data, for the smoke test.")
+    parser.add_argument(
+        "--data_path_only",
+        action="store_true",
+        help="Measure only the GPU recipe's data path at 224 and 384 px (before and after preprocessing moved to "
+        "the device), not training or inference.",
+    )
     parser.add_argument("--child", choices=("ceiling", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--spawn_time", type=float, help=argparse.SUPPRESS)
@@ -425,6 +437,156 @@ def measure_loader(splits, data_args, image_size: int, batch_size: int, batches:
         torch.set_num_threads(threads)
 
 
+RECIPE = REPO_ROOT / "recipes" / "gpu_imagenet_384px.json"
+AUGMENTATION_OPTIONS = (
+    "augmentation", "random_crop", "horizontal_flip", "rotation_degrees", "color_jitter", "random_erasing",
+    "mixup_alpha", "cutmix_alpha", "mix_prob", "cutmix_switch_prob",
+)  # fmt: skip
+DATA_PATH_SIZES = (224, 384)
+
+
+def recipe_data_args(dataset: str, cache_dir: str | None):
+    """`DataArguments` with the augmentation options of the GPU recipe."""
+    from data_utils import DataArguments
+
+    recipe = json.loads(RECIPE.read_text())
+    options = {name: recipe[name] for name in AUGMENTATION_OPTIONS if name in recipe}
+    return DataArguments(dataset_name=dataset, cache_dir=cache_dir, **options)
+
+
+def previous_train_transform(config, data_args):
+    """The training transform as workers ran it before preprocessing moved to the device: for the torchvision
+    policies, one per-image transform from the PIL image to the normalised float tensor at the model size (crop,
+    flip, policy, resize, normalisation, random erasing); for 'original' and 'none', `BatchedAugment`, whose
+    device-side steps then also run in the worker (`previous_collate`)."""
+    from torchvision.transforms import v2
+
+    from data_utils import PolicyAugment, RandomCropWithPadding, ToNormalizedFloat, build_train_transform, to_rgb
+
+    if data_args.augmentation not in PolicyAugment.POLICIES:
+        return build_train_transform(config, data_args)
+    steps = [to_rgb]
+    if data_args.random_crop:
+        steps.append(RandomCropWithPadding())
+    if data_args.horizontal_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [
+        PolicyAugment.POLICIES[data_args.augmentation](),
+        v2.PILToTensor(),
+        v2.Resize((config.image_size, config.image_size), antialias=True),
+        ToNormalizedFloat(config.image_mean, config.image_std),
+    ]
+    if data_args.random_erasing > 0:
+        steps.append(v2.RandomErasing(p=data_args.random_erasing, value=0))
+    return v2.Compose(steps)
+
+
+def previous_collate(collator, preprocess):
+    """The collation as workers ran it before preprocessing moved to the device: the batch of model-size float
+    images (after the device-side steps of 'original' and 'none', run here), then MixUp on the whole batch or
+    CutMix by copying the rectangle, on the CPU, with the parameters the collator drew."""
+
+    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collator(examples)
+        augmentation = batch.pop("augmentation", {})
+        mix = {key: augmentation.pop(key) for key in ("mix_index", "mix_box", "mix_weights") if key in augmentation}
+        batch = preprocess({**batch, "augmentation": augmentation})
+        if not mix:
+            return batch
+        pixels, index = batch["pixel_values"], mix["mix_index"]
+        top, left, bottom, right = mix["mix_box"][0].tolist()  # the same for every image of a batch
+        pixel_lam, target_lam = mix["mix_weights"][0].tolist()
+        if bottom > top and right > left:
+            pixels[..., top:bottom, left:right] = pixels[index, :, top:bottom, left:right]
+        elif pixel_lam != 1.0:
+            pixels = pixels * pixel_lam + pixels[index] * (1.0 - pixel_lam)
+        targets = torch.nn.functional.one_hot(batch["labels"], collator.config.num_labels).float()
+        targets = targets * target_lam + targets[index] * (1.0 - target_lam)
+        return {"pixel_values": pixels, "labels": targets, "coarse_labels": targets @ preprocess.hierarchy}
+
+    return collate
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor in a (nested) batch."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def measure_data_path(splits, data_args, image_size: int, batch_size: int, batches: int) -> dict[str, float]:
+    """The GPU recipe's training data path at `image_size`, before and after preprocessing moved to the device:
+    bytes per sample of the batches that cross the DataLoader, and CPU time per 1,000 samples of what a worker
+    does (decode, augmentation, collation), measured in this process on one thread. Before: workers ship normalised
+    float32 images at the model size, mixed. After: 8-bit images at the source size with the drawn parameters; the
+    time `DevicePreprocessor` then takes on these batches on the CPU is measured separately (on a GPU it runs
+    there)."""
+    from datasets import Image
+    from torch.utils.data import DataLoader
+
+    from configuration_hierarchical import HierarchicalEfficientNetV2Config
+    from data_utils import HierarchicalCollator, ImageTransform, build_train_transform
+    from device_preprocess import DevicePreprocessor
+
+    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=image_size)
+    train = splits["train"].cast_column("image", Image(decode=False))
+    collator = HierarchicalCollator(
+        config, data_args.mixup_alpha, data_args.cutmix_alpha, data_args.mix_prob, data_args.cutmix_switch_prob, SEED
+    )
+    preprocess = DevicePreprocessor(config)
+
+    def run(transform, collate_fn, device_step=None) -> dict[str, float]:
+        loader = DataLoader(
+            train.with_transform(ImageTransform(transform, seed=SEED)),
+            batch_size=batch_size,
+            shuffle=True,
+            collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(SEED),
+        )
+        iterator = iter(loader)
+        next(iterator)  # warm-up
+        worker_seconds = device_seconds = 0.0
+        samples = size = 0
+        for _ in range(batches):
+            start = time.process_time()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                iterator = iter(loader)
+                batch = next(iterator)
+            worker_seconds += time.process_time() - start
+            samples, size = samples + len(batch["labels"]), size + tensor_bytes(batch)
+            if device_step is not None:
+                start = time.process_time()
+                device_step(batch)
+                device_seconds += time.process_time() - start
+        return {
+            "bytes": size / samples,
+            "worker_ms": 1e6 * worker_seconds / samples,
+            "device_ms": 1e6 * device_seconds / samples,
+        }
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a DataLoader worker runs with one thread
+    try:
+        before = run(previous_train_transform(config, data_args), previous_collate(collator, preprocess))
+        after = run(build_train_transform(config, data_args), collator, device_step=preprocess)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "before_bytes_per_sample": before["bytes"],
+        "after_bytes_per_sample": after["bytes"],
+        "before_worker_cpu_ms_per_1000": before["worker_ms"],
+        "after_worker_cpu_ms_per_1000": after["worker_ms"],
+        "device_step_cpu_ms_per_1000": after["device_ms"],
+        "worker_cpu_reduction": before["worker_ms"] / after["worker_ms"],
+    }
+
+
 def measure_inference(
     splits, image_size: int, batch_size: int, num_images: int, repeats: int, device: str, folder: Path
 ) -> dict[str, float]:
@@ -489,6 +651,46 @@ def measure_inference(
     }
 
 
+def measure_recipe_data_path(splits, dataset: str, cache_dir: str | None, args: argparse.Namespace) -> dict:
+    """`measure_data_path` at 224 and 384 px, best of `--repeats` (the least CPU time of each figure), flattened
+    into `<figure>_<size>` keys, with `after_bytes_per_sample` the largest of the sizes."""
+    data_args = recipe_data_args(dataset, cache_dir)
+    results: dict[str, Any] = {"data_path_sizes": list(DATA_PATH_SIZES), "data_path_recipe": RECIPE.name}
+    for size in DATA_PATH_SIZES:
+        runs = [
+            measure_data_path(splits, data_args, size, args.batch_size, args.loader_batches)
+            for _ in range(args.repeats)
+        ]
+        best = {name: min(run[name] for run in runs) for name in runs[0]}
+        best["worker_cpu_reduction"] = best["before_worker_cpu_ms_per_1000"] / best["after_worker_cpu_ms_per_1000"]
+        results.update({f"{name}_{size}": value for name, value in best.items()})
+    results["after_bytes_per_sample"] = max(results[f"after_bytes_per_sample_{size}"] for size in DATA_PATH_SIZES)
+    recipe = json.loads(RECIPE.read_text())
+    results["data_path_augmentation"] = {name: recipe[name] for name in AUGMENTATION_OPTIONS if name in recipe}
+    return results
+
+
+def print_data_path_table(results: dict[str, Any]) -> None:
+    """The data path figures, before and after preprocessing moved to the device, then their targets."""
+    r = results
+    print(f"\ndata path of {r['data_path_recipe']}, batch {r['batch_size']}, one thread: {r['data_path_augmentation']}")
+    print(
+        f"{'size':>5} {'bytes/sample before':>20} {'after':>7} {'worker CPU ms/1000 before':>26} {'after':>7} "
+        f"{'reduction':>9}  {'device step on the CPU ms/1000':>30}"
+    )
+    for size in r["data_path_sizes"]:
+        print(
+            f"{size:>5} {r[f'before_bytes_per_sample_{size}']:>20,.0f} {r[f'after_bytes_per_sample_{size}']:>7,.0f} "
+            f"{r[f'before_worker_cpu_ms_per_1000_{size}']:>26,.0f} {r[f'after_worker_cpu_ms_per_1000_{size}']:>7,.0f} "
+            f"{r[f'worker_cpu_reduction_{size}']:>8.1f}x  {r[f'device_step_cpu_ms_per_1000_{size}']:>30,.0f}"
+        )
+    for name, (direction, threshold) in DATA_PATH_TARGETS.items():
+        value = r[name]
+        met = value >= threshold if direction == ">=" else value <= threshold
+        print(f"{name:<26} {value:9.1f}  {direction} {threshold:<6g} {'met' if met else 'MISSED'}")
+    print()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
@@ -503,7 +705,7 @@ def print_table(results: dict[str, Any]) -> None:
         ("2 trainer: run_classification.main", r["trainer_images_per_s"], r["trainer_peak_rss_mb"],
          r["trainer_startup_s"], f"step spread {r['trainer_step_spread']:.0%}"),
         *((f"3 data pipeline, 1 worker, {size} px", r[f"loader_images_per_s_{size}"], None, None,
-           "decode+augment+collate") for size in r["loader_image_sizes"]),
+           "decode+policy+collate") for size in r["loader_image_sizes"]),
         ("4 by hand: processor + forward, batched", r["batched_images_per_s"], None, None, "PIL images, no_grad"),
         ("4 forward alone, batched", r["forward_only_images_per_s"], None, None, "pre-processed tensors"),
         ("4 pipeline('image-classification')", r["pipeline_images_per_s"], None, None,
@@ -554,6 +756,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise FileNotFoundError(f"--dataset_name {dataset!r}: no such folder")
         # The data measurements come first: they also build the datasets cache the Trainer's process then reads.
         splits, data_args = prepare_splits(dataset, cache_dir)
+        data_path = measure_recipe_data_path(splits, dataset, cache_dir, args)
+        if args.data_path_only:
+            results = {**data_path, "batch_size": args.batch_size, "repeats": args.repeats, "dataset": args.dataset}
+            results["torch_version"] = torch.__version__
+            print_data_path_table(results)
+            print(json.dumps(results), flush=True)
+            return results
         loader = {
             size: max(
                 measure_loader(splits, data_args, size, args.batch_size, args.loader_batches)
@@ -591,6 +800,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **{f"loader_images_per_s_{size}": value for size, value in loader.items()},
         "loader_image_sizes": list(loader),
         **inference,
+        **data_path,
         "ceiling_peak_rss_mb": ceiling["peak_rss_mb"],
         "trainer_peak_rss_mb": trainer["peak_rss_mb"],
         "ceiling_peak_gpu_mb": ceiling["peak_gpu_mb"],
@@ -625,6 +835,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results["transformers_version"] = transformers.__version__
     print_table(results)
+    print_data_path_table(results)
     print(json.dumps(results), flush=True)
     return results
 

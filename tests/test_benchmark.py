@@ -37,3 +37,30 @@ def test_tiny_benchmark_prints_the_figures_as_one_json_line():
     assert (results["image_size"], results["batch_size"], results["dataset"]) == (32, 8, "generated")
     assert results["threads"] >= 1 and results["torch_version"]
     assert "train_ratio" in completed.stdout.split(lines[-1])[0]  # the table comes first
+    assert results["after_bytes_per_sample"] <= 4096 and results["before_bytes_per_sample_384"] > 1_700_000
+
+
+def test_tiny_data_path_measurement_reports_bytes_and_cpu_time_before_and_after():
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/benchmark.py", "--tiny", "--dataset", "generated", "--data_path_only"],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert results["data_path_sizes"] == [224, 384]
+    assert results["data_path_augmentation"]["augmentation"] == "trivialaugment"  # the GPU recipe's
+    for size in (224, 384):
+        # before: normalised float32 images at the model size and soft targets for 100 + 20 classes
+        assert results[f"before_bytes_per_sample_{size}"] == 3 * size * size * 4 + (100 + 20) * 4
+        # after: the 32 px source image in 8 bits, two labels and the drawn parameters
+        assert 3 * 32 * 32 + 2 * 8 < results[f"after_bytes_per_sample_{size}"] <= 4096
+        for name in ("before_worker_cpu_ms_per_1000", "after_worker_cpu_ms_per_1000", "device_step_cpu_ms_per_1000"):
+            assert math.isfinite(results[f"{name}_{size}"]) and results[f"{name}_{size}"] > 0, name
+        reduction = results[f"worker_cpu_reduction_{size}"]
+        assert reduction == pytest.approx(
+            results[f"before_worker_cpu_ms_per_1000_{size}"] / results[f"after_worker_cpu_ms_per_1000_{size}"]
+        )
+    assert "worker_cpu_reduction_384" in completed.stdout.split("\n{")[0]  # the table comes first

@@ -33,6 +33,7 @@ from data_utils import (
     prepare_datasets,
     uniform_draws,
 )
+from device_preprocess import DevicePreprocessor
 
 STANDARD_COLUMNS = ["image", "labels", "coarse_labels", "index"]
 
@@ -463,6 +464,17 @@ def _encoded_batch(indices: list[int]) -> dict[str, list]:
     return {"image": images, "labels": indices, "coarse_labels": coarse, "index": indices}
 
 
+def _split_examples(output: dict[str, list]) -> list[dict]:
+    """The examples of a batch transform's output, as `Dataset.__getitems__` gives them to a collator."""
+    return [{key: values[i] for key, values in output.items()} for i in range(len(output["index"]))]
+
+
+def _model_inputs(output: dict[str, list], image_size: int = 32) -> list[torch.Tensor]:
+    """Each image of a batch transform's output as the model gets it: collated, then preprocessed."""
+    batch = HierarchicalCollator(make_config(image_size))(_split_examples(output))
+    return list(DevicePreprocessor(make_config(image_size))(batch)["pixel_values"])
+
+
 def test_image_transform_output_keys():
     output = ImageTransform(build_eval_transform(make_config(32)))(_encoded_batch([0, 1, 2]))
     assert sorted(output) == ["coarse_labels", "index", "labels", "pixel_values"]
@@ -475,15 +487,15 @@ def test_train_transform_is_seeded_by_seed_epoch_and_index_only(policy):
     batch = _encoded_batch([0, 1, 2, 3])
     transform = _train_transform(augmentation=policy, random_erasing=0.5)
     torch.manual_seed(0)
-    first = transform(batch)["pixel_values"]
+    first = _model_inputs(transform(batch))
     state = torch.get_rng_state()
     torch.manual_seed(12345)
     torch.rand(100)
-    again = transform(batch)["pixel_values"]
+    again = _model_inputs(transform(batch))
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
     # one row alone, in a different batch position, gets the same augmentation
-    alone = transform({key: values[2:3] for key, values in batch.items()})["pixel_values"][0]
+    alone = _model_inputs(transform({key: values[2:3] for key, values in batch.items()}))[0]
     assert torch.equal(alone, first[2])
     # the global RNG is left as it was
     torch.manual_seed(0)
@@ -491,9 +503,9 @@ def test_train_transform_is_seeded_by_seed_epoch_and_index_only(policy):
     assert torch.equal(torch.get_rng_state(), state)
     # another epoch or seed draws differently
     transform.set_epoch(1)
-    assert not any(torch.equal(a, b) for a, b in zip(first, transform(batch)["pixel_values"], strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first, _model_inputs(transform(batch)), strict=True))
     other_seed = _train_transform(seed=8, augmentation=policy, random_erasing=0.5)
-    assert not all(torch.equal(a, b) for a, b in zip(first, other_seed(batch)["pixel_values"], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, _model_inputs(other_seed(batch)), strict=True))
 
 
 def test_image_transform_survives_pickling():
@@ -501,7 +513,7 @@ def test_image_transform_survives_pickling():
     transform.set_epoch(3)
     batch = _encoded_batch([5, 6])
     restored = pickle.loads(pickle.dumps(transform))
-    for a, b in zip(transform(batch)["pixel_values"], restored(batch)["pixel_values"], strict=True):
+    for a, b in zip(_model_inputs(transform(batch)), _model_inputs(restored(batch)), strict=True):
         assert torch.equal(a, b)
 
 
@@ -528,15 +540,16 @@ def test_apply_transforms_and_epoch_callback(tiny_parquet_dir, tmp_path):
     config = make_config(32)
     transformed = apply_transforms(prepare_datasets(args, config, seed=0), config, args, seed=0)
     train, test = transformed["train"], transformed["test"]
-    assert sorted(train[0]) == ["coarse_labels", "epoch", "index", "labels", "pixel_values"]
+    assert sorted(train[0]) == ["augmentation", "coarse_labels", "epoch", "index", "labels", "pixel_values"]
     assert "epoch" not in test[0] and torch.equal(test[0]["pixel_values"], test[0]["pixel_values"])
-    epoch0 = train[0]["pixel_values"]
+    preprocess, collate = DevicePreprocessor(config), HierarchicalCollator(config)
+    epoch0 = preprocess(collate([train[0]]))["pixel_values"]
     callback, training_args = EpochCallback(train), TrainingArguments(output_dir=str(tmp_path))
     for fractional, expected in ((0.0, 0), (1.0, 1), (2.4999, 2), (2.9999999999, 3)):
         callback.on_epoch_begin(training_args, TrainerState(epoch=fractional), TrainerControl())
         assert train[0]["epoch"] == expected
     callback.on_epoch_begin(training_args, TrainerState(epoch=0.5), TrainerControl())
-    assert torch.equal(train[0]["pixel_values"], epoch0)
+    assert torch.equal(preprocess(collate([train[0]]))["pixel_values"], epoch0)
 
 
 def test_dataloader_workers_see_the_same_augmentations(tiny_parquet_dir, tmp_path):
@@ -548,7 +561,7 @@ def test_dataloader_workers_see_the_same_augmentations(tiny_parquet_dir, tmp_pat
 
     def batches(num_workers):
         loader = torch.utils.data.DataLoader(train, batch_size=4, num_workers=num_workers, collate_fn=collator)
-        return list(loader)
+        return [DevicePreprocessor(config)(batch) for batch in loader]
 
     for in_process, in_worker in zip(batches(0), batches(2), strict=True):
         assert all(torch.equal(in_process[key], in_worker[key]) for key in in_process)
@@ -595,8 +608,9 @@ def test_collator_stacks_hard_labels():
 def test_collator_mixes_fine_and_coarse_targets_alike(mixup_alpha, cutmix_alpha):
     config = make_config(32)
     collator = HierarchicalCollator(config, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, seed=1)
+    preprocess = DevicePreprocessor(config)
     examples = _examples(batch_size=16)
-    batch = collator(examples)
+    batch = preprocess(collator(examples))
     assert batch["labels"].shape == (16, 100) and batch["coarse_labels"].shape == (16, 20)
     assert batch["labels"].dtype == batch["coarse_labels"].dtype == batch["pixel_values"].dtype == torch.float32
     assert torch.equal(batch["coarse_labels"], batch["labels"] @ config.hierarchy_matrix())
@@ -606,15 +620,15 @@ def test_collator_mixes_fine_and_coarse_targets_alike(mixup_alpha, cutmix_alpha)
     assert not torch.equal(batch["pixel_values"], torch.stack([e["pixel_values"] for e in examples]))
     # reproducible from (seed, epoch, indices), independent of the global RNG; another epoch draws differently
     torch.manual_seed(99)
-    again = collator(_examples(batch_size=16))
+    again = preprocess(collator(_examples(batch_size=16)))
     assert all(torch.equal(batch[key], again[key]) for key in batch)
-    assert not torch.equal(collator(_examples(batch_size=16, epoch=1))["labels"], batch["labels"])
+    assert not torch.equal(preprocess(collator(_examples(batch_size=16, epoch=1)))["labels"], batch["labels"])
 
 
 def test_collator_never_mixes_evaluation_examples():
     collator = HierarchicalCollator(make_config(32), mixup_alpha=1.0, cutmix_alpha=1.0)
     examples = _examples(epoch=None)
-    batch = collator(examples)
+    batch = DevicePreprocessor(make_config(32))(collator(examples))
     assert batch["labels"].dtype == torch.int64 and batch["labels"].shape == (8,)
     assert torch.equal(batch["pixel_values"], torch.stack([e["pixel_values"] for e in examples]))
 
@@ -622,7 +636,7 @@ def test_collator_never_mixes_evaluation_examples():
 def test_collator_with_mix_prob_zero_gives_one_hot_targets():
     config = make_config(32)
     examples = _examples()
-    batch = HierarchicalCollator(config, mixup_alpha=1.0, mix_prob=0.0)(examples)
+    batch = DevicePreprocessor(config)(HierarchicalCollator(config, mixup_alpha=1.0, mix_prob=0.0)(examples))
     labels = torch.tensor([e["labels"] for e in examples])
     assert torch.equal(batch["labels"], torch.nn.functional.one_hot(labels, 100).float())
     assert torch.equal(batch["coarse_labels"], batch["labels"] @ config.hierarchy_matrix())
