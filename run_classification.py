@@ -435,10 +435,14 @@ class EMACallback(TrainerCallback):
         names = list(self.shadow)
         torch._foreach_lerp_([self.shadow[k] for k in names], [current[k].float() for k in names], 1.0 - self.decay)
 
+    def save(self, folder: str, step: int) -> None:
+        """Write the average into checkpoint `folder` (once per step)."""
+        save_file({k: v.contiguous().cpu() for k, v in self.shadow.items()}, os.path.join(folder, EMA_FILE))
+        self.saved_step = step
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if args.should_save:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            save_file({k: v.contiguous().cpu() for k, v in self.shadow.items()}, os.path.join(folder, EMA_FILE))
+        if args.should_save and getattr(self, "saved_step", None) != state.global_step:
+            self.save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"), state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Make the averaged weights the final model (those of the best checkpoint when it was reloaded)."""
@@ -578,8 +582,14 @@ class HierarchicalTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model: nn.Module, trial=None) -> None:
-        """Save a checkpoint, never one with NaN or infinite weights (the last good one stays the newest)."""
+        """Save a checkpoint, never one with NaN or infinite weights (the last good one stays the newest). The
+        weight average is written first, so that `trainer_state.json`, written last, marks a complete checkpoint."""
         self.check_finite_weights()
+        ema = next((c for c in self.callback_handler.callbacks if isinstance(c, EMACallback)), None)
+        if ema is not None and ema.shadow is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            ema.save(folder, self.state.global_step)
         super()._save_checkpoint(model, trial)
 
     def train(self, *args, **kwargs) -> TrainOutput:
