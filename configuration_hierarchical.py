@@ -219,10 +219,10 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
             raise ValueError(f"num_frozen_stages must be in [0, {NUM_BACKBONE_STAGES}], got {self.num_frozen_stages!r}")
         for field in ("dropout", "drop_path_rate", "label_smoothing"):
             value = getattr(self, field)
-            if not 0.0 <= value < 1.0:
+            if not (math.isfinite(value) and 0.0 <= value < 1.0):
                 raise ValueError(f"{field} must be in [0, 1), got {value!r}")
-        if self.coarse_loss_weight < 0:
-            raise ValueError(f"coarse_loss_weight must be >= 0, got {self.coarse_loss_weight!r}")
+        if not (math.isfinite(self.coarse_loss_weight) and self.coarse_loss_weight >= 0):
+            raise ValueError(f"coarse_loss_weight must be a finite number >= 0, got {self.coarse_loss_weight!r}")
         if not isinstance(self.image_size, int) or self.image_size < 16:
             raise ValueError(f"image_size must be an integer >= 16, got {self.image_size!r}")
         if self.num_channels != 3:

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import difflib
+import fcntl
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,8 +45,10 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations import is_tensorboard_available
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy, SchedulerType
+from transformers.trainer_pt_utils import safe_globals
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy, SchedulerType, TrainOutput
 from transformers.utils.import_utils import is_in_notebook
 
 import model_card
@@ -63,6 +67,19 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 HEAD_PREFIXES = ("coarse_classifier.", "fine_classifier.")
 EMA_FILE = "ema.safetensors"
+LOCK_FILE = ".run.lock"
+RNG_FILE_RE = re.compile(r"^rng_state(_\d+)?\.pth$")
+RNG_KEYS = ("python", "numpy", "cpu")
+EVAL_MEMORY_FACTOR = 10  # peak memory of an evaluation batch, measured at 32 and 64 px: 11 to 22 times its input
+
+
+def check_finite_options(arguments: object) -> None:
+    """Raise `ValueError` naming the first floating-point option of a dataclass that is NaN or infinite: such
+    values pass every `< 0` check and would train a model full of NaN."""
+    for option in dataclasses.fields(arguments):
+        value = getattr(arguments, option.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{option.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -98,11 +115,20 @@ class ModelArguments(CalibrationArguments):
     channels_last: bool | None = field(default=None, metadata={"help": "Channels-last memory format."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models."})
+    allow_missing_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Load a --model_name_or_path whose weights file lacks some of the model's tensors or holds "
+            "others (they keep their fresh initialisation). Off: such a folder is an error naming the tensors."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.backbone_weights.lower() == "none":
             self.backbone_weights = None
+        check_finite_options(self)
+        HierarchicalEfficientNetV2Config(backbone_weights=None, **self.config_overrides())  # checks every range
 
     def config_overrides(self) -> dict:
         """The config options given on the command line (unset ones keep the config's values)."""
@@ -185,8 +211,16 @@ class HierarchicalTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(
         default=None, metadata={"help": "Integrations to log to; default: TensorBoard when installed, else none."}
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace NaN/inf step losses by the average in the logs. Off (the default): a non-finite loss "
+            "shows in the log and stops training with an error."
+        },
+    )
 
     def __post_init__(self) -> None:
+        check_finite_options(self)
         if self.epochs is not None:
             self.num_train_epochs = self.epochs
         if self.batch_size is not None:
@@ -211,6 +245,9 @@ class HierarchicalTrainingArguments(TrainingArguments):
                 raise ValueError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.lr_fc == 0:
             raise ValueError("--lr_fc must be > 0, got 0")
+        for name in ("max_grad_norm", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
         if not 0 <= self.ema_decay < 1:
@@ -370,12 +407,21 @@ def load_model(
             raise ValueError(f"--model_name_or_path {source!r} is not a saved model: it has no {', '.join(missing)}")
     elif os.path.sep in source and source.count("/") != 1:
         raise ValueError(f"--model_name_or_path {source!r} is neither a folder nor a Hub id (owner/name)")
+    if os.path.isdir(source):
+        for name in sorted(os.listdir(source)):
+            problem = safetensors_problem(os.path.join(source, name)) if name.endswith(".safetensors") else None
+            if problem:
+                raise ValueError(
+                    f"--model_name_or_path {source!r}: {problem}; copy the model folder again or pass another one"
+                )
     try:
-        return HierarchicalEfficientNetV2ForImageClassification.from_pretrained(
+        model, info = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(
             source,
             cache_dir=cache_dir,
             revision=model_args.model_revision,
             token=model_args.token,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, with the other differences
             **overrides,
         )
     except OSError as error:
@@ -383,6 +429,23 @@ def load_model(
             f"could not load the model {source!r}: {str(error).splitlines()[0]} "
             "(offline? pass a local folder written by this script)"
         ) from error
+    problems = [
+        f"{len(info[kind])} {what} ({', '.join(sorted(map(str, info[kind]))[:5])}{', ...' if len(info[kind]) > 5 else ''})"
+        for kind, what in (
+            ("missing_keys", "tensors missing from the weights file"),
+            ("unexpected_keys", "unexpected tensors in the weights file"),
+            ("mismatched_keys", "tensors of another shape"),
+        )
+        if info.get(kind)
+    ]
+    if problems and not model_args.allow_missing_weights:
+        raise ValueError(
+            f"--model_name_or_path {source!r} does not match the model: {'; '.join(problems)}. Pass a complete "
+            "model folder, or --allow_missing_weights to keep fresh weights for the missing tensors"
+        )
+    if problems:
+        logger.warning("Loaded %s with --allow_missing_weights: %s", source, "; ".join(problems))
+    return model
 
 
 def parameter_groups(
@@ -409,6 +472,11 @@ def parameter_groups(
     ]
 
 
+def _load_to(path: str, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file on `device` (safetensors itself refuses indexed CPU devices, `cpu:0`)."""
+    return {name: value.to(device) for name, value in load_file(path).items()}
+
+
 class EMACallback(TrainerCallback):
     """Exponential moving average of the model's floating-point state (weights and BatchNorm statistics).
 
@@ -428,7 +496,7 @@ class EMACallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
         if self.resume_from is not None:
-            self.shadow = load_file(os.path.join(self.resume_from, EMA_FILE), device=str(args.device))
+            self.shadow = _load_to(os.path.join(self.resume_from, EMA_FILE), args.device)
         else:
             self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
@@ -438,16 +506,20 @@ class EMACallback(TrainerCallback):
         names = list(self.shadow)
         torch._foreach_lerp_([self.shadow[k] for k in names], [current[k].float() for k in names], 1.0 - self.decay)
 
+    def save(self, folder: str, step: int) -> None:
+        """Write the average into checkpoint `folder` (once per step)."""
+        save_file({k: v.contiguous().cpu() for k, v in self.shadow.items()}, os.path.join(folder, EMA_FILE))
+        self.saved_step = step
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if args.should_save:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            save_file({k: v.contiguous().cpu() for k, v in self.shadow.items()}, os.path.join(folder, EMA_FILE))
+        if args.should_save and getattr(self, "saved_step", None) != state.global_step:
+            self.save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"), state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Make the averaged weights the final model (those of the best checkpoint when it was reloaded)."""
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best and os.path.isfile(os.path.join(best, EMA_FILE)):
-            self.shadow = load_file(os.path.join(best, EMA_FILE), device=str(args.device))
+            self.shadow = _load_to(os.path.join(best, EMA_FILE), args.device)
         kwargs["model"].load_state_dict(self.shadow, strict=False)
 
     @contextlib.contextmanager
@@ -513,9 +585,42 @@ def time_schedule_factor(progress: float, warmup: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / (1.0 - warmup))))
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced a NaN or infinite loss or weights: it stopped, and nothing was saved as its result."""
+
+
+class ResumeCheckCallback(TrainerCallback):
+    """Checks a resumed state against this run once the Trainer has loaded it: a `global_step` beyond the run's
+    steps is refused (the run would end at once without training); one at the run's end marks a finished run; the
+    best checkpoint is looked up in this `output_dir`, never in a folder named elsewhere."""
+
+    def __init__(self):
+        self.finished_at: int | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.finished_at = None
+        if state.global_step == 0:
+            return
+        if state.global_step > state.max_steps:
+            raise ValueError(
+                f"the resumed checkpoint is at step {state.global_step}, beyond this run's {state.max_steps} steps: "
+                "pass the options of the run that wrote it, --restart_from_scratch with another --output_dir, or "
+                "--resume_from_checkpoint naming an earlier checkpoint"
+            )
+        if state.best_model_checkpoint is not None:
+            local = os.path.join(args.output_dir, os.path.basename(os.path.normpath(state.best_model_checkpoint)))
+            if os.path.abspath(local) != os.path.abspath(state.best_model_checkpoint):
+                logger.warning("Best checkpoint %s taken from this output_dir: %s", state.best_model_checkpoint, local)
+                state.best_model_checkpoint = local if os.path.isdir(local) else None
+        if state.global_step == state.max_steps:
+            self.finished_at = state.global_step
+
+
 class HierarchicalTrainer(Trainer):
     """`Trainer` with separate learning rates for the backbone and the heads, evaluation of the weight average
-    when `--ema_decay` is set, preprocessing on the device, and this project's model card.
+    when `--ema_decay` is set, preprocessing on the device, and this project's model card. Training stops with
+    [`NonFiniteTrainingError`] when the logged loss or the weights become NaN or infinite; a rerun of a finished
+    training keeps its results.
 
     Batches come from `HierarchicalCollator` as 8-bit images at their source size with the drawn augmentation
     parameters; they are copied to the device without blocking the host, and `device_preprocessor` turns them into
@@ -532,6 +637,8 @@ class HierarchicalTrainer(Trainer):
         preprocessor = device_preprocessor or DevicePreprocessor(self.model.config)
         self.device_preprocessor = preprocessor.to(self.args.device)
         self._filter_loss_on_device = False
+        self.resume_check = ResumeCheckCallback()
+        self.add_callback(self.resume_check)
 
     def create_accelerator_and_postprocess(self) -> None:
         """As the Trainer's, with batches copied to the device without blocking the host (from pinned memory with
@@ -543,11 +650,11 @@ class HierarchicalTrainer(Trainer):
         """The batch on the device (where the data loader already put it), preprocessed there."""
         return self.device_preprocessor(super()._prepare_inputs(inputs))
 
-    def train(self, *args, **kwargs):
-        """Train. With `--logging_nan_inf_filter` (the default), non-finite losses are kept out of the logged loss
-        on the device, in `training_step`, instead of by the Trainer's own filter, which reads every loss on the host
-        and so makes it wait for the device at each step. The option reads as given everywhere else. (Versions of
-        the Trainer that keep the running loss in a local variable keep their own filter.)"""
+    def _train_filtering_on_device(self, *args, **kwargs) -> TrainOutput:
+        """The Trainer's `train`. With `--logging_nan_inf_filter` (the default), non-finite losses are kept out of the
+        logged loss on the device, in `training_step`, instead of by the Trainer's own filter, which reads every loss
+        on the host and so makes it wait for the device at each step. The option reads as given everywhere else.
+        (Versions of the Trainer that keep the running loss in a local variable keep their own filter.)"""
         if "_tr_loss" not in Trainer._inner_training_loop.__code__.co_names:
             return super().train(*args, **kwargs)
         self._filter_loss_on_device, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
@@ -588,6 +695,67 @@ class HierarchicalTrainer(Trainer):
         """Push a checkpoint, with the options as given (they are pushed too)."""
         with self._options_as_given():
             super()._push_from_checkpoint(*args, **kwargs)
+
+    def _diverged(self, what: str) -> NonFiniteTrainingError:
+        checkpoints = find_checkpoints(self.args.output_dir)
+        kept = f"the last checkpoint, {checkpoints[-1]}, is kept" if checkpoints else "no checkpoint was written"
+        return NonFiniteTrainingError(
+            f"{what} at step {self.state.global_step}: training diverged and stopped. Nothing was saved as the "
+            f"final model; {kept}. Lower --lr_conv/--lr_fc or set --max_grad_norm, then train again"
+        )
+
+    def check_finite_weights(self) -> None:
+        """Raise [`NonFiniteTrainingError`] naming the first NaN or infinite weight or buffer (one pass, one sync;
+        in multi-process runs every process learns whether any found one)."""
+        values = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+        finite = torch.stack([torch.isfinite(v).all() for v in values.values()]).all().to(torch.int32)
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():
+            bad = next((k for k, v in values.items() if not torch.isfinite(v).all()), "another process's weights")
+            raise self._diverged(f"the model holds NaN or infinite values ({bad})")
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Log as the Trainer does; a NaN or infinite training loss stops training (see `--logging_nan_inf_filter`)."""
+        for key in ("loss", "train_loss"):
+            if key in logs and not math.isfinite(logs[key]):
+                raise self._diverged(f"the training loss is {logs[key]}")
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial=None) -> None:
+        """Save a checkpoint, never one with NaN or infinite weights (the last good one stays the newest). The
+        weight average is written first, so that `trainer_state.json`, written last, marks a complete checkpoint."""
+        self.check_finite_weights()
+        ema = next((c for c in self.callback_handler.callbacks if isinstance(c, EMACallback)), None)
+        if ema is not None and ema.shadow is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            ema.save(folder, self.state.global_step)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, *args, **kwargs) -> TrainOutput:
+        """Train; the final weights are checked to be finite. Resumed from a checkpoint at the end of the run, there
+        is nothing to train: the results of the run that finished are kept, not replaced by empty ones."""
+        output = self._train_filtering_on_device(*args, **kwargs)
+        if self.resume_check.finished_at is not None:
+            step = self.resume_check.finished_at
+            logger.warning("Training already finished at step %d: nothing to do; its results are kept", step)
+            previous = os.path.join(self.args.output_dir, "train_results.json")
+            metrics = json.loads(Path(previous).read_text()) if os.path.isfile(previous) else {}
+            metrics = {k: v for k, v in metrics.items() if k != "train_samples"} or {"epoch": output.metrics["epoch"]}
+            if self.state.log_history and "train_runtime" in self.state.log_history[-1]:
+                self.state.log_history[-1] = {**metrics, "step": step}  # the finished run's summary, not this one's
+            output = TrainOutput(output.global_step, metrics.get("train_loss", float("nan")), metrics)
+        self.check_finite_weights()
+        return output
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's loop; in multi-process runs every process first takes the main process's buffers (BatchNorm
+        statistics drift apart per process during training), so each evaluates the model that is saved."""
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        return super().evaluation_loop(*args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Build the optimizer chosen by `--optim` over [`parameter_groups`]; the scheduler scales every group."""
@@ -657,27 +825,124 @@ def compute_metrics(eval_prediction: EvalPrediction, fine_to_coarse: list[int]) 
     return compute_hierarchy_metrics(logits, coarse_logits, labels, coarse_labels, fine_to_coarse)
 
 
-def checkpoint_problem(path: str, needs_ema: bool = False) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (a missing or truncated file), or None if it is complete.
-    With `needs_ema`, the weight average `ema.safetensors` must be there too."""
+def safetensors_problem(path: str, shapes: dict[str, tuple[int, ...]] | None = None) -> str | None:
+    """Why `path` is not a complete safetensors file, or (with `shapes`) why its tensors are not those names and
+    shapes; None if it is fine. Only the header is read."""
+    name = os.path.basename(path)
+    try:  # safetensors checks that the header covers the whole file
+        with safe_open(path, framework="pt") as file:
+            found = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
+    except Exception as error:
+        return f"{name} is missing, truncated or not a safetensors file ({str(error).splitlines()[0][:100]})"
+    if shapes is None:
+        return None
+    for what, names in (
+        ("lacks the model's tensors", sorted(set(shapes) - set(found))),
+        ("holds tensors the model does not have", sorted(set(found) - set(shapes))),
+        (
+            "holds tensors of another shape than the model's",
+            sorted(k for k in found if k in shapes and found[k] != shapes[k]),
+        ),
+    ):
+        if names:
+            return f"{name} {what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} ({len(names)})"
+    return None
+
+
+def _torch_file_problem(path: str, keys: tuple[str, ...]) -> str | None:
+    """Why a `torch.save` file cannot be resumed from: missing, truncated, holding more than tensors and plain
+    containers (it is never unpickled beyond those), or a dict without `keys`."""
+    name = os.path.basename(path)
     try:
-        with open(os.path.join(path, "trainer_state.json")) as file:
-            json.load(file)
+        with safe_globals():  # the numpy types of the RNG state, as the Trainer allows when it resumes
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        return f"{name} is missing, truncated or unsafe to load ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
+    absent = [key for key in keys if not isinstance(content, dict) or key not in content]
+    return f"{name} lacks {', '.join(absent)}" if absent else None
+
+
+def _best_metric_problem(state: dict, path: str, metric: str, greater_is_better: bool) -> str | None:
+    """Why `state`'s best checkpoint and best metric disagree with its own evaluation log, or None."""
+    best, best_step = state.get("best_metric"), state.get("best_global_step")
+    if best is None:
+        return None
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    logged = [
+        (entry["step"], entry[metric])
+        for entry in state.get("log_history") or []
+        if isinstance(entry, dict) and metric in entry and entry.get("step") is not None
+    ]
+    if not logged:
+        return f"trainer_state.json has best_metric {best} but its log holds no {metric}"
+    pick = max if greater_is_better else min
+    true_value = pick(value for _, value in logged)
+    true_step = next(step for step, value in logged if value == true_value)  # the first one: later ties lose
+    if best != true_value or (best_step is not None and best_step != true_step):
+        return (
+            f"trainer_state.json says the best {metric} is {best} (step {best_step}), but its log says "
+            f"{true_value} at step {true_step}"
+        )
+    folder = state.get("best_model_checkpoint")
+    if folder is not None and os.path.basename(os.path.normpath(folder)) != f"{PREFIX_CHECKPOINT_DIR}-{true_step}":
+        return (
+            f"trainer_state.json names {folder!r} as best checkpoint, but the best evaluation was at step {true_step}"
+        )
+    sibling = os.path.join(os.path.dirname(os.path.abspath(path)), f"{PREFIX_CHECKPOINT_DIR}-{true_step}")
+    if os.path.abspath(sibling) != os.path.abspath(path) and os.path.isfile(os.path.join(sibling, TRAINER_STATE_NAME)):
+        try:
+            own = json.loads(Path(sibling, TRAINER_STATE_NAME).read_text())
+            own_value = next(e[metric] for e in own["log_history"] if e.get("step") == true_step and metric in e)
+        except (OSError, ValueError, TypeError, KeyError, StopIteration, AttributeError):
+            own_value = None
+        if own_value != true_value:
+            return f"the best checkpoint {sibling} does not record {metric} {true_value} at step {true_step}"
+    return None
+
+
+def checkpoint_problem(
+    path: str,
+    needs_ema: bool = False,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    metric_for_best_model: str | None = None,
+    greater_is_better: bool = True,
+) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None if it is complete.
+
+    Checked: `trainer_state.json` is a JSON object whose `global_step` matches the folder name and whose best
+    checkpoint and metric agree with its evaluation log (with `metric_for_best_model`); `model.safetensors` (and,
+    with `needs_ema`, `ema.safetensors`) complete, with the tensor names and shapes of `shapes` when given; the
+    optimizer, scheduler and RNG states load as tensors and plain containers (nothing else is unpickled) and hold
+    what resuming reads. Only files the Trainer writes are judged: anything else in the folder is ignored."""
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as file:
+            state = json.load(file)
     except (OSError, ValueError) as error:
         return f"trainer_state.json is missing or truncated ({type(error).__name__})"
-    for name in ["model.safetensors"] + ([EMA_FILE] if needs_ema else []):
-        try:  # safetensors checks that the header covers the whole file
-            with safe_open(os.path.join(path, name), framework="pt"):
-                pass
-        except Exception as error:
-            return f"{name} is missing or truncated ({str(error).splitlines()[0][:100]})"
-    rng_files = [name for name in os.listdir(path) if name.startswith("rng_state")]
-    for name in ["optimizer.pt", "scheduler.pt", *rng_files]:
-        try:  # torch.save writes a zip archive; a truncated one has no central directory. Nothing is unpickled.
-            with zipfile.ZipFile(os.path.join(path, name)) as archive:
-                archive.infolist()
-        except (OSError, zipfile.BadZipFile) as error:
-            return f"{name} is missing or truncated ({type(error).__name__})"
+    if not isinstance(state, dict):
+        return f"trainer_state.json holds {type(state).__name__}, not a JSON object"
+    float_shapes = None
+    if shapes is not None:
+        float_shapes = {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
+    for name, expected in [("model.safetensors", shapes)] + ([(EMA_FILE, float_shapes)] if needs_ema else []):
+        problem = safetensors_problem(os.path.join(path, name), expected)
+        if problem:
+            return problem
+    rng_files = [name for name in os.listdir(path) if RNG_FILE_RE.match(name)]
+    for name, keys in [(OPTIMIZER_NAME, ("state", "param_groups")), (SCHEDULER_NAME, ("last_epoch",))] + [
+        (name, RNG_KEYS) for name in rng_files
+    ]:
+        problem = _torch_file_problem(os.path.join(path, name), keys)
+        if problem:
+            return problem
+    step = state.get("global_step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"trainer_state.json has global_step {step!r}, not a step number"
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    if match and int(match.group(1)) != step:
+        return f"trainer_state.json has global_step {step} but the folder is {os.path.basename(path)}"
+    if metric_for_best_model is not None:
+        return _best_metric_problem(state, path, metric_for_best_model, greater_is_better)
     return None
 
 
@@ -689,20 +954,30 @@ def find_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
-def resolve_checkpoint(training_args: HierarchicalTrainingArguments) -> str | None:
+def resolve_checkpoint(training_args: HierarchicalTrainingArguments, model: nn.Module | None = None) -> str | None:
     """The checkpoint to resume from: the one asked for (it must be complete) or, by default, the newest complete
-    checkpoint in `output_dir`. Incomplete ones are named in a warning and moved aside to `incomplete-<name>`
-    (never deleted). With checkpoints present but none usable, stop unless `--restart_from_scratch`."""
-    needs_ema = training_args.ema_decay > 0
+    checkpoint in `output_dir` ([`checkpoint_problem`], with the tensor shapes of `model` when given). Incomplete
+    ones are named in a warning and moved aside to `incomplete-<name>` (never deleted). With checkpoints present but
+    none usable, stop unless `--restart_from_scratch`."""
+    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()} if model is not None else None
+    metric = training_args.metric_for_best_model if training_args.load_best_model_at_end else None
+    greater = training_args.greater_is_better if training_args.greater_is_better is not None else True
+    problem_of = partial(
+        checkpoint_problem,
+        needs_ema=training_args.ema_decay > 0,
+        shapes=shapes,
+        metric_for_best_model=metric,
+        greater_is_better=greater,
+    )
     if training_args.resume_from_checkpoint is not None:
-        problem = checkpoint_problem(training_args.resume_from_checkpoint, needs_ema)
+        problem = problem_of(training_args.resume_from_checkpoint)
         if problem:
             raise ValueError(f"cannot resume from {training_args.resume_from_checkpoint!r}: {problem}")
         logger.info("Resuming from %s", training_args.resume_from_checkpoint)
         return training_args.resume_from_checkpoint
     checkpoints = find_checkpoints(training_args.output_dir)
     for path in reversed(checkpoints):
-        problem = checkpoint_problem(path, needs_ema)
+        problem = problem_of(path)
         if problem is None:
             logger.info("output_dir holds checkpoints: continuing from the last complete one, %s", path)
             return path
@@ -716,6 +991,57 @@ def resolve_checkpoint(training_args: HierarchicalTrainingArguments) -> str | No
             "pass --restart_from_scratch to train from the start, or another --output_dir"
         )
     return None
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str) -> Iterator[None]:
+    """Hold `output_dir/.run.lock` for the duration: an exclusive `flock` that the system releases when the process
+    ends in any way, so the lock of a killed run is never stale. The file names the holder (pid and host); a second
+    run into the same folder stops with `ValueError` naming it. Creating the folder and the file also proves, before
+    any work, that the folder is writable."""
+    path = os.path.join(output_dir, LOCK_FILE)
+    while True:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise ValueError(f"--output_dir {output_dir!r} cannot be written: {error.strerror}") from error
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(path).read_text().strip() or "a process that is starting"
+            os.close(descriptor)
+            raise ValueError(
+                f"--output_dir {output_dir!r} is in use by another run ({holder}): wait for it to end, or choose "
+                "another --output_dir"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):  # a holder that was ending may have removed the file
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                break
+        os.close(descriptor)
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still locked: a waiting run then sees the file is gone and opens a new one
+        os.close(descriptor)
+
+
+def check_batch_fits(batch_size: int, image_size: int) -> None:
+    """Refuse a batch that cannot fit in memory: an evaluation batch needs about `EVAL_MEMORY_FACTOR` times its
+    float32 input, training more. Compared with the machine's memory (and the accelerator's, when there is one)."""
+    needed = EVAL_MEMORY_FACTOR * batch_size * 3 * image_size * image_size * 4
+    memory = {"this machine": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")}
+    if torch.cuda.is_available():
+        memory["the GPU"] = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    for where, available in memory.items():
+        if needed > available:
+            raise ValueError(
+                f"--batch_size {batch_size} cannot fit: one batch of {image_size}x{image_size} images needs at least "
+                f"{needed / 2**30:.0f} GiB, {where} has {available / 2**30:.0f} GiB"
+            )
 
 
 def write_model_card(
@@ -733,9 +1059,20 @@ def write_model_card(
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse options, load data and model, train, evaluate, predict, save; return all metrics."""
+    """Parse options, hold the output folder, then [`run`]; return all metrics."""
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
+    image_size = model_args.image_size or HierarchicalEfficientNetV2Config().image_size
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        check_batch_fits(getattr(training_args, name), image_size)
+    with output_dir_lock(training_args.output_dir) if training_args.should_save else contextlib.nullcontext():
+        return run(model_args, data_args, training_args)
+
+
+def run(
+    model_args: ModelArguments, data_args: DataArguments, training_args: HierarchicalTrainingArguments
+) -> dict[str, float]:
+    """Load data and model, train, evaluate, predict, save; return all metrics."""
     if training_args.keep_freed_memory and keep_freed_memory():
         logger.debug("glibc allocator keeps freed memory for reuse (--keep_freed_memory)")
     set_seed(training_args.seed)
@@ -752,13 +1089,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         revision=model_args.model_revision,
     )
 
+    with quiet_transformers():
+        model = load_model(model_args, data_args.cache_dir)
     checkpoint = None
     if training_args.do_train:
         with training_args.main_process_first(desc="checkpoint scan"):
-            checkpoint = resolve_checkpoint(training_args)
-
-    with quiet_transformers():
-        model = load_model(model_args, data_args.cache_dir)
+            checkpoint = resolve_checkpoint(training_args, model)
     config = model.config
     if training_args.sync_batchnorm and training_args.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

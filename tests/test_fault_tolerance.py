@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import METRIC_NAMES, PROJECT_DIR, tiny_args
-from run_classification import main
+from run_classification import EMA_FILE, main
 
 SCRIPT = str(PROJECT_DIR / "run_classification.py")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -27,6 +27,24 @@ def checkpoint_args(data: Path, output_dir: Path, epochs: int = 3) -> list[str]:
         "--epochs", str(epochs), "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "steps",
         "--eval_steps", "3", "--save_total_limit", "2",
     ]  # fmt: skip
+
+
+PAUSE_SITECUSTOMIZE = """
+import os
+if os.environ.get("PAUSE_BEFORE"):
+    import time
+    from transformers.trainer_callback import TrainerState
+
+    _save_to_json = TrainerState.save_to_json
+
+    def save_to_json(self, json_path):
+        if json_path.endswith(os.environ["PAUSE_BEFORE"]):
+            open(os.environ["PAUSE_MARKER"], "w").close()
+            time.sleep(600)  # until killed
+        _save_to_json(self, json_path)
+
+    TrainerState.save_to_json = save_to_json
+"""
 
 
 def final_state(output_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -42,22 +60,33 @@ def test_sigkill_then_same_command_matches_an_uninterrupted_run(tiny_parquet_dir
     )
     assert done.returncode == 0
 
+    # Killed inside the save of checkpoint-6, after every file but trainer_state.json (written last): an event, not a
+    # moment, so the test means the same on a quiet and on a loaded machine.
     crashed = tmp_path / "crashed"
+    (tmp_path / "pause").mkdir()
+    (tmp_path / "pause" / "sitecustomize.py").write_text(PAUSE_SITECUSTOMIZE)
+    marker = tmp_path / "paused"
+    paused_env = {
+        **env,
+        "PYTHONPATH": str(tmp_path / "pause"),
+        "PAUSE_BEFORE": os.path.join("checkpoint-6", "trainer_state.json"),
+        "PAUSE_MARKER": str(marker),
+    }
     command = [sys.executable, SCRIPT, *checkpoint_args(tiny_parquet_dir, crashed)]
     with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 240
-        while not (crashed / "checkpoint-3" / "trainer_state.json").exists():
-            assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        process = subprocess.Popen(command, env=paused_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        while not marker.exists():
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.05)
-        time.sleep(0.3)  # somewhere in the next steps or inside the next checkpoint's save
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert not (crashed / "model.safetensors").exists(), "killed too late to test anything"
+    assert (crashed / "checkpoint-6" / "model.safetensors").is_file()
+    assert (crashed / "checkpoint-6" / EMA_FILE).is_file(), "the weight average is written before the state"
 
     rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "continuing from the last complete one" in rerun.stdout + rerun.stderr
+    assert f"Checkpoint {crashed / 'checkpoint-6'} is incomplete" in rerun.stdout + rerun.stderr
+    assert f"continuing from the last complete one, {crashed / 'checkpoint-3'}" in rerun.stdout + rerun.stderr
 
     weights, metrics = final_state(crashed)
     reference_weights, reference_metrics = final_state(reference)
