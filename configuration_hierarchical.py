@@ -1,7 +1,8 @@
-"""Configuration of the hierarchical (superclass + class) EfficientNetV2-S classifier for CIFAR-100."""
+"""Configuration of the hierarchical (superclass + class) EfficientNetV2-S classifier (CIFAR-100 by default)."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -85,6 +86,10 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
             Per-channel standard deviation used for normalisation.
         channels_last (`bool`, *optional*, defaults to `False`):
             Keep weights and activations in channels-last memory format (faster with mixed precision on GPU).
+        fine_class_weights (`list[float]`, *optional*):
+            Per-class weights of the fine cross-entropy (e.g. inverse class frequencies); `None` weighs all alike.
+        coarse_class_weights (`list[float]`, *optional*):
+            Per-superclass weights of the coarse cross-entropy; `None` weighs all alike.
 
     Example:
 
@@ -116,6 +121,8 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         image_std: list[float] | None = None,
         channels_last: bool = False,
         num_channels: int = 3,
+        fine_class_weights: list[float] | None = None,
+        coarse_class_weights: list[float] | None = None,
         **kwargs,
     ):
         if kwargs.get("per_layer_config") is not None:
@@ -138,6 +145,8 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         self.image_std = list(IMAGENET_STD if image_std is None else image_std)
         self.channels_last = channels_last
         self.num_channels = num_channels
+        self.fine_class_weights = None if fine_class_weights is None else [float(w) for w in fine_class_weights]
+        self.coarse_class_weights = None if coarse_class_weights is None else [float(w) for w in coarse_class_weights]
         super().__init__(**kwargs)
         self.validate_hierarchy()
 
@@ -198,6 +207,12 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
             value = getattr(self, field)
             if len(value) != self.num_channels or (field == "image_std" and min(value) <= 0):
                 raise ValueError(f"{field} must hold {self.num_channels} values (std > 0), got {value!r}")
+        for field, size in (("fine_class_weights", num_fine), ("coarse_class_weights", num_coarse)):
+            weights = getattr(self, field)
+            if weights is not None and (
+                len(weights) != size or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights)
+            ):
+                raise ValueError(f"{field} must hold {size} finite weights >= 0, not all 0, got {weights!r}")
         if self.backbone_weights not in (None, "imagenet") and not str(self.backbone_weights).endswith(
             (".pth", ".pt", ".safetensors")
         ):
