@@ -429,9 +429,14 @@ def set_class_weights(
     model: HierarchicalEfficientNetV2ForImageClassification, fine: list[float], coarse: list[float]
 ) -> None:
     """Weight both cross-entropies of `model` by class: stored in its config (so they are saved) and buffers."""
-    model.config.fine_class_weights = list(fine)
-    model.config.coarse_class_weights = list(coarse)
-    model.config.validate_hierarchy()
+    config = model.config
+    before = config.fine_class_weights, config.coarse_class_weights
+    config.fine_class_weights, config.coarse_class_weights = [float(w) for w in fine], [float(w) for w in coarse]
+    try:
+        config.validate_hierarchy()
+    except ValueError:
+        config.fine_class_weights, config.coarse_class_weights = before
+        raise
     device = model.fine_to_coarse.device
     model.fine_class_weights = torch.tensor(fine, dtype=torch.float32, device=device)
     model.coarse_class_weights = torch.tensor(coarse, dtype=torch.float32, device=device)

@@ -17,7 +17,13 @@ from configuration_hierarchical import CIFAR100_FINE_LABELS, HierarchicalEfficie
 from conftest import encode_image, make_image_array, tiny_args
 from data_utils import DataArguments, HierarchicalCollator, load_raw_datasets, prepare_datasets
 from eval_report import write_eval_report
-from hierarchy_data import Hierarchy, balanced_class_weights, discover_hierarchy, read_hierarchy_file
+from hierarchy_data import (
+    Hierarchy,
+    balanced_class_weights,
+    discover_hierarchy,
+    read_hierarchy_file,
+    set_class_weights,
+)
 from hierarchy_metrics import compute_hierarchy_metrics
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from run_classification import ModelArguments, load_model, main
@@ -249,8 +255,24 @@ def test_metrics_and_report_with_few_classes_and_many_superclasses(tmp_path):
     assert {"superclass_accuracy", "superclass_confusion", "confused_pairs"} <= set(written)
 
 
-def test_balanced_class_weights():
+def test_class_weights_weigh_both_losses_and_are_saved(tmp_path):
     assert balanced_class_weights(np.array([0, 0, 0, 1]), 3) == pytest.approx([4 / 6, 2.0, 1.0])
+    hierarchy = Hierarchy.from_pairs(list(PARENT.items()))
+    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32, **hierarchy.config_kwargs())
+    model = HierarchicalEfficientNetV2ForImageClassification(config).eval()
+    fine_weights, coarse_weights = [float(i + 1) for i in range(11)], [0.5, 1.0, 3.0]
+    set_class_weights(model, fine_weights, coarse_weights)
+    model.save_pretrained(tmp_path)
+    reloaded = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(tmp_path).eval()
+    pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 7, 10])
+    coarse = reloaded.fine_to_coarse[labels]
+    with torch.no_grad():
+        output = reloaded(pixels, labels=labels)
+    expected = torch.nn.functional.cross_entropy(output.logits, labels, weight=torch.tensor(fine_weights))
+    expected += torch.nn.functional.cross_entropy(output.coarse_logits, coarse, weight=torch.tensor(coarse_weights))
+    torch.testing.assert_close(output.loss, expected)
+    with pytest.raises(ValueError, match="fine_class_weights must hold 11"):
+        set_class_weights(model, [1.0] * 10, coarse_weights)
 
 
 @pytest.mark.slow
