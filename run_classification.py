@@ -671,7 +671,7 @@ tags:
 - custom_code
 ---
 
-# Hierarchical EfficientNetV2-S for {dataset_name or "uoft-cs/cifar100"}
+# Hierarchical EfficientNetV2-S for {os.path.basename(os.path.normpath(dataset_name or "uoft-cs/cifar100"))}
 
 EfficientNetV2-S (torchvision) with a coarse head for {config.num_coarse_labels} superclasses and a fine head for
 {config.num_labels} classes that sees the pooled features together with the coarse logits. Trained on
