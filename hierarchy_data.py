@@ -274,12 +274,13 @@ def column_names(dataset: Dataset, column: str, numbers_as_names: bool = False) 
     """The values of a label column as names: `(per-row names, the ClassLabel's names or None)`.
 
     `ClassLabel` ids become their names (CIFAR-100's misspelt "cra" becomes "crab"), strings stay as they are,
-    plain integers become their decimal strings when `numbers_as_names`. Returns `(None, None)` for plain integers
-    otherwise.
+    plain integers (and a `ClassLabel(num_classes=n)`, whose names are only "0", "1", ...) become their decimal
+    strings when `numbers_as_names`. Returns `(None, None)` for plain integers otherwise.
     """
     feature = dataset.features[column]
     values = dataset.select_columns([column]).with_format("numpy")[:][column]
-    if isinstance(feature, ClassLabel):
+    placeholder = isinstance(feature, ClassLabel) and feature.names == [str(i) for i in range(feature.num_classes)]
+    if isinstance(feature, ClassLabel) and not placeholder:  # ClassLabel(num_classes=n) names nothing
         names = [CIFAR100_NAME_FIXES.get(name, name) if _is_cifar100_fine_list(feature.names) else name
                  for name in feature.names]  # fmt: skip
         if values.size and (values.min() < 0 or values.max() >= len(names)):

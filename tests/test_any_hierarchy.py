@@ -180,6 +180,9 @@ def test_cifar100_data_keeps_the_cifar100_config(tiny_parquet_dir, tmp_path):
     write_parquet(tmp_path / "ints" / "train.parquet", [3, 4], [8, 0], {"fine_label": datasets.Value("int64"),
                   "coarse_label": datasets.Value("int64")})  # fmt: skip
     assert discover(tmp_path, tmp_path / "ints")[0] is None  # plain integers: the model's config decides
+    write_parquet(tmp_path / "unnamed" / "train.parquet", [3, 4], [8, 0], {"fine_label": datasets.ClassLabel(
+                  num_classes=100), "coarse_label": datasets.Value("int64")})  # fmt: skip
+    assert discover(tmp_path, tmp_path / "unnamed")[0] is None  # a ClassLabel without names is plain integers
     write_parquet(tmp_path / "names" / "train.parquet", ["bear", "beaver"], None)
     assert discover(tmp_path, tmp_path / "names")[0].fine_names == tuple(CIFAR100_FINE_LABELS)
 
