@@ -67,8 +67,9 @@ class DataArguments:
         metadata={
             "help": "A Hub dataset id; a local folder, file or glob of parquet/arrow files in the uoft-cs/cifar100 "
             "schema (in a folder: files named train-*/test-* at its top, or files in train/, validation/, test/ "
-            "folders; other subfolders are not read); an image folder with one subfolder per class (or "
-            "'imagefolder' together with --data_dir); or an original cifar-100-python folder."
+            "folders; other subfolders are not read); an image folder with one subfolder per class or "
+            "superclass/class subfolders (or 'imagefolder' together with --data_dir); or an original cifar-100-python "
+            "folder."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})

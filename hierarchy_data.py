@@ -160,7 +160,8 @@ def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
 
     Layouts, by the depth of the images below `path`: 3 levels with no split-named top folder is
     `superclass/class/image` (all training data); 4 levels under split-named top folders is
-    `split/superclass/class/image`. `split/class/image` and `class/image` (flat class folders) give None.
+    `split/superclass/class/image`. `split/class/image` and `class/image` (flat class folders, read by
+    `load_image_folder`) give None, also when deeper subfolders hold images too.
     """
     split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
     images = []
@@ -170,16 +171,14 @@ def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
         parts = () if relative == "." else tuple(relative.split(os.sep))
         images.extend((*parts, name) for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS))
     depths = {len(parts) for parts in images}
-    if not images or max(depths) < 3:
-        return None
     top = sorted({parts[0] for parts in images})
     split_tops = [name for name in top if name in split_names]
+    if not images or max(depths) < 3 or 2 in depths or (3 in depths and len(split_tops) == len(top)):
+        return None  # class/image or split/class/image: flat class folders (deeper files are not read)
     if depths == {3} and not split_tops:
         by_split = {args.train_split_name: images}
     elif depths == {4} and len(split_tops) == len(top):
         by_split = {split: [parts for parts in images if parts[0] == split] for split in top}
-    elif depths == {3} and len(split_tops) == len(top):
-        return None  # split/class/image: flat class folders under split folders
     else:
         examples = {depth: os.path.join(*next(p for p in images if len(p) == depth)) for depth in sorted(depths)}
         raise ValueError(

@@ -100,7 +100,8 @@ def test_folder_tree_gives_the_hierarchy_and_both_labels(tmp_path, splits):
 
 def test_folder_tree_with_mixed_depths_is_refused(tmp_path):
     root = write_tree(tmp_path / "tree", per_class=1)
-    PIL.Image.new("RGB", (32, 32)).save(root / "Säugetiere" / "stray.png")
+    (root / "Säugetiere" / "Hund" / "old").mkdir()
+    PIL.Image.new("RGB", (32, 32)).save(root / "Säugetiere" / "Hund" / "old" / "stray.png")
     with pytest.raises(ValueError, match="mixes layouts"):
         discover(tmp_path, root)
 
