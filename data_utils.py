@@ -542,9 +542,6 @@ def prepare_datasets(
     `labels` and `coarse_labels` (`ClassLabel`) and `index` (the row's position in its source split).
     """
     raw = load_raw_datasets(args) if raw is None else raw
-    hierarchy = discover_hierarchy(raw, args)
-    if hierarchy is not None and (problem := hierarchy.mismatch(config)):
-        raise ValueError(f"the data {args.dataset_name!r} does not fit the model's classes: {problem}")
     source_names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
     if not any(name in raw for name in source_names.values()):
         raise ValueError(
@@ -560,6 +557,9 @@ def prepare_datasets(
         for split, name in source_names.items()
         if name in raw
     }
+    hierarchy = discover_hierarchy(raw, args)  # rows checked above; now the superclasses of a hierarchy file too
+    if hierarchy is not None and (problem := hierarchy.mismatch(config)):
+        raise ValueError(f"the data {args.dataset_name!r} does not fit the model's classes: {problem}")
     if "validation" not in splits and "train" in splits and args.train_val_split > 0:
         splits["train"], splits["validation"] = split_train_validation(splits["train"], args.train_val_split, seed)
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_predict_samples}

@@ -51,9 +51,9 @@ def write_tree(root: Path, per_class: int = 2, splits: tuple[str, ...] = ()) -> 
     return root
 
 
-def write_parquet(path: Path, fine: list, coarse: list | None, features: dict | None = None) -> Path:
-    """A parquet file with `img`, `fine_label` and (unless None) `coarse_label` columns."""
-    rng = np.random.default_rng(1)
+def write_parquet(path: Path, fine: list, coarse: list | None, features: dict | None = None, seed: int = 1) -> Path:
+    """A parquet file with `img`, `fine_label` and (unless None) `coarse_label` columns; images drawn with `seed`."""
+    rng = np.random.default_rng(seed)
     columns = {"img": [{"bytes": encode_image(PIL.Image.fromarray(make_image_array(i, rng))), "path": None}
                        for i in range(len(fine))], "fine_label": fine}  # fmt: skip
     feature_map = {"img": datasets.Image(), "fine_label": datasets.Value("string")}
@@ -127,7 +127,7 @@ def test_class_label_columns_give_the_hierarchy_in_their_order(tmp_path):
 def test_string_columns_across_splits_give_the_hierarchy(tmp_path):
     names = rows()
     write_parquet(tmp_path / "data" / "train.parquet", names, [PARENT[n] for n in names])
-    write_parquet(tmp_path / "data" / "test.parquet", FINE[:3], [PARENT[n] for n in FINE[:3]])
+    write_parquet(tmp_path / "data" / "test.parquet", FINE[:3], [PARENT[n] for n in FINE[:3]], seed=2)
     hierarchy, args = discover(tmp_path, tmp_path / "data")
     assert hierarchy.fine_names == tuple(FINE) and dict(hierarchy.parents) == PARENT
     config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32, **hierarchy.config_kwargs())
@@ -169,7 +169,7 @@ def test_class_under_two_superclasses_is_named_with_counts(tmp_path):
     names = rows()
     coarse = [PARENT[n] for n in names]
     write_parquet(tmp_path / "data" / "train.parquet", names + ["Hund"] * 2, coarse + ["Säugetiere"] * 2)
-    write_parquet(tmp_path / "data" / "test.parquet", ["Hund"] * 3, ["véhicules"] * 3)
+    write_parquet(tmp_path / "data" / "test.parquet", ["Hund"] * 3, ["véhicules"] * 3, seed=2)
     message = r"the class 'Hund' .* under 2 superclasses .*'Säugetiere' \(3 rows\) and 'véhicules' \(3 rows\)"
     with pytest.raises(ValueError, match=message):
         discover(tmp_path, tmp_path / "data")
@@ -299,3 +299,12 @@ def test_training_on_a_new_hierarchy_end_to_end(tmp_path):
     classifier = pipeline("image-classification", model=str(output_dir), trust_remote_code=True)
     result = classifier(PIL.Image.open(root / "test" / "véhicules" / "train" / "0.png"), top_k=11)
     assert sorted(entry["label"] for entry in result) == FINE
+
+
+def test_data_whose_superclasses_differ_from_the_model_is_refused(tmp_path):
+    write_parquet(tmp_path / "data" / "train.parquet", ["apple", "bear"], None)
+    file = tmp_path / "h.json"
+    file.write_text(json.dumps({"apple": "trees", "bear": "large_carnivores"}), encoding="utf-8")
+    args = DataArguments(dataset_name=str(tmp_path / "data"), hierarchy_file=str(file), train_val_split=0.0)
+    with pytest.raises(ValueError, match=r"1 classes belong to another superclass: 'apple' under 'trees' in the data"):
+        prepare_datasets(args, HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32), seed=0)
