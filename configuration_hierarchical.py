@@ -1,4 +1,4 @@
-"""Configuration of the hierarchical (superclass + class) EfficientNetV2-S classifier for CIFAR-100."""
+"""Configuration of the hierarchical (superclass + class) EfficientNetV2-S classifier (CIFAR-100 by default)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,10 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
             The accuracy of answers the threshold was chosen for (a record, not used for predictions).
         selective_confidence (`float`, *optional*):
             The confidence with which that accuracy holds on new data (a record, not used for predictions).
+        fine_class_weights (`list[float]`, *optional*):
+            Per-class weights of the fine cross-entropy (e.g. inverse class frequencies); `None` weighs all alike.
+        coarse_class_weights (`list[float]`, *optional*):
+            Per-superclass weights of the coarse cross-entropy; `None` weighs all alike.
 
     Example:
 
@@ -143,6 +147,8 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         selective_threshold: float | None = None,
         selective_target_accuracy: float | None = None,
         selective_confidence: float | None = None,
+        fine_class_weights: list[float] | None = None,
+        coarse_class_weights: list[float] | None = None,
         **kwargs,
     ):
         if kwargs.get("per_layer_config") is not None:
@@ -172,6 +178,8 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         self.selective_confidence = selective_confidence
         if kwargs.get("custom_pipelines") is None:
             kwargs["custom_pipelines"] = {HIERARCHICAL_PIPELINE_TASK: dict(HIERARCHICAL_PIPELINE)}
+        self.fine_class_weights = None if fine_class_weights is None else [float(w) for w in fine_class_weights]
+        self.coarse_class_weights = None if coarse_class_weights is None else [float(w) for w in coarse_class_weights]
         super().__init__(**kwargs)
         self.validate_hierarchy()
 
@@ -232,6 +240,12 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
             value = getattr(self, field)
             if len(value) != self.num_channels or (field == "image_std" and min(value) <= 0):
                 raise ValueError(f"{field} must hold {self.num_channels} values (std > 0), got {value!r}")
+        for field, size in (("fine_class_weights", num_fine), ("coarse_class_weights", num_coarse)):
+            weights = getattr(self, field)
+            if weights is not None and (
+                len(weights) != size or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights)
+            ):
+                raise ValueError(f"{field} must hold {size} finite weights >= 0, not all 0, got {weights!r}")
         if self.backbone_weights not in (None, "imagenet") and not str(self.backbone_weights).endswith(
             (".pth", ".pt", ".safetensors")
         ):

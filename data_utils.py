@@ -40,6 +40,7 @@ from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from device_preprocess import JITTER_ORDERS, DevicePreprocessor
+from hierarchy_data import discover_hierarchy, load_hierarchy_tree
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
@@ -70,8 +71,9 @@ class DataArguments:
         metadata={
             "help": "A Hub dataset id; a local folder, file or glob of parquet/arrow files in the uoft-cs/cifar100 "
             "schema (in a folder: files named train-*/test-* at its top, or files in train/, validation/, test/ "
-            "folders; other subfolders are not read); an image folder with one subfolder per class (or "
-            "'imagefolder' together with --data_dir); or an original cifar-100-python folder."
+            "folders; other subfolders are not read); an image folder with one subfolder per class or "
+            "superclass/class subfolders (or 'imagefolder' together with --data_dir); or an original cifar-100-python "
+            "folder."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
@@ -84,6 +86,15 @@ class DataArguments:
     coarse_label_column_name: str = field(
         default="coarse_label",
         metadata={"help": "Column that holds the superclass labels; derived from the fine labels when absent."},
+    )
+    hierarchy_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON ({fine: coarse} or {coarse: [fine, ...]}) or CSV (rows fine,coarse) file mapping every class "
+            "name to its superclass name, for data with fine labels only (plain integer labels are named by their "
+            "decimal strings). Without it the hierarchy comes from the data: superclass/class/image folders, or the "
+            "fine and coarse label columns; CIFAR-100 when the data names none."
+        },
     )
     train_split_name: str = field(default="train", metadata={"help": "Name of the training split in the source."})
     validation_split_name: str = field(
@@ -373,7 +384,11 @@ def load_image_folder(path: str, args: DataArguments) -> DatasetDict:
     Only a folder whose every subfolder is named after a split (`train`, `validation`, `test`, per the split
     options) and holds class subfolders is read as split folders (`train/<class>/...`); otherwise every top-level
     subfolder is a class (CIFAR-100 has a class named `train`). Images directly in a class folder are read.
+    A tree nested as `superclass/class/image` (optionally under split folders) is read by `load_hierarchy_tree`.
     """
+    tree = load_hierarchy_tree(path, args)
+    if tree is not None:
+        return tree
     split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
     subfolders = _visible_subfolders(path)
     split_layout = bool(subfolders) and all(
@@ -519,13 +534,17 @@ def _png_bytes(image: np.ndarray) -> bytes:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def prepare_datasets(args: DataArguments, config: HierarchicalEfficientNetV2Config, seed: int) -> DatasetDict:
-    """Load, validate and standardise the source; carve a validation split if needed; apply `max_*_samples`.
+def prepare_datasets(
+    args: DataArguments, config: HierarchicalEfficientNetV2Config, seed: int, raw: DatasetDict | None = None
+) -> DatasetDict:
+    """Load (unless `raw` is given: the output of `load_raw_datasets`), validate and standardise the source; carve
+    a validation split if needed; apply `max_*_samples`. The data's hierarchy (`discover_hierarchy`) must fit
+    `config`: every class of the data a class of the config, under the same superclass.
 
     Returns the available splits among "train", "validation" and "test", each with the columns `image` (`Image`),
     `labels` and `coarse_labels` (`ClassLabel`) and `index` (the row's position in its source split).
     """
-    raw = load_raw_datasets(args)
+    raw = load_raw_datasets(args) if raw is None else raw
     source_names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
     if not any(name in raw for name in source_names.values()):
         raise ValueError(
@@ -541,6 +560,9 @@ def prepare_datasets(args: DataArguments, config: HierarchicalEfficientNetV2Conf
         for split, name in source_names.items()
         if name in raw
     }
+    hierarchy = discover_hierarchy(raw, args)  # rows checked above; now the superclasses of a hierarchy file too
+    if hierarchy is not None and (problem := hierarchy.mismatch(config)):
+        raise ValueError(f"the data {args.dataset_name!r} does not fit the model's classes: {problem}")
     if "validation" not in splits and "train" in splits and args.train_val_split > 0:
         splits["train"], splits["validation"] = split_train_validation(splits["train"], args.train_val_split, seed)
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_predict_samples}
@@ -574,21 +596,28 @@ def standardise_split(
     where = f"{label_column!r} of split {split_name!r}"
     if class_names is not None:
         check_label_range(labels, len(class_names), label_column, split_name)
-        labels = labels_from_names(labels, class_names, config, where)
-    elif labels.dtype.kind in "OUS":
-        labels = labels_from_names(labels, None, config, where)
-    elif labels.dtype.kind not in "iu":
+    by_name = labels.dtype.kind in "OUS" or (args.hierarchy_file is not None and labels.dtype.kind in "iu")
+    if class_names is not None or by_name:  # plain integers with a hierarchy file: named by their decimal strings
+        try:
+            labels = labels_from_names(labels, class_names, config, where)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}; give the superclasses in a column (--coarse_label_column_name, now "
+                f"{args.coarse_label_column_name!r}) or a --hierarchy_file, or use superclass/class image folders"
+            ) from None
+    if labels.dtype.kind not in "iu":
         raise ValueError(f"column {label_column!r} of split {split_name!r} must hold integers, got {label_feature}")
     check_label_range(labels, config.num_labels, label_column, split_name)
     coarse_labels = config.fine_to_coarse_tensor().numpy()[labels]
     coarse_column = args.coarse_label_column_name
-    if coarse_column in dataset.column_names and not from_image_folder:
+    if coarse_column in dataset.column_names and not from_image_folder and args.hierarchy_file is None:
         given = _column_to_numpy(dataset, coarse_column)
         coarse_names = _class_names(dataset.features[coarse_column])
         where = f"{coarse_column!r} of split {split_name!r}"
         if coarse_names is not None:
             check_label_range(given, len(coarse_names), coarse_column, split_name)
-        if coarse_names is not None or given.dtype.kind in "OUS":
+        numbered = all(name.lstrip("-").isdigit() for name in config.coarse_label_names)  # read from integer labels
+        if coarse_names is not None or given.dtype.kind in "OUS" or numbered:
             given = ids_from_names(given, coarse_names, config.coarse_label_names, where)
         check_coarse_labels(given, labels, config, coarse_column, split_name)
     else:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Evaluation report of the hierarchical classifier: metrics at both levels, accuracy per superclass, confusions,
-calibration and selective answers.
+"""Evaluation report of the hierarchical classifier: metrics at both levels, accuracy per superclass and class,
+confusions, calibration and selective answers.
 
 `write_eval_report` turns predictions into `eval_report.md` and PNG figures; `evaluate_saved_model` runs a saved
 model on a dataset split and writes that report:
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,9 @@ FIGURE_NAMES = {
 CURVE_THRESHOLDS = np.linspace(0.0, 1.0, 201)  # the x axis of the risk-coverage figure
 MIN_ANSWERS_PLOTTED = 20  # the accuracy curve is drawn where at least this many images are answered
 TOP_CONFUSED_PAIRS = 15
+MAX_CONFUSION_SUPERCLASSES = 20  # above this, the matrix figure shows the largest superclasses, the text the top pairs
+MAX_BAR_SUPERCLASSES = 40  # above this, the accuracy figure shows the largest superclasses
+MAX_LABEL_CHARS = 28  # longer names are cut in figures
 MAX_MISCLASSIFIED = 16
 DPI = 110
 MATPLOTLIB_HINT = "`pip install matplotlib`"
@@ -80,6 +84,8 @@ class ReportData:
         reliability (`dict[str, dict[str, dict[str, np.ndarray]]]`): [`hierarchy_metrics.reliability_bins`] per level
             (`"fine"`, `"coarse"`) and per state (`"uncalibrated"`, `"calibrated"`).
         curve (`dict[str, np.ndarray]`): [`hierarchy_metrics.selective_curve`] at `thresholds` (calibrated scores).
+        class_samples, class_accuracy (`np.ndarray` of shape `(num_labels,)`): per true class: number of samples
+            (the class's support) and fine accuracy (NaN without samples).
     """
 
     metrics: dict[str, float]
@@ -92,6 +98,8 @@ class ReportData:
     superclass_coarse_accuracy: np.ndarray
     confusion: np.ndarray
     confused_pairs: list[tuple[int, int, int]]
+    class_samples: np.ndarray
+    class_accuracy: np.ndarray
     calibration: dict[str, float] = dataclasses.field(default_factory=dict)
     reliability: dict[str, dict[str, dict[str, np.ndarray]]] = dataclasses.field(default_factory=dict)
     curve: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -149,6 +157,8 @@ def compute_report_data(
     with np.errstate(invalid="ignore", divide="ignore"):  # NaN for superclasses without samples
         fine_accuracy = np.bincount(coarse_labels, fine_predictions == labels, num_coarse) / samples
         coarse_accuracy = np.bincount(coarse_labels, coarse_predictions == coarse_labels, num_coarse) / samples
+        class_samples = np.bincount(labels, minlength=num_fine)
+        class_accuracy = np.bincount(labels, fine_predictions == labels, num_fine) / class_samples
     confusion = np.zeros((num_coarse, num_coarse), dtype=np.int64)
     np.add.at(confusion, (coarse_labels, coarse_predictions), 1)
     wrong = fine_predictions != labels
@@ -170,6 +180,8 @@ def compute_report_data(
         superclass_coarse_accuracy=coarse_accuracy,
         confusion=confusion,
         confused_pairs=[pair for pair in pairs if pair[2] > 0],
+        class_samples=class_samples,
+        class_accuracy=class_accuracy,
         calibration=calibration,
         reliability=reliability,
         curve=curve,
@@ -254,17 +266,35 @@ def render_markdown(
             f"{_format(data.superclass_fine_accuracy[index])} | {_format(data.superclass_coarse_accuracy[index])} |"
         )
 
+    if len(coarse_names) <= MAX_CONFUSION_SUPERCLASSES:
+        lines += [
+            "",
+            "## Superclass confusion matrix",
+            "",
+            "Rows: true superclass; columns: superclass predicted by the coarse head (numbers as in the table above).",
+            "",
+            "| true \\ predicted | " + " | ".join(str(i) for i in range(len(coarse_names))) + " |",
+            "| --- |" + " --- |" * len(coarse_names),
+        ]
+        for index, row in enumerate(data.confusion):
+            lines.append(f"| {index} {coarse_names[index]} | " + " | ".join(str(count) for count in row) + " |")
+    else:
+        lines += ["", "## Most confused superclasses", "", *confused_superclass_lines(data, coarse_names)]
+
     lines += [
         "",
-        "## Superclass confusion matrix",
+        "## Accuracy per class",
         "",
-        "Rows: true superclass; columns: superclass predicted by the coarse head (numbers as in the table above).",
+        f"Images per class (support): {class_support_summary(data.class_samples)}.",
         "",
-        "| true \\ predicted | " + " | ".join(str(i) for i in range(len(coarse_names))) + " |",
-        "| --- |" + " --- |" * len(coarse_names),
+        "| # | class | superclass | images | fine accuracy |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    for index, row in enumerate(data.confusion):
-        lines.append(f"| {index} {coarse_names[index]} | " + " | ".join(str(count) for count in row) + " |")
+    for index in range(config.num_labels):
+        lines.append(
+            f"| {index} | {fine_names[index]} | {coarse_names[config.fine_to_coarse[index]]} | "
+            f"{data.class_samples[index]} | {_format(data.class_accuracy[index])} |"
+        )
 
     lines += ["", "## Most confused classes", ""]
     if data.confused_pairs:
@@ -342,6 +372,47 @@ def render_calibration_section(
     return lines
 
 
+def confused_superclass_lines(data: ReportData, coarse_names: list[str]) -> list[str]:
+    """A markdown table of the most frequent (true superclass -> coarse-head superclass) mistakes: the readable
+    form of a confusion matrix too large to print."""
+    off_diagonal = data.confusion.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    order = np.argsort(-off_diagonal, axis=None, kind="stable")[:TOP_CONFUSED_PAIRS]
+    rows = [(int(t), int(p)) for t, p in zip(*np.unravel_index(order, off_diagonal.shape), strict=True)]
+    rows = [(t, p) for t, p in rows if off_diagonal[t, p] > 0]
+    if not rows:
+        return ["No superclass mistakes."]
+    lines = [
+        "| true superclass | predicted superclass | count | share of the true superclass |",
+        "| --- | --- | --- | --- |",
+    ]
+    for true, predicted in rows:
+        count = off_diagonal[true, predicted]
+        share = count / max(data.superclass_samples[true], 1)
+        lines.append(f"| {coarse_names[true]} | {coarse_names[predicted]} | {count} | {share:.4f} |")
+    return lines
+
+
+def class_support_summary(samples: np.ndarray) -> str:
+    """`min a, median b, max c` images per class, and how many classes have none."""
+    text = f"min {samples.min()}, median {np.median(samples):g}, max {samples.max()}"
+    empty = int((samples == 0).sum())
+    return text + (f"; {empty} classes have no images in this split" if empty else "")
+
+
+def _short(name: str) -> str:
+    """`name` cut to `MAX_LABEL_CHARS` characters for figure labels."""
+    return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "…"
+
+
+def largest_superclasses(data: ReportData, limit: int) -> np.ndarray:
+    """Indices of all superclasses when there are at most `limit`, else of the `limit` with the most samples
+    (in index order)."""
+    if len(data.superclass_samples) <= limit:
+        return np.arange(len(data.superclass_samples))
+    return np.sort(np.argsort(-data.superclass_samples, kind="stable")[:limit])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,32 +438,39 @@ def _load_matplotlib() -> Any | None:
 
 
 def _save(figure: Any, path: str) -> str:
-    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    with warnings.catch_warnings():  # a label character the font lacks (an emoji) is drawn as a box
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        figure.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
 
 
 def plot_superclass_accuracy(
     new_figure: Any, data: ReportData, config: HierarchicalEfficientNetV2Config, path: str
 ) -> str:
-    """Horizontal bars per superclass: fine and coarse accuracy side by side."""
-    num_coarse = config.num_coarse_labels
-    figure = new_figure(figsize=(8, 1.0 + 0.34 * num_coarse))
+    """Horizontal bars per superclass (the `MAX_BAR_SUPERCLASSES` largest when there are more): fine and coarse
+    accuracy side by side."""
+    shown = largest_superclasses(data, MAX_BAR_SUPERCLASSES)
+    figure = new_figure(figsize=(8, 1.0 + 0.34 * len(shown)))
     axes = figure.add_subplot()
-    positions = np.arange(num_coarse)
+    positions = np.arange(len(shown))
     height = 0.4
-    axes.barh(positions - height / 2, np.nan_to_num(data.superclass_fine_accuracy), height, label="fine (class)")
-    axes.barh(
-        positions + height / 2, np.nan_to_num(data.superclass_coarse_accuracy), height, label="coarse (superclass)"
-    )
-    axes.set_yticks(positions, config.coarse_label_names, fontsize=8)
+    fine_accuracy, coarse_accuracy = data.superclass_fine_accuracy[shown], data.superclass_coarse_accuracy[shown]
+    axes.barh(positions - height / 2, np.nan_to_num(fine_accuracy), height, label="fine (class)")
+    axes.barh(positions + height / 2, np.nan_to_num(coarse_accuracy), height, label="coarse (superclass)")
+    axes.set_yticks(positions, [_short(config.coarse_label_names[i]) for i in shown], fontsize=8)
     axes.invert_yaxis()
     axes.set_xlim(0, 1)
     axes.set_xlabel("accuracy")
     axes.grid(axis="x", alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
+    subset = (
+        f"\n{len(shown)} largest of {config.num_coarse_labels} superclasses"
+        if len(shown) < config.num_coarse_labels
+        else ""
+    )
     axes.set_title(
         f"Accuracy per superclass (fine {data.metrics['fine_accuracy']:.3f}, "
-        f"coarse {data.metrics['coarse_accuracy']:.3f}, n = {int(data.metrics['num_samples'])})",
+        f"coarse {data.metrics['coarse_accuracy']:.3f}, n = {int(data.metrics['num_samples'])}){subset}",
         fontsize=10,
     )
     return _save(figure, path)
@@ -401,11 +479,15 @@ def plot_superclass_accuracy(
 def plot_superclass_confusion(
     new_figure: Any, data: ReportData, config: HierarchicalEfficientNetV2Config, path: str
 ) -> str:
-    """Heatmap of the superclass confusion matrix, coloured by row share, annotated with counts."""
-    names, confusion = config.coarse_label_names, data.confusion
+    """Heatmap of the superclass confusion matrix, coloured by row share, annotated with counts. Above
+    `MAX_CONFUSION_SUPERCLASSES` superclasses, the rows and columns of the largest ones (shares still of all the
+    images of the row's superclass)."""
+    shown = largest_superclasses(data, MAX_CONFUSION_SUPERCLASSES)
+    names = [_short(config.coarse_label_names[i]) for i in shown]
+    shares = data.confusion / np.maximum(data.confusion.sum(1, keepdims=True), 1)
+    confusion, shares = data.confusion[np.ix_(shown, shown)], shares[np.ix_(shown, shown)]
     figure = new_figure(figsize=(9, 8))
     axes = figure.add_subplot()
-    shares = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ticks = np.arange(len(names))
     axes.set_xticks(ticks, names, rotation=90, fontsize=7)
@@ -417,7 +499,10 @@ def plot_superclass_confusion(
             color = "white" if shares[row, column] > 0.5 else "black"
             axes.text(column, row, str(count), ha="center", va="center", fontsize=6, color=color)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true superclass")
-    axes.set_title("Superclass confusion matrix", fontsize=10)
+    title = "Superclass confusion matrix"
+    if len(shown) < config.num_coarse_labels:
+        title += f" ({len(shown)} largest of {config.num_coarse_labels} superclasses)"
+    axes.set_title(title, fontsize=10)
     return _save(figure, path)
 
 
@@ -432,7 +517,7 @@ def plot_confused_pairs(new_figure: Any, data: ReportData, config: HierarchicalE
         axes.text(0.5, 0.5, "no fine-class mistakes", ha="center", va="center")
         axes.set_axis_off()
         return _save(figure, path)
-    labels = [f"{config.id2label[t]} -> {config.id2label[p]}" for t, p, _ in pairs]
+    labels = [f"{_short(config.id2label[t])} -> {_short(config.id2label[p])}" for t, p, _ in pairs]
     same = [config.fine_to_coarse[t] == config.fine_to_coarse[p] for t, p, _ in pairs]
     colors = ["tab:blue" if s else "tab:orange" for s in same]
     axes.barh(np.arange(len(pairs)), [count for _, _, count in pairs], color=colors)
@@ -472,8 +557,8 @@ def plot_misclassified(
         axes.set_axis_off()
         fine, coarse = data.fine_predictions[row], data.coarse_predictions[row]
         axes.set_title(
-            f"true: {names[int(labels[row])]}\n{coarse_names[int(coarse_labels[row])]}\n"
-            f"pred: {names[int(fine)]} ({data.fine_confidence[row]:.2f})\n{coarse_names[int(coarse)]}",
+            f"true: {_short(names[int(labels[row])])}\n{_short(coarse_names[int(coarse_labels[row])])}\n"
+            f"pred: {_short(names[int(fine)])} ({data.fine_confidence[row]:.2f})\n{_short(coarse_names[int(coarse)])}",
             fontsize=7,
             color="tab:red" if coarse != coarse_labels[row] else "black",
         )

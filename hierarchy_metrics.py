@@ -1,4 +1,4 @@
-"""Accuracy at both levels of the CIFAR-100 hierarchy, plus hierarchy metrics, as an `evaluate` metric; and the
+"""Accuracy at both levels of a two-level class hierarchy, plus hierarchy metrics, as an `evaluate` metric; and the
 calibration and selective-prediction metrics (expected calibration error, likelihood, Brier score, the hierarchical
 risk-coverage curve and its area) as functions of per-image confidences.
 
@@ -18,7 +18,8 @@ _DESCRIPTION = """Hierarchical classification metrics for a model with a fine he
 fine_accuracy, fine_top5_accuracy, coarse_accuracy (coarse head), coarse_from_fine_accuracy (the fine prediction
 mapped to its superclass), consistency (the fine prediction's superclass equals the coarse prediction),
 both_correct, mistake_severity (mean tree distance of the wrong fine predictions: 1 within the right superclass,
-2 otherwise; 0 when there is no mistake) and num_samples."""
+2 otherwise; 0 when there is no mistake) and num_samples. fine_top5_accuracy is left out when there are 5 classes
+or fewer (every prediction would hold the answer)."""
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -88,7 +89,7 @@ def hierarchy_scores(
     coarse_from_fine = fine_to_coarse[fine]
     wrong = ~fine_correct
     severity = np.where(coarse_from_fine[wrong] == coarse_references[wrong], 1.0, 2.0)
-    return {
+    scores = {
         "fine_accuracy": float(fine_correct.mean()),
         "fine_top5_accuracy": float((top_k[:, :5] == references[:, None]).any(1).mean()),
         "coarse_accuracy": float((coarse_predictions == coarse_references).mean()),
@@ -98,6 +99,9 @@ def hierarchy_scores(
         "mistake_severity": float(severity.mean()) if wrong.any() else 0.0,
         "num_samples": float(len(references)),
     }
+    if len(fine_to_coarse) <= 5:
+        del scores["fine_top5_accuracy"]
+    return scores
 
 
 def compute_hierarchy_metrics(

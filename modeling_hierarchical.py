@@ -227,6 +227,9 @@ class HierarchicalEfficientNetV2PreTrainedModel(PreTrainedModel):
             # non-persistent buffers are not in the checkpoint: rebuild them from the config
             init.copy_(module.fine_to_coarse, module.config.fine_to_coarse_tensor())
             init.copy_(module.hierarchy, module.config.hierarchy_matrix())
+            for name in ("fine_class_weights", "coarse_class_weights"):
+                if getattr(module, name) is not None:
+                    init.copy_(getattr(module, name), torch.tensor(getattr(module.config, name)))
 
 
 class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV2PreTrainedModel):
@@ -263,6 +266,9 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
         self.fine_classifier = nn.Linear(fine_inputs, config.num_labels)
         self.register_buffer("fine_to_coarse", config.fine_to_coarse_tensor(), persistent=False)
         self.register_buffer("hierarchy", config.hierarchy_matrix(), persistent=False)
+        for name in ("fine_class_weights", "coarse_class_weights"):
+            weights = getattr(config, name)
+            self.register_buffer(name, None if weights is None else torch.tensor(weights), persistent=False)
 
         if config.backbone_weights is not None and not _LOADING_PRETRAINED.get():
             self.load_backbone_weights(config.backbone_weights)
@@ -365,8 +371,12 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
             if coarse_labels is None:
                 coarse_labels = labels @ self.hierarchy if labels.is_floating_point() else self.fine_to_coarse[labels]
             smoothing = self.config.label_smoothing
-            fine_loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-            coarse_loss = F.cross_entropy(coarse_logits.float(), coarse_labels, label_smoothing=smoothing)
+            fine_loss = F.cross_entropy(
+                logits.float(), labels, weight=self.fine_class_weights, label_smoothing=smoothing
+            )
+            coarse_loss = F.cross_entropy(
+                coarse_logits.float(), coarse_labels, weight=self.coarse_class_weights, label_smoothing=smoothing
+            )
             loss = fine_loss + self.config.coarse_loss_weight * coarse_loss
 
         if return_dict is False:

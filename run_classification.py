@@ -55,9 +55,17 @@ from transformers.utils.import_utils import is_in_notebook
 import model_card
 from calibration import CalibrationArguments, calibrate_and_select, evaluate_calibration, subset_prediction
 from configuration_hierarchical import NUM_BACKBONE_STAGES, HierarchicalEfficientNetV2Config
-from data_utils import DataArguments, EpochCallback, HierarchicalCollator, apply_transforms, prepare_datasets
+from data_utils import (
+    DataArguments,
+    EpochCallback,
+    HierarchicalCollator,
+    apply_transforms,
+    load_raw_datasets,
+    prepare_datasets,
+)
 from device_preprocess import DevicePreprocessor
 from eval_report import write_prediction_report
+from hierarchy_data import Hierarchy, balanced_class_weights, discover_hierarchy, reinitialize_heads, set_class_weights
 from hierarchy_metrics import compute_hierarchy_metrics
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
 from remote_resources import check_remote_resources
@@ -114,6 +122,22 @@ class ModelArguments(CalibrationArguments):
         "--label_smoothing_factor, which would drop the coarse loss."}
     )  # fmt: skip
     channels_last: bool | None = field(default=None, metadata={"help": "Channels-last memory format."})
+    reinitialize_heads: bool = field(
+        default=False,
+        metadata={
+            "help": "With --model_name_or_path: keep its backbone and start both heads afresh for the classes of the "
+            "data (transfer to a new task). Without it, a model whose classes or superclasses differ from the data's "
+            "is refused."
+        },
+    )
+    class_weights: str = field(
+        default="none",
+        metadata={
+            "help": "'balanced': weigh both cross-entropies by inverse class frequency in the training split (saved "
+            "in the config); 'none': all classes alike.",
+            "choices": ("none", "balanced"),
+        },
+    )
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models."})
     allow_missing_weights: bool = field(
@@ -130,6 +154,10 @@ class ModelArguments(CalibrationArguments):
             self.backbone_weights = None
         check_finite_options(self)
         HierarchicalEfficientNetV2Config(backbone_weights=None, **self.config_overrides())  # checks every range
+        if self.class_weights not in ("none", "balanced"):
+            raise ValueError(f"--class_weights must be 'none' or 'balanced', got {self.class_weights!r}")
+        if self.reinitialize_heads and self.model_name_or_path is None:
+            raise ValueError("--reinitialize_heads needs --model_name_or_path (a fresh model has new heads anyway)")
 
     def config_overrides(self) -> dict:
         """The config options given on the command line (unset ones keep the config's values)."""
@@ -392,13 +420,37 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def load_model(
-    model_args: ModelArguments, cache_dir: str | None = None
+    model_args: ModelArguments, cache_dir: str | None = None, hierarchy: Hierarchy | None = None
 ) -> HierarchicalEfficientNetV2ForImageClassification:
-    """Load a saved model (folder or Hub id, Hub files cached in `cache_dir`) or build a fresh one."""
+    """Load a saved model (folder or Hub id, Hub files cached in `cache_dir`) or build a fresh one for the classes of
+    `hierarchy` (the data's, from `discover_hierarchy`; CIFAR-100 when None). A saved model of another hierarchy is
+    refused, or with `--reinitialize_heads` gets new heads for `hierarchy`."""
     overrides = model_args.config_overrides()
     if model_args.model_name_or_path is None:
-        config = HierarchicalEfficientNetV2Config(backbone_weights=model_args.backbone_weights, **overrides)
+        classes = hierarchy.config_kwargs() if hierarchy is not None else {}
+        config = HierarchicalEfficientNetV2Config(backbone_weights=model_args.backbone_weights, **classes, **overrides)
         return HierarchicalEfficientNetV2ForImageClassification(config)
+    model = load_saved_model(model_args, cache_dir, overrides)
+    if model_args.reinitialize_heads:
+        if hierarchy is None:
+            raise ValueError(
+                "--reinitialize_heads needs the classes of the data, but it names no hierarchy (plain integer labels, "
+                "or class names without superclasses): pass a --hierarchy_file, a coarse label column or "
+                "superclass/class image folders"
+            )
+        return reinitialize_heads(model, hierarchy)
+    if hierarchy is not None and (problem := hierarchy.mismatch(model.config)):
+        raise ValueError(
+            f"--model_name_or_path {model_args.model_name_or_path!r} was trained for other classes: {problem}. Pass "
+            "--reinitialize_heads true to keep its backbone and train new heads for the data's classes"
+        )
+    return model
+
+
+def load_saved_model(
+    model_args: ModelArguments, cache_dir: str | None, overrides: dict
+) -> HierarchicalEfficientNetV2ForImageClassification:
+    """Load `--model_name_or_path` (folder or Hub id) with the config options given on the command line."""
     source = model_args.model_name_or_path
     if os.path.isdir(source):
         missing = [name for name in ("config.json",) if not os.path.isfile(os.path.join(source, name))]
@@ -1090,17 +1142,29 @@ def run(
         revision=model_args.model_revision,
     )
 
+    with training_args.main_process_first(desc="dataset loading"):
+        raw = load_raw_datasets(data_args)
+    hierarchy = discover_hierarchy(raw, data_args)  # the classes of the data decide the heads
+    if hierarchy is not None:
+        logger.info("Classes of the data: %s", hierarchy.describe())
     with quiet_transformers():
-        model = load_model(model_args, data_args.cache_dir)
+        model = load_model(model_args, data_args.cache_dir, hierarchy)
     checkpoint = None
     if training_args.do_train:
         with training_args.main_process_first(desc="checkpoint scan"):
             checkpoint = resolve_checkpoint(training_args, model)
     config = model.config
+    with training_args.main_process_first(desc="dataset preparation"):
+        splits = prepare_datasets(data_args, config, seed=training_args.seed, raw=raw)
+    if model_args.class_weights == "balanced" and "train" in splits:
+        train_columns = splits["train"].select_columns(["labels", "coarse_labels"]).with_format("numpy")[:]
+        set_class_weights(
+            model,
+            balanced_class_weights(train_columns["labels"], config.num_labels),
+            balanced_class_weights(train_columns["coarse_labels"], config.num_coarse_labels),
+        )
     if training_args.sync_batchnorm and training_args.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    with training_args.main_process_first(desc="dataset preparation"):
-        splits = prepare_datasets(data_args, config, seed=training_args.seed)
     splits = apply_transforms(splits, config, data_args, seed=training_args.seed)
     if training_args.do_eval and "validation" not in splits:
         raise ValueError("--do_eval needs a validation split: set --train_val_split > 0 or provide one")

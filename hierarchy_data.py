@@ -1,0 +1,456 @@
+"""The two-level hierarchy of a dataset: discovered from the data, checked against a model, turned into a config.
+
+A dataset names its hierarchy in one of three ways:
+
+* an image folder tree `superclass/class/image` (optionally under `train/`, `validation/`, `test/` folders),
+  read by `load_hierarchy_tree` into string columns;
+* a fine and a coarse label column (`ClassLabel` names, plain strings or integers): each fine label must have
+  exactly one coarse label across all splits;
+* a hierarchy file (`--hierarchy_file`, JSON or CSV: fine name -> coarse name) for data with fine labels only.
+
+`discover_hierarchy` returns a [`Hierarchy`] (the CIFAR-100 tables when the names are CIFAR-100's), or `None`
+when the data names no hierarchy (plain integer labels, or class names without superclasses): the model's config
+then supplies it, CIFAR-100 for a fresh model.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from datasets import Image as ImageFeature
+from transformers.utils import logging
+
+from configuration_hierarchical import (
+    CIFAR100_COARSE_LABELS,
+    CIFAR100_FINE_LABELS,
+    CIFAR100_FINE_TO_COARSE,
+    HierarchicalEfficientNetV2Config,
+)
+
+if TYPE_CHECKING:
+    from data_utils import DataArguments
+    from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+
+logger = logging.get_logger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CIFAR100_NAME_FIXES = {"cra": "crab"}  # the uoft-cs/cifar100 metadata misspells fine class 26
+HEAD_PREFIXES = ("coarse_classifier.", "fine_classifier.")
+MAX_NAMES_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """Fine class names, superclass names and the superclass index of every fine class.
+
+    Args:
+        fine_names (`tuple[str, ...]`): fine class names; the position is the class id.
+        coarse_names (`tuple[str, ...]`): superclass names; the position is the superclass id.
+        fine_to_coarse (`tuple[int, ...]`): superclass id of every fine class.
+
+    Example:
+
+    ```python
+    >>> hierarchy = Hierarchy.from_pairs([("cat", "animal"), ("car", "vehicle"), ("dog", "animal")])
+    >>> hierarchy.fine_names, hierarchy.coarse_names, hierarchy.fine_to_coarse
+    (('car', 'cat', 'dog'), ('animal', 'vehicle'), (1, 0, 0))
+    ```
+    """
+
+    fine_names: tuple[str, ...]
+    coarse_names: tuple[str, ...]
+    fine_to_coarse: tuple[int, ...]
+
+    @classmethod
+    def from_pairs(
+        cls,
+        pairs: list[tuple[str, str]],
+        fine_order: list[str] | None = None,
+        coarse_order: list[str] | None = None,
+    ) -> Hierarchy:
+        """Build from `(fine, coarse)` name pairs (each fine name once). Classes follow `fine_order` and
+        superclasses `coarse_order` (names missing there are left out); both default to sorted names."""
+        parent = dict(pairs)
+        fine = [name for name in (fine_order or sorted(parent)) if name in parent]
+        coarse_used = set(parent.values())
+        coarse = [name for name in (coarse_order or sorted(coarse_used)) if name in coarse_used]
+        for level, names in (("class", fine), ("superclass", coarse)):
+            if any(not name.strip() for name in names):
+                raise ValueError(f"a {level} name is empty or blank: {names[:MAX_NAMES_SHOWN]}")
+        coarse_id = {name: index for index, name in enumerate(coarse)}
+        return cls(tuple(fine), tuple(coarse), tuple(coarse_id[parent[name]] for name in fine))
+
+    @classmethod
+    def cifar100(cls) -> Hierarchy:
+        """The official CIFAR-100 tables (the config's defaults)."""
+        return cls(tuple(CIFAR100_FINE_LABELS), tuple(CIFAR100_COARSE_LABELS), tuple(CIFAR100_FINE_TO_COARSE))
+
+    @classmethod
+    def from_config(cls, config: HierarchicalEfficientNetV2Config) -> Hierarchy:
+        """The hierarchy a config describes."""
+        fine = tuple(config.id2label[i] for i in range(config.num_labels))
+        return cls(fine, tuple(config.coarse_label_names), tuple(config.fine_to_coarse))
+
+    @property
+    def parents(self) -> dict[str, str]:
+        """Fine name -> superclass name."""
+        return {fine: self.coarse_names[c] for fine, c in zip(self.fine_names, self.fine_to_coarse, strict=True)}
+
+    def config_kwargs(self) -> dict:
+        """The config fields that describe this hierarchy: `id2label`, `fine_to_coarse`, `coarse_label_names`."""
+        return {
+            "id2label": dict(enumerate(self.fine_names)),
+            "fine_to_coarse": list(self.fine_to_coarse),
+            "coarse_label_names": list(self.coarse_names),
+        }
+
+    def describe(self) -> str:
+        """`N classes in M superclasses (sizes ...)`, for logs and messages."""
+        sizes = Counter(self.fine_to_coarse)
+        shown = ", ".join(f"{self.coarse_names[c]}: {sizes[c]}" for c in range(len(self.coarse_names))[:8])
+        more = " ..." if len(self.coarse_names) > 8 else ""
+        return f"{len(self.fine_names)} classes in {len(self.coarse_names)} superclasses ({shown}{more})"
+
+    def mismatch(self, config: HierarchicalEfficientNetV2Config) -> str | None:
+        """Why a model with `config` cannot take data of this hierarchy, or None when every class of the data is a
+        class of the model, under the same superclass name."""
+        model_parents = Hierarchy.from_config(config).parents
+        missing = [name for name in self.fine_names if name not in model_parents]
+        moved = [
+            (n, p, model_parents[n]) for n, p in self.parents.items() if n in model_parents and model_parents[n] != p
+        ]
+        if not missing and not moved:
+            return None
+        reasons = [
+            f"the data has {self.describe()}; the model has {config.num_labels} classes in "
+            f"{config.num_coarse_labels} superclasses"
+        ]
+        if missing:
+            reasons.append(f"{len(missing)} classes of the data are not classes of the model: {_shorten(missing)}")
+        if moved:
+            examples = "; ".join(
+                f"{n!r} under {data!r} in the data, {model!r} in the model" for n, data, model in moved
+            )
+            reasons.append(f"{len(moved)} classes belong to another superclass: {examples[:400]}")
+        return ". ".join(reasons)
+
+
+def _shorten(names: list[str]) -> str:
+    """The first names of a list, quoted, with '...' when there are more."""
+    return ", ".join(repr(name) for name in names[:MAX_NAMES_SHOWN]) + (" ..." if len(names) > MAX_NAMES_SHOWN else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image folder trees
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
+    """Load an image folder nested as `superclass/class/image` (optionally under split-named folders) into string
+    columns named by `args` (image, fine label, coarse label); None when the folder is not nested that way.
+
+    Layouts, by the depth of the images below `path`: 3 levels with no split-named top folder is
+    `superclass/class/image` (all training data); 4 levels under split-named top folders is
+    `split/superclass/class/image`. `split/class/image` and `class/image` (flat class folders, read by
+    `load_image_folder`) give None, also when deeper subfolders hold images too.
+    """
+    split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
+    images = []
+    for folder, subfolders, names in os.walk(path):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        relative = os.path.relpath(folder, path)
+        parts = () if relative == "." else tuple(relative.split(os.sep))
+        images.extend((*parts, name) for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS))
+    depths = {len(parts) for parts in images}
+    top = sorted({parts[0] for parts in images})
+    split_tops = [name for name in top if name in split_names]
+    if not images or max(depths) < 3 or 2 in depths or (3 in depths and len(split_tops) == len(top)):
+        return None  # class/image or split/class/image: flat class folders (deeper files are not read)
+    if depths == {3} and not split_tops:
+        by_split = {args.train_split_name: images}
+    elif depths == {4} and len(split_tops) == len(top):
+        by_split = {split: [parts for parts in images if parts[0] == split] for split in top}
+    else:
+        examples = {depth: os.path.join(*next(p for p in images if len(p) == depth)) for depth in sorted(depths)}
+        raise ValueError(
+            f"the image folder {path!r} mixes layouts (images at depths {sorted(depths)}, top folders {_shorten(top)}); "
+            "expected superclass/class/image, optionally under split folders named "
+            f"{list(split_names)} (split/superclass/class/image), or class/image. Examples: {examples}"
+        )
+    features = Features(
+        {
+            args.image_column_name: ImageFeature(),
+            args.label_column_name: Value("string"),
+            args.coarse_label_column_name: Value("string"),
+        }
+    )
+    splits = {}
+    for split, rows in by_split.items():
+        columns = {
+            args.image_column_name: [os.path.join(path, *parts) for parts in rows],
+            args.label_column_name: [parts[-2] for parts in rows],
+            args.coarse_label_column_name: [parts[-3] for parts in rows],
+        }
+        splits[split] = Dataset.from_dict(columns, features=features)
+    logger.info(f"Image folder tree {path!r}: { {split: len(d) for split, d in splits.items()} } images")
+    return DatasetDict(splits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hierarchy files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_hierarchy_file(path: str) -> dict[str, str]:
+    """Read a hierarchy file into `{fine name: coarse name}`, in the file's order.
+
+    JSON: an object `{"fine": "coarse", ...}` or `{"coarse": ["fine", ...], ...}`. CSV: two columns, fine name
+    then coarse name, one row per class; a first row `fine,coarse` is a header.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--hierarchy_file {path!r}: no such file")
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".json":
+        with open(path, encoding="utf-8") as file:
+            try:
+                content = json.load(file)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--hierarchy_file {path!r} is not valid JSON: {error}") from None
+        if not isinstance(content, dict) or not content:
+            raise ValueError(
+                f"--hierarchy_file {path!r} must hold a non-empty JSON object, got {type(content).__name__}"
+            )
+        if all(isinstance(value, str) for value in content.values()):
+            pairs = list(content.items())
+        elif all(isinstance(value, list) and all(isinstance(v, str) for v in value) for value in content.values()):
+            pairs = [(fine, coarse) for coarse, fines in content.items() for fine in fines]
+        else:
+            raise ValueError(
+                f"--hierarchy_file {path!r}: the values must all be superclass names (fine -> coarse) or all lists of "
+                "class names (coarse -> [fine, ...])"
+            )
+    elif extension == ".csv":
+        with open(path, encoding="utf-8", newline="") as file:
+            rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
+        if rows and [cell.strip().lower() for cell in rows[0]] == ["fine", "coarse"]:
+            rows = rows[1:]
+        for number, row in enumerate(rows, start=1):
+            if len(row) != 2:
+                raise ValueError(
+                    f"--hierarchy_file {path!r}: row {number} has {len(row)} cells {row}; expected 2 (fine,coarse)"
+                )
+        pairs = [(fine.strip(), coarse.strip()) for fine, coarse in rows]
+        if not pairs:
+            raise ValueError(f"--hierarchy_file {path!r} holds no rows")
+    else:
+        raise ValueError(f"--hierarchy_file {path!r} must be a .json or .csv file")
+    mapping: dict[str, str] = {}
+    for fine, coarse in pairs:
+        if mapping.get(fine, coarse) != coarse:
+            raise ValueError(
+                f"--hierarchy_file {path!r} puts the class {fine!r} under two superclasses: {mapping[fine]!r} and "
+                f"{coarse!r}"
+            )
+        mapping[fine] = coarse
+    return mapping
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discovery from the data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def column_names(dataset: Dataset, column: str, numbers_as_names: bool = False) -> tuple[np.ndarray, list[str] | None]:
+    """The values of a label column as names: `(per-row names, the ClassLabel's names or None)`.
+
+    `ClassLabel` ids become their names (CIFAR-100's misspelt "cra" becomes "crab"), strings stay as they are,
+    plain integers (and a `ClassLabel(num_classes=n)`, whose names are only "0", "1", ...) become their decimal
+    strings when `numbers_as_names`. Returns `(None, None)` for plain integers otherwise.
+    """
+    feature = dataset.features[column]
+    values = dataset.select_columns([column]).with_format("numpy")[:][column]
+    placeholder = isinstance(feature, ClassLabel) and feature.names == [str(i) for i in range(feature.num_classes)]
+    if isinstance(feature, ClassLabel) and not placeholder:  # ClassLabel(num_classes=n) names nothing
+        names = [CIFAR100_NAME_FIXES.get(name, name) if _is_cifar100_fine_list(feature.names) else name
+                 for name in feature.names]  # fmt: skip
+        if values.size and (values.min() < 0 or values.max() >= len(names)):
+            bad = int(values[(values < 0) | (values >= len(names))][0])
+            raise ValueError(f"column {column!r} holds the id {bad}, not one of its {len(names)} ClassLabel names")
+        return np.asarray(names, dtype=object)[values], names
+    if values.dtype.kind in "OUS":
+        return values.astype(str).astype(object), None
+    if values.dtype.kind in "iu" and numbers_as_names:
+        return values.astype(str).astype(object), None
+    if values.dtype.kind not in "iu":
+        raise ValueError(f"column {column!r} must hold class ids or class names, got {feature}")
+    return None, None
+
+
+def _is_cifar100_fine_list(names: list[str]) -> bool:
+    """Whether `names` is the CIFAR-100 fine table (with or without the uoft-cs/cifar100 misspelling)."""
+    return [CIFAR100_NAME_FIXES.get(name, name) for name in names] == CIFAR100_FINE_LABELS
+
+
+def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | None:
+    """The hierarchy of the splits of `raw` that `args` uses (see the module docstring); None when the data names
+    none (plain integer labels without a hierarchy file, or class names without superclasses)."""
+    used = [name for name in (args.train_split_name, args.validation_split_name, args.test_split_name) if name in raw]
+    from_file = read_hierarchy_file(args.hierarchy_file) if args.hierarchy_file else None
+    fine_order: list[str] | None = None
+    coarse_order: list[str] | None = None
+    pairs: Counter = Counter()  # (fine name, coarse name) -> rows, from splits with a coarse column
+    fine_only: set[str] = set()  # fine names of splits without one
+    for split in used:
+        dataset = raw[split]
+        from_image_folder = dataset.info.builder_name == "imagefolder"
+        fine_column = "label" if from_image_folder else args.label_column_name
+        if fine_column not in dataset.column_names or len(dataset) == 0:
+            return None  # standardise_split names the problem
+        fine, class_names = column_names(dataset, fine_column, numbers_as_names=from_file is not None)
+        if fine is None:
+            return None
+        fine_order = fine_order or class_names
+        coarse_column = args.coarse_label_column_name
+        if from_file is not None:
+            unknown = sorted(set(fine) - set(from_file))
+            if unknown:
+                raise ValueError(
+                    f"{len(unknown)} classes of column {fine_column!r} (split {split!r}) are not in --hierarchy_file "
+                    f"{args.hierarchy_file!r}: {_shorten(unknown)}"
+                )
+            if coarse_column in dataset.column_names:
+                logger.warning(
+                    f"Superclasses come from --hierarchy_file; the column {coarse_column!r} of split {split!r} is not read"
+                )
+        elif coarse_column in dataset.column_names and not from_image_folder:
+            coarse, coarse_class_names = column_names(dataset, coarse_column, numbers_as_names=True)
+            coarse_order = coarse_order or coarse_class_names
+            pairs.update(zip(fine.tolist(), coarse.tolist(), strict=True))
+        else:
+            fine_only.update(fine.tolist())
+    if from_file is not None:
+        return Hierarchy.from_pairs(list(from_file.items()), fine_order=list(from_file))
+    if not pairs:
+        return Hierarchy.cifar100() if fine_only and fine_only <= set(CIFAR100_FINE_LABELS) else None
+    check_one_parent(pairs, args.label_column_name, args.coarse_label_column_name)
+    if _is_cifar100(pairs):
+        return Hierarchy.cifar100()
+    if coarse_order is None and all(coarse.lstrip("-").isdigit() for _, coarse in pairs):
+        coarse_order = sorted({coarse for _, coarse in pairs}, key=int)
+    return Hierarchy.from_pairs(list(pairs), fine_order=fine_order, coarse_order=coarse_order)
+
+
+def check_one_parent(pairs: Counter, fine_column: str, coarse_column: str) -> None:
+    """Raise `ValueError` naming the first fine label seen under two or more superclasses, with row counts."""
+    parents: dict[str, list[tuple[str, int]]] = {}
+    for (fine, coarse), count in pairs.items():
+        parents.setdefault(fine, []).append((coarse, count))
+    conflicts = {fine: found for fine, found in parents.items() if len(found) > 1}
+    if conflicts:
+        fine, found = next(iter(sorted(conflicts.items())))
+        found = sorted(found, key=lambda item: -item[1])
+        listed = " and ".join(f"{coarse!r} ({count} rows)" for coarse, count in found)
+        raise ValueError(
+            f"the class {fine!r} ({fine_column!r}) appears under {len(found)} superclasses ({coarse_column!r}): "
+            f"{listed}; every class needs exactly one superclass across all splits "
+            f"({len(conflicts)} classes have several)"
+        )
+
+
+def _is_cifar100(pairs: Counter) -> bool:
+    """Whether every `(fine, coarse)` pair is a CIFAR-100 class with its official superclass (name or index)."""
+    parent = dict(zip(CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE, strict=True))
+    for fine, coarse in pairs:
+        if fine not in parent or coarse not in (CIFAR100_COARSE_LABELS[parent[fine]], str(parent[fine])):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and class weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def config_with_hierarchy(
+    config: HierarchicalEfficientNetV2Config, hierarchy: Hierarchy
+) -> HierarchicalEfficientNetV2Config:
+    """A copy of `config` describing `hierarchy` instead (class weights, which belong to the old classes, dropped)."""
+    new_config = copy.deepcopy(config)
+    fields = hierarchy.config_kwargs()
+    new_config.id2label = fields["id2label"]
+    new_config.label2id = {name: index for index, name in fields["id2label"].items()}
+    new_config.fine_to_coarse = fields["fine_to_coarse"]
+    new_config.coarse_label_names = fields["coarse_label_names"]
+    new_config.fine_class_weights = new_config.coarse_class_weights = None
+    new_config.validate_hierarchy()
+    return new_config
+
+
+def reinitialize_heads(
+    model: HierarchicalEfficientNetV2ForImageClassification, hierarchy: Hierarchy
+) -> HierarchicalEfficientNetV2ForImageClassification:
+    """A model with `model`'s backbone and new, freshly initialised heads for `hierarchy`."""
+    from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, _skip_backbone_weights
+
+    config = config_with_hierarchy(model.config, hierarchy)
+    with _skip_backbone_weights():  # the backbone comes from `model`
+        new_model = HierarchicalEfficientNetV2ForImageClassification(config)
+    backbone = {key: value for key, value in model.state_dict().items() if not key.startswith(HEAD_PREFIXES)}
+    result = new_model.load_state_dict(backbone, strict=False)
+    if result.unexpected_keys or any(not key.startswith(HEAD_PREFIXES) for key in result.missing_keys):
+        raise ValueError(
+            f"the backbone of the loaded model does not fit: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    logger.warning(f"New heads for {hierarchy.describe()}: the loaded model's heads were dropped")
+    return new_model
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
+    """Inverse-frequency weights `n / (classes present x count)` (scikit-learn's 'balanced'); 1.0 for classes
+    without rows (their weight never applies)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.round(6).tolist()
+
+
+def set_class_weights(
+    model: HierarchicalEfficientNetV2ForImageClassification, fine: list[float], coarse: list[float]
+) -> None:
+    """Weight both cross-entropies of `model` by class: stored in its config (so they are saved) and buffers."""
+    config = model.config
+    before = config.fine_class_weights, config.coarse_class_weights
+    config.fine_class_weights, config.coarse_class_weights = [float(w) for w in fine], [float(w) for w in coarse]
+    try:
+        config.validate_hierarchy()
+    except ValueError:
+        config.fine_class_weights, config.coarse_class_weights = before
+        raise
+    device = model.fine_to_coarse.device
+    model.fine_class_weights = torch.tensor(fine, dtype=torch.float32, device=device)
+    model.coarse_class_weights = torch.tensor(coarse, dtype=torch.float32, device=device)
+
+
+__all__ = [
+    "Hierarchy",
+    "balanced_class_weights",
+    "check_one_parent",
+    "column_names",
+    "config_with_hierarchy",
+    "discover_hierarchy",
+    "load_hierarchy_tree",
+    "read_hierarchy_file",
+    "reinitialize_heads",
+    "set_class_weights",
+]
