@@ -17,12 +17,13 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PretrainedConfig, TrainingArguments
 
+from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE
 from run_summary import OPTIONS_FILE
 
-METRICS = {  # key in all_results.json -> (model-index metric type, readable name)
-    "fine_accuracy": ("accuracy", "Class accuracy (100 classes, top-1)"),
-    "fine_top5_accuracy": ("top_5_accuracy", "Class accuracy (100 classes, top-5)"),
-    "coarse_accuracy": ("accuracy", "Superclass accuracy (20 superclasses, coarse head)"),
+METRICS = {  # key in all_results.json -> (model-index metric type, readable name; {fine}/{coarse}: head sizes)
+    "fine_accuracy": ("accuracy", "Class accuracy ({fine} classes, top-1)"),
+    "fine_top5_accuracy": ("top_5_accuracy", "Class accuracy ({fine} classes, top-5)"),
+    "coarse_accuracy": ("accuracy", "Superclass accuracy ({coarse} superclasses, coarse head)"),
     "coarse_from_fine_accuracy": ("accuracy", "Superclass accuracy of the class prediction"),
     "consistency": ("consistency", "Class prediction inside the predicted superclass"),
     "both_correct": ("accuracy", "Class and superclass both correct"),
@@ -30,6 +31,21 @@ METRICS = {  # key in all_results.json -> (model-index metric type, readable nam
 }
 SPLITS = {"eval": ("validation", "validation"), "test": ("test", "test")}  # results prefix -> (split, column)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
+MAX_SUPERCLASS_TEXT = 2000  # characters of the superclass list in the card's introduction
+
+
+def is_cifar100(config: PretrainedConfig) -> bool:
+    """Whether `config` holds the CIFAR-100 classes and superclasses (the default tables)."""
+    return [config.id2label[i] for i in range(config.num_labels)] == CIFAR100_FINE_LABELS and list(
+        config.fine_to_coarse
+    ) == CIFAR100_FINE_TO_COARSE
+
+
+def data_title(config: PretrainedConfig, dataset_name: str | None) -> str:
+    """How the card names the data: CIFAR-100, or the Hub id or folder name of another dataset."""
+    if is_cifar100(config):
+        return "CIFAR-100"
+    return os.path.basename(os.path.normpath(dataset_name)) if dataset_name else "a two-level dataset"
 
 
 def is_hub_dataset(name: str | None) -> bool:
@@ -69,9 +85,11 @@ def training_setup(options: dict[str, Any], config: PretrainedConfig, epochs: fl
     }
 
 
-def eval_results(results: dict[str, float], dataset_name: str | None) -> list[EvalResult]:
+def eval_results(results: dict[str, float], dataset_name: str | None, config: PretrainedConfig) -> list[EvalResult]:
     """`model-index` entries for every metric in `results` (`eval_*` on the validation split, `test_*` on test)."""
     hub = is_hub_dataset(dataset_name)
+    title = data_title(config, dataset_name)
+    local_type = "cifar100-local" if title == "CIFAR-100" else re.sub(r"[^\w.-]+", "-", title).strip("-") or "local"
     entries = []
     for prefix, (split, _) in SPLITS.items():
         for key, (metric_type, metric_name) in METRICS.items():
@@ -80,11 +98,11 @@ def eval_results(results: dict[str, float], dataset_name: str | None) -> list[Ev
                     EvalResult(
                         task_type="image-classification",
                         task_name="Hierarchical image classification",
-                        dataset_type=dataset_name if hub else "cifar100-local",
-                        dataset_name="CIFAR-100" if hub else "CIFAR-100 (local copy)",
+                        dataset_type=dataset_name if hub else local_type,
+                        dataset_name=title if hub else f"{title} (local copy)",
                         dataset_split=split,
                         metric_type=metric_type,
-                        metric_name=f"{metric_name}, {split}",
+                        metric_name=f"{metric_name.format(fine=config.num_labels, coarse=config.num_coarse_labels)}, {split}",
                         metric_value=round(float(results[f"{prefix}_{key}"]), 4),
                     )
                 )
@@ -129,14 +147,30 @@ def build_model_card(
         base_model=source_model if source_model and not os.path.isdir(source_model) else None,
         metrics=["accuracy"],
         tags=["image-classification", "hierarchical-classification", "efficientnet_v2", "custom_code"],
-        eval_results=eval_results(results, dataset_name) or None,
+        eval_results=eval_results(results, dataset_name, config) or None,
     )
 
     rows = []
     for key in METRICS:
         values = [f"{results[f'{p}_{key}']:.4f}" if f"{p}_{key}" in results else "-" for p in SPLITS]
         rows.append(f"| {key} | {values[0]} | {values[1]} |")
-    data_text = f"`{dataset_name}` from the Hugging Face Hub" if hub_data else "a local copy of CIFAR-100"
+    title = data_title(config, dataset_name)
+    if hub_data:
+        data_text = f"`{dataset_name}` from the Hugging Face Hub"
+    else:
+        data_text = "a local copy of CIFAR-100" if title == "CIFAR-100" else f"the local dataset `{title}`"
+    if title == "CIFAR-100":
+        heads = "a coarse head for the 20 CIFAR-100 superclasses and a fine head for the\n100 classes"
+    else:
+        sizes = [len(config.coarse_children(c)) for c in range(config.num_coarse_labels)]
+        listing = ", ".join(f"{name} ({size})" for name, size in zip(config.coarse_label_names, sizes, strict=True))
+        if len(listing) > MAX_SUPERCLASS_TEXT:
+            listing = listing[:MAX_SUPERCLASS_TEXT].rsplit(", ", 1)[0] + ", ..."
+        heads = (
+            f"a coarse head for {config.num_coarse_labels} superclasses and a fine head for\n"
+            f"{config.num_labels} classes"
+        )
+        origin_suffix = f"\n\nSuperclasses (number of classes): {listing}"
     if evaluated_only:
         origin = f"This run evaluated `{source_model}` on {data_text}; it did not train the model." + (
             " The training setup below is that of the run that trained it."
@@ -152,12 +186,13 @@ def build_model_card(
     figure_line = (
         f"\n![Accuracy per superclass]({figure})\n" if os.path.isfile(os.path.join(output_dir, figure)) else ""
     )
+    if title != "CIFAR-100":
+        origin += origin_suffix
     setup = training_setup(options, config, epochs)
     body = f"""
-# Hierarchical EfficientNetV2-S for CIFAR-100
+# Hierarchical EfficientNetV2-S for {title}
 
-EfficientNetV2-S (torchvision) with a coarse head for the 20 CIFAR-100 superclasses and a fine head for the
-100 classes that sees the pooled features together with the coarse logits. {origin}
+EfficientNetV2-S (torchvision) with {heads} that sees the pooled features together with the coarse logits. {origin}
 
 ## Results
 
@@ -183,6 +218,10 @@ model = AutoModelForImageClassification.from_pretrained("{model_path}", trust_re
 processor = AutoImageProcessor.from_pretrained("{model_path}")
 prediction = model.predict_hierarchical(processor(image, return_tensors="pt")["pixel_values"])
 print(prediction.coarse_labels, prediction.fine_labels)  # superclass and class, consistent with the hierarchy
+
+# both levels, with a selective answer (the class, else the superclass, else "unknown") at 0.5 confidence
+hierarchical = pipeline("hierarchical-image-classification", model="{model_path}", trust_remote_code=True)
+print(hierarchical(image, min_confidence=0.5))
 ```
 
 ## Training setup

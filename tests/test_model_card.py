@@ -85,3 +85,23 @@ def test_build_model_card_does_not_write(output_dir):
     config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
     card = build_model_card(str(output_dir), config, args, "uoft-cs/cifar100", trained_epochs=1.0)
     assert isinstance(card, ModelCard) and not (output_dir / "README.md").exists()
+
+
+def test_card_of_another_hierarchy_names_its_data_and_sizes(output_dir, tmp_path):
+    data = tmp_path / "my products"
+    data.mkdir()
+    _, _, args = parse_args(["--output_dir", str(output_dir), "--do_train"])
+    config = HierarchicalEfficientNetV2Config(
+        backbone_weights=None,
+        image_size=32,
+        id2label={0: "mug", 1: "plate", 2: "chair", 3: "table", 4: "lamp"},
+        fine_to_coarse=[0, 0, 1, 1, 2],
+        coarse_label_names=["kitchen", "furniture", "lighting"],
+    )
+    write_model_card(str(output_dir), config, args, str(data), trained_epochs=1.0)
+    card = ModelCard.load(output_dir / "README.md")
+    assert "CIFAR" not in card.text and "# Hierarchical EfficientNetV2-S for my products" in card.text
+    assert "3 superclasses" in card.text and "5 classes" in card.text and "kitchen (2)" in card.text
+    names = {r.metric_name.rsplit(", ", 1)[0] for r in card.data.eval_results}
+    assert "Class accuracy (5 classes, top-1)" in names and "Superclass accuracy (3 superclasses, coarse head)" in names
+    assert "hierarchical-image-classification" in card.text
