@@ -121,7 +121,7 @@ def test_archive_links_are_refused(tmp_path):
 
 
 def test_download_weights_fetches_into_the_torch_hub_cache_and_copies(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))
     weights = download_data.EfficientNet_V2_S_Weights.IMAGENET1K_V1
 
     def fake_get_state_dict(*args, **kwargs):  # what torchvision does: download into the torch hub cache
@@ -149,7 +149,7 @@ def test_help_lists_the_commands():
 def test_without_internet_the_commands_stop_at_once_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(download_data, "hub_reachable", lambda: False)
     monkeypatch.setattr(download_data, "url_reachable", lambda url: False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))
     monkeypatch.setattr(download_data, "load_dataset", lambda name: pytest.fail("no download may be attempted"))
     monkeypatch.setattr(download_data, "download_url", lambda *args, **kwargs: pytest.fail("no download"))
     for command in (["download", str(tmp_path / "a")], ["download", str(tmp_path / "b"), "--source", "archive"]):

@@ -5,6 +5,7 @@ No test touches the network: the Hub is simulated offline with HF_HUB_OFFLINE an
 import datasets
 import huggingface_hub
 import pytest
+import torch
 
 import remote_resources
 from conftest import tiny_args
@@ -17,7 +18,7 @@ def offline(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
