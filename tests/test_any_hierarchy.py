@@ -16,6 +16,7 @@ from transformers import pipeline
 from configuration_hierarchical import CIFAR100_FINE_LABELS, HierarchicalEfficientNetV2Config
 from conftest import encode_image, make_image_array, tiny_args
 from data_utils import DataArguments, HierarchicalCollator, load_raw_datasets, prepare_datasets
+from device_preprocess import DevicePreprocessor
 from eval_report import write_eval_report
 from hierarchy_data import (
     Hierarchy,
@@ -228,7 +229,7 @@ def test_collator_mixes_soft_targets_of_any_hierarchy():
          "index": i, "epoch": 0}
         for i in range(6)
     ]  # fmt: skip
-    batch = HierarchicalCollator(config, mixup_alpha=1.0, seed=0)(examples)
+    batch = DevicePreprocessor(config)(HierarchicalCollator(config, mixup_alpha=1.0, seed=0)(examples))
     assert batch["labels"].shape == (6, 11) and batch["coarse_labels"].shape == (6, 3)
     torch.testing.assert_close(batch["coarse_labels"], batch["labels"] @ config.hierarchy_matrix())
     torch.testing.assert_close(batch["coarse_labels"].sum(1), torch.ones(6))

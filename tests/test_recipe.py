@@ -9,6 +9,7 @@ from torch import nn
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_utils import HierarchicalCollator
+from device_preprocess import DevicePreprocessor
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from run_classification import EMA_FILE, EMACallback, parse_args
 
@@ -67,7 +68,7 @@ def test_mixed_batches_train_both_heads_with_consistent_soft_targets():
          "index": i, "epoch": 0}
         for i, label in enumerate([4, 95, 47, 26, 0, 1, 2, 3])
     ]  # fmt: skip
-    batch = collator(examples)
+    batch = DevicePreprocessor(config)(collator(examples))  # the mixing drawn by the collator, applied
     assert batch["labels"].shape == (8, 100) and batch["coarse_labels"].shape == (8, 20)
     torch.testing.assert_close(batch["coarse_labels"], batch["labels"] @ config.hierarchy_matrix())
     model = HierarchicalEfficientNetV2ForImageClassification(config).train()
