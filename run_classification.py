@@ -1118,6 +1118,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     image_size = model_args.image_size or HierarchicalEfficientNetV2Config().image_size
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         check_batch_fits(getattr(training_args, name), image_size)
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        raise ValueError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
+    if not training_args.do_train and model_args.model_name_or_path is None:
+        raise ValueError("evaluating without --do_train needs --model_name_or_path (a trained model)")
+    check_remote_resources(  # everything the run would download, named at once, before anything is written
+        data_args.dataset_name,
+        model_args.model_name_or_path,
+        model_args.backbone_weights,
+        cache_dir=data_args.cache_dir,
+        revision=model_args.model_revision,
+    )
     with output_dir_lock(training_args.output_dir) if training_args.should_save else contextlib.nullcontext():
         return run(model_args, data_args, training_args)
 
@@ -1129,19 +1140,6 @@ def run(
     if training_args.keep_freed_memory and keep_freed_memory():
         logger.debug("glibc allocator keeps freed memory for reuse (--keep_freed_memory)")
     set_seed(training_args.seed)
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        raise ValueError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
-    if not training_args.do_train and model_args.model_name_or_path is None:
-        raise ValueError("evaluating without --do_train needs --model_name_or_path (a trained model)")
-
-    check_remote_resources(
-        data_args.dataset_name,
-        model_args.model_name_or_path,
-        model_args.backbone_weights,
-        cache_dir=data_args.cache_dir,
-        revision=model_args.model_revision,
-    )
-
     with training_args.main_process_first(desc="dataset loading"):
         raw = load_raw_datasets(data_args)
     hierarchy = discover_hierarchy(raw, data_args)  # the classes of the data decide the heads
