@@ -214,14 +214,15 @@ classifier = pipeline("image-classification", model="{model_path}", trust_remote
 image = Image.new("RGB", (32, 32), (200, 30, 30))  # or Image.open("photo.png")
 print(classifier(image, top_k=5))
 
+# both levels, with a selective answer (the class, else the superclass, else "unknown") at 0.5 confidence
+hierarchical = pipeline("hierarchical-image-classification", model="{model_path}", trust_remote_code=True)
+print(hierarchical(image, min_confidence=0.5))
+
 model = AutoModelForImageClassification.from_pretrained("{model_path}", trust_remote_code=True)
 processor = AutoImageProcessor.from_pretrained("{model_path}")
 prediction = model.predict_hierarchical(processor(image, return_tensors="pt")["pixel_values"])
 print(prediction.coarse_labels, prediction.fine_labels)  # superclass and class, consistent with the hierarchy
 
-# both levels, with a selective answer (the class, else the superclass, else "unknown") at 0.5 confidence
-hierarchical = pipeline("hierarchical-image-classification", model="{model_path}", trust_remote_code=True)
-print(hierarchical(image, min_confidence=0.5))
 ```
 
 ## Training setup
