@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat project modules, whatever the pytest rootdir
 
@@ -18,9 +19,22 @@ from configuration_hierarchical import (  # noqa: E402
     CIFAR100_COARSE_LABELS,
     CIFAR100_FINE_LABELS,
     CIFAR100_FINE_TO_COARSE,
+    HierarchicalEfficientNetV2Config,
 )
+from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification  # noqa: E402
 
 NUM_FINE = len(CIFAR100_FINE_LABELS)
+
+
+def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
+    """A 32 px config with random backbone weights (no download)."""
+    return HierarchicalEfficientNetV2Config(**{"backbone_weights": None, "image_size": 32, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def model() -> HierarchicalEfficientNetV2ForImageClassification:
+    torch.manual_seed(0)
+    return HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
 
 
 def cifar100_features() -> datasets.Features:

@@ -18,24 +18,12 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 
 import modeling_hierarchical
 from configuration_hierarchical import CIFAR100_FINE_LABELS, HierarchicalEfficientNetV2Config
+from conftest import PROJECT_DIR, small_config
 from modeling_hierarchical import (
     HierarchicalEfficientNetV2ForImageClassification,
     build_image_processor,
     hierarchical_probabilities,
 )
-
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-
-
-def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
-    """A 32 px config with random backbone weights (no download)."""
-    return HierarchicalEfficientNetV2Config(**{"backbone_weights": None, "image_size": 32, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def model() -> HierarchicalEfficientNetV2ForImageClassification:
-    torch.manual_seed(0)
-    return HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
 
 
 @pytest.fixture(scope="module")

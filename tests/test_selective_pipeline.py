@@ -17,6 +17,7 @@ from transformers import pipeline
 
 from calibration import hierarchical_scores
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from conftest import PROJECT_DIR, small_config
 from hierarchy_metrics import selective_scores
 from modeling_hierarchical import (
     HierarchicalEfficientNetV2ForImageClassification,
@@ -25,18 +26,6 @@ from modeling_hierarchical import (
     hierarchical_probabilities,
     selective_answers,
 )
-
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-
-
-def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
-    return HierarchicalEfficientNetV2Config(**{"backbone_weights": None, "image_size": 32, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def model() -> HierarchicalEfficientNetV2ForImageClassification:
-    torch.manual_seed(0)
-    return HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
 
 
 @pytest.fixture(scope="module")
