@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState, pipeline
 
+import callbacks
 import run_classification
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from conftest import METRIC_NAMES, PROJECT_DIR, make_parquet_dataset, tiny_args
@@ -232,7 +233,7 @@ def test_schedule_by_time_anneals_by_the_end_of_the_budget(tiny_parquet_dir, tmp
     """The budget's clock advances 0.1 s each time it is read (about twice a step), so the schedule is the same
     on a quiet and on a loaded machine: about 30 steps in the 6-second budget."""
     clock = iter(0.1 * tick for tick in itertools.count())
-    monkeypatch.setattr(run_classification, "time", SimpleNamespace(monotonic=lambda: next(clock), time=time.time))
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(monotonic=lambda: next(clock), time=time.time))
     output_dir = tmp_path / "out"
     extra = ["--do_train", "--epochs", "1000", "--max_train_minutes", "0.1", "--schedule_by_time"]
     extra += ["--warmup_steps", "0.2", "--eval_strategy", "no", "--save_strategy", "no"]
