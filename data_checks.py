@@ -1,0 +1,309 @@
+"""Checks and fixes of a loaded split: labels by name or id, label ranges, the coarse labels against the hierarchy,
+image paths, duplicate images across splits, and the held-out validation split."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow
+import pyarrow.compute
+import pyarrow.ipc
+import pyarrow.parquet
+from datasets import ClassLabel, Dataset
+from datasets import Image as ImageFeature
+from transformers.utils import logging
+
+from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from image_decoding import check_regular_file
+
+if TYPE_CHECKING:  # only in annotations: data_utils imports this module
+    from data_utils import DataArguments
+
+# The data pipeline's parts log under `data_utils`, so that one logger setting covers them all.
+logger = logging.get_logger(f"data_utils.{__name__}")
+
+# Known misspellings of class names in published dataset metadata (uoft-cs/cifar100 spells "crab" as "cra").
+LABEL_NAME_ALIASES = {"cra": "crab"}
+
+
+def standardise_split(
+    dataset: Dataset, args: DataArguments, config: HierarchicalEfficientNetV2Config, split_name: str
+) -> Dataset:
+    """Validate one source split and return it with the columns `image`, `labels`, `coarse_labels`, `index`."""
+    if len(dataset) == 0:
+        raise ValueError(f"split {split_name!r} of {args.dataset_name!r} is empty")
+    from_image_folder = dataset.info.builder_name == "imagefolder"  # its columns are always "image" and "label"
+    image_column = "image" if from_image_folder else args.image_column_name
+    label_column = "label" if from_image_folder else args.label_column_name
+    missing = [column for column in (image_column, label_column) if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"split {split_name!r} has no column {missing}; its columns are {dataset.column_names}. Name the image and "
+            "fine-label columns with --image_column_name and --label_column_name "
+            f"(now {args.image_column_name!r} and {args.label_column_name!r})"
+        )
+    labels = _column_to_numpy(dataset, label_column)
+    label_feature = dataset.features[label_column]
+    class_names = _class_names(label_feature)
+    where = f"{label_column!r} of split {split_name!r}"
+    if class_names is not None:
+        check_label_range(labels, len(class_names), label_column, split_name)
+    by_name = labels.dtype.kind in "OUS" or (args.hierarchy_file is not None and labels.dtype.kind in "iu")
+    if class_names is not None or by_name:  # plain integers with a hierarchy file: named by their decimal strings
+        try:
+            labels = labels_from_names(labels, class_names, config, where)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}; give the superclasses in a column (--coarse_label_column_name, now "
+                f"{args.coarse_label_column_name!r}) or a --hierarchy_file, or use superclass/class image folders"
+            ) from None
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"column {label_column!r} of split {split_name!r} must hold integers, got {label_feature}")
+    check_label_range(labels, config.num_labels, label_column, split_name)
+    coarse_labels = config.fine_to_coarse_tensor().numpy()[labels]
+    coarse_column = args.coarse_label_column_name
+    if coarse_column in dataset.column_names and not from_image_folder and args.hierarchy_file is None:
+        given = _column_to_numpy(dataset, coarse_column)
+        coarse_names = _class_names(dataset.features[coarse_column])
+        where = f"{coarse_column!r} of split {split_name!r}"
+        if coarse_names is not None:
+            check_label_range(given, len(coarse_names), coarse_column, split_name)
+        numbered = all(name.lstrip("-").isdigit() for name in config.coarse_label_names)  # read from integer labels
+        if coarse_names is not None or given.dtype.kind in "OUS" or numbered:
+            given = ids_from_names(given, coarse_names, config.coarse_label_names, where)
+        check_coarse_labels(given, labels, config, coarse_column, split_name)
+    else:
+        logger.info(f"Split {split_name!r} has no column {coarse_column!r}: superclasses follow config.fine_to_coarse")
+
+    standard = dataset.select_columns([image_column])
+    if image_column != "image":
+        standard = standard.rename_column(image_column, "image")
+    image_feature = standard.features["image"]
+    if isinstance(image_feature, dict) and "bytes" in image_feature and set(image_feature) <= {"bytes", "path"}:
+        standard = standard.cast_column("image", ImageFeature())  # a struct{bytes, path} written without metadata
+    elif not isinstance(image_feature, ImageFeature):
+        if not hasattr(image_feature, "dtype") or image_feature.dtype not in (
+            "binary",
+            "large_binary",
+            "string",
+            "large_string",
+        ):
+            raise ValueError(
+                f"column {image_column!r} of split {split_name!r} must hold images, image bytes or image paths, "
+                f"got {standard.features['image']}"
+            )
+        standard = standard.cast_column("image", ImageFeature())
+    standard = standard.add_column("labels", labels.astype(np.int64))
+    standard = standard.add_column("coarse_labels", coarse_labels.astype(np.int64))
+    standard = standard.add_column("index", np.arange(len(standard), dtype=np.int64))
+    standard = standard.cast_column("labels", ClassLabel(names=[config.id2label[i] for i in range(config.num_labels)]))
+    return standard.cast_column("coarse_labels", ClassLabel(names=config.coarse_label_names))
+
+
+def _column_to_numpy(dataset: Dataset, column: str) -> np.ndarray:
+    """One column as a numpy array, read in one go from Arrow."""
+    return dataset.select_columns([column]).with_format("numpy")[:][column]
+
+
+def _class_names(feature: Any) -> list[str] | None:
+    """The names of a `ClassLabel` feature; `None` for other features and for the placeholder names "0", "1", ..."""
+    if not isinstance(feature, ClassLabel):
+        return None
+    if feature.names == [str(i) for i in range(feature.num_classes)]:  # ClassLabel(num_classes=n) carries no names
+        return None
+    return list(feature.names)
+
+
+def labels_from_names(
+    values: np.ndarray, class_names: list[str] | None, config: HierarchicalEfficientNetV2Config, where: str
+) -> np.ndarray:
+    """Map class names (or ClassLabel ids with their `class_names`) onto the ids of `config.label2id`."""
+    return ids_from_names(values, class_names, [config.id2label[i] for i in range(config.num_labels)], where)
+
+
+def ids_from_names(
+    values: np.ndarray, class_names: list[str] | None, target_names: list[str], where: str
+) -> np.ndarray:
+    """Map names (or ids into `class_names`) onto positions in `target_names`; `ValueError` naming unknown names.
+
+    Names listed in `LABEL_NAME_ALIASES` (known misspellings in published metadata) are read as their correction
+    when `target_names` has the correction and not the misspelling.
+    """
+    names = (np.asarray(class_names, dtype=object)[values] if class_names is not None else values).astype(str)
+    unique_names, inverse = np.unique(names, return_inverse=True)
+    target_ids = {name: i for i, name in enumerate(target_names)}
+    for alias, name in LABEL_NAME_ALIASES.items():
+        if alias in unique_names and alias not in target_ids and name in target_ids:
+            logger.info(f"Reading the class name {alias!r} in {where} as {name!r}")
+            target_ids[alias] = target_ids[name]
+    unknown = [str(name) for name in unique_names if name not in target_ids]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} class names in {where} are not among the config's {len(target_names)} labels: "
+            f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}"
+        )
+    return np.array([target_ids[name] for name in unique_names], dtype=np.int64)[inverse]
+
+
+def check_label_range(labels: np.ndarray, num_labels: int, column: str, split_name: str) -> None:
+    """Raise `ValueError` (count and first example row) when labels fall outside `[0, num_labels)`."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
+    if bad.size:
+        raise ValueError(
+            f"{bad.size} of {labels.size} rows of split {split_name!r} have a {column!r} outside [0, {num_labels}); "
+            f"first: row {bad[0]} has {column}={labels[bad[0]]}"
+        )
+
+
+def check_coarse_labels(
+    coarse_labels: np.ndarray,
+    labels: np.ndarray,
+    config: HierarchicalEfficientNetV2Config,
+    column: str,
+    split_name: str,
+) -> None:
+    """Raise `ValueError` (count and first example row) when coarse labels disagree with `config.fine_to_coarse`."""
+    expected = config.fine_to_coarse_tensor().numpy()[labels]
+    bad = np.flatnonzero(coarse_labels != expected)
+    if bad.size:
+        row = bad[0]
+        raise ValueError(
+            f"{bad.size} of {labels.size} rows of split {split_name!r} have a {column!r} that disagrees with "
+            f"config.fine_to_coarse; first: row {row} has fine label {labels[row]} ({config.id2label[labels[row]]}) "
+            f"and {column}={coarse_labels[row]}, but that class belongs to superclass {expected[row]} "
+            f"({config.coarse_label_names[expected[row]]})"
+        )
+
+
+def source_folder(args: DataArguments) -> str | None:
+    """The local folder that a dataset's relative image paths are resolved against; `None` for a Hub dataset."""
+    if args.dataset_name == "imagefolder":
+        return None if args.data_dir is None else os.path.abspath(os.path.expanduser(args.data_dir))
+    path = os.path.expanduser(args.dataset_name)
+    if any(char in path for char in "*?["):
+        matches = [os.path.dirname(os.path.abspath(p)) for p in glob.glob(path, recursive=True)]
+        return os.path.commonpath(matches) if matches else None
+    if os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path))
+    return os.path.abspath(path) if os.path.isdir(path) else None
+
+
+def _image_structs(dataset: Dataset) -> pyarrow.StructArray:
+    """The `image` column (struct of `bytes` and `path`) as one Arrow array, read without decoding."""
+    column = dataset.select_columns(["image"]).with_format("arrow")[:]["image"]
+    return column.combine_chunks() if isinstance(column, pyarrow.ChunkedArray) else column
+
+
+def resolve_image_paths(dataset: Dataset, root: str | None, split_name: str) -> Dataset:
+    """Check the rows whose image is given by a `path` (no bytes) and make relative paths absolute.
+
+    Each path must name a regular file; relative paths are resolved against `root`, the dataset's own folder.
+    `ValueError` naming the row otherwise (a FIFO, a folder, a device, a missing file, a relative path without a
+    local folder).
+    """
+    structs = _image_structs(dataset)
+    without_bytes = pyarrow.compute.is_null(pyarrow.compute.struct_field(structs, "bytes")).to_numpy(
+        zero_copy_only=False
+    )
+    rows = np.flatnonzero(without_bytes)
+    if rows.size == 0:
+        return dataset
+    paths = pyarrow.compute.struct_field(structs, "path").take(pyarrow.array(rows)).to_pylist()
+    resolved = {}
+    for row, path in zip(rows.tolist(), paths, strict=True):
+        if path is None:
+            raise ValueError(f"row index={row} of split {split_name!r} has neither image bytes nor an image path")
+        if not os.path.isabs(path):
+            if root is None:
+                raise ValueError(
+                    f"row index={row} of split {split_name!r} gives its image as the relative path {path!r}, and "
+                    "the dataset has no local folder to resolve it against"
+                )
+            resolved[row] = path = os.path.join(root, path)
+        check_regular_file(path, f"row index={row} of split {split_name!r}")
+    if not resolved:
+        return dataset
+
+    def absolute(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        return {
+            "image": [
+                {"bytes": value["bytes"], "path": resolved.get(index, value["path"])}
+                for value, index in zip(batch["image"], indices, strict=True)
+            ]
+        }
+
+    logger.info(f"Resolved {len(resolved)} relative image paths of split {split_name!r} against {root!r}")
+    dataset = dataset.cast_column("image", ImageFeature(decode=False))
+    dataset = dataset.map(absolute, batched=True, with_indices=True, desc=f"Resolving image paths of {split_name}")
+    return dataset.cast_column("image", ImageFeature())
+
+
+def image_digests(dataset: Dataset) -> list[bytes]:
+    """A 128-bit BLAKE2b digest of every row's encoded image (its bytes, or the file its path names), undecoded."""
+    structs = _image_structs(dataset)
+    contents = pyarrow.compute.struct_field(structs, "bytes").to_pylist()
+    paths = pyarrow.compute.struct_field(structs, "path").to_pylist()
+    digests = []
+    for row, content in enumerate(contents):
+        if content is None:  # a path, checked again right before it is opened
+            check_regular_file(paths[row], f"row {row} of the split being hashed")
+            with open(paths[row], "rb") as file:
+                content = file.read()
+        digests.append(hashlib.blake2b(content, digest_size=16).digest())
+    return digests
+
+
+def check_duplicate_images(splits: dict[str, Dataset], drop: bool = False) -> dict[str, Dataset]:
+    """Refuse evaluation images that are exact copies (same encoded bytes) of training images, or drop them.
+
+    Compares the "validation" and "test" splits with "train"; with `drop`, the copies are removed from the
+    evaluation splits and counted in the log. Rows are named by their `index` in the source split.
+    """
+    evaluation = [split for split in ("validation", "test") if split in splits]
+    if "train" not in splits or not evaluation:
+        return splits
+    start = time.perf_counter()
+    train_rows = {}
+    for row, digest in enumerate(image_digests(splits["train"])):
+        train_rows.setdefault(digest, row)
+    copies = {}
+    for split in evaluation:
+        digests = image_digests(splits[split])
+        copies[split] = [(row, train_rows[d]) for row, d in enumerate(digests) if d in train_rows]
+    hashed = sum(len(splits[split]) for split in ("train", *evaluation))
+    logger.info(f"Duplicate-image check: {hashed} images hashed in {time.perf_counter() - start:.2f} s")
+    found = {split: pairs for split, pairs in copies.items() if pairs}
+    if not found:
+        return splits
+    counts = ", ".join(f"{len(pairs)} of {len(splits[split])} {split} images" for split, pairs in found.items())
+    if not drop:
+        split, pairs = next(iter(found.items()))
+        row, train_row = pairs[0]
+        eval_index = splits[split].select_columns(["index"])[row]["index"]
+        train_index = splits["train"].select_columns(["index"])[train_row]["index"]
+        raise ValueError(
+            f"{counts} are exact copies (same encoded bytes) of training images, which would leak training data "
+            f"into evaluation; e.g. {split} row index={eval_index} equals train row index={train_index}. Remove them "
+            "from the data, or pass --drop_duplicate_images true to drop them from the evaluation splits"
+        )
+    splits = dict(splits)
+    for split, pairs in found.items():
+        duplicated = {row for row, _ in pairs}
+        splits[split] = splits[split].select([row for row in range(len(splits[split])) if row not in duplicated])
+    logger.warning(f"Dropped {counts} that are exact copies of training images (--drop_duplicate_images)")
+    return splits
+
+
+def split_train_validation(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Carve `fraction` of `train` out as validation with `seed`, stratified by `labels` where possible."""
+    try:
+        parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column="labels")
+    except ValueError as error:  # a class with too few rows, or fewer validation rows than classes
+        logger.warning(f"Cannot stratify the validation split by class ({error}); splitting at random")
+        parts = train.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
