@@ -212,8 +212,9 @@ def load_saved_model(
     return model
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse options, hold the output folder, then [`run`]; return all metrics."""
+def main(argv: list[str] | None = None, trainer_class: type[HierarchicalTrainer] | None = None) -> dict[str, float]:
+    """Parse options, hold the output folder, then [`run`]; return all metrics. `trainer_class` (a subclass of
+    `HierarchicalTrainer`, for instance one that adds callbacks) replaces the trainer."""
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
     image_size = model_args.image_size or HierarchicalEfficientNetV2Config().image_size
@@ -231,11 +232,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         revision=model_args.model_revision,
     )
     with output_dir_lock(training_args.output_dir) if training_args.should_save else contextlib.nullcontext():
-        return run(model_args, data_args, training_args)
+        return run(model_args, data_args, training_args, trainer_class)
 
 
 def run(
-    model_args: ModelArguments, data_args: DataArguments, training_args: HierarchicalTrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: HierarchicalTrainingArguments,
+    trainer_class: type[HierarchicalTrainer] | None = None,
 ) -> dict[str, float]:
     """Load data and model, train, evaluate, predict, save; return all metrics."""
     if training_args.keep_freed_memory and keep_freed_memory():
@@ -281,7 +285,7 @@ def run(
         callbacks.append(EMACallback(training_args.ema_decay, resume_from=checkpoint))
     if training_args.max_train_minutes is not None:
         callbacks.append(TimeBudgetCallback(training_args.max_train_minutes))
-    trainer = HierarchicalTrainer(
+    trainer = (trainer_class or HierarchicalTrainer)(
         model=model,
         args=training_args,
         train_dataset=splits.get("train") if training_args.do_train else None,

@@ -342,8 +342,7 @@ def run_trainer(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any
         def __init__(self, *trainer_args, callbacks=None, **kwargs):
             super().__init__(*trainer_args, callbacks=[*(callbacks or []), StepTimer()], **kwargs)
 
-    run_classification.HierarchicalTrainer = TimedTrainer  # main() looks the class up at call time
-    metrics = run_classification.main(plan["trainer_argv"])
+    metrics = run_classification.main(plan["trainer_argv"], trainer_class=TimedTrainer)
     if not math.isfinite(metrics["train_loss"]):
         raise ValueError(f"the Trainer run ended with train_loss {metrics['train_loss']}")
     return record

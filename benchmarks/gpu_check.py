@@ -222,11 +222,9 @@ def run_trainer(args: argparse.Namespace, argv: list[str], warmup_steps: int, ch
         def __init__(self, *trainer_args, callbacks=None, **kwargs):
             super().__init__(*trainer_args, callbacks=[*(callbacks or []), SyncCheck(), StepTimer()], **kwargs)
 
-    original = run_classification.HierarchicalTrainer
-    run_classification.HierarchicalTrainer = CheckedTrainer  # main() looks the class up at call time
     reset_device(args.device)
     try:
-        metrics = run_classification.main(argv)
+        metrics = run_classification.main(argv, trainer_class=CheckedTrainer)
     except RuntimeError as error:
         if check and "synchronizing" in str(error):
             frames = traceback.extract_tb(error.__traceback__)
@@ -234,7 +232,6 @@ def run_trainer(args: argparse.Namespace, argv: list[str], warmup_steps: int, ch
             raise SyncCheckError(f"{str(error).splitlines()[0]} (at {where})") from error
         raise
     finally:
-        run_classification.HierarchicalTrainer = original
         if check:
             torch.cuda.set_sync_debug_mode("default")
     if not math.isfinite(metrics["train_loss"]):
