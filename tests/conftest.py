@@ -21,7 +21,7 @@ from configuration_hierarchical import (  # noqa: E402
     CIFAR100_FINE_TO_COARSE,
     HierarchicalEfficientNetV2Config,
 )
-from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification  # noqa: E402
+from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor  # noqa: E402
 
 NUM_FINE = len(CIFAR100_FINE_LABELS)
 
@@ -178,3 +178,26 @@ def tiny_args(data: Path, output_dir: Path, *extra: str) -> list[str]:
         "--max_predict_samples", "30", "--epochs", "1", "--batch_size", "16", "--report_to", "none",
         "--logging_steps", "1", "--disable_tqdm", "true", "--dataloader_pin_memory", "false", *extra,
     ]  # fmt: skip
+
+
+def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
+    """A 32 px config with random backbone weights (no download)."""
+    return HierarchicalEfficientNetV2Config(**{"backbone_weights": None, "image_size": 32, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def model() -> HierarchicalEfficientNetV2ForImageClassification:
+    """A small random model (seed 0) in eval mode."""
+    import torch
+
+    torch.manual_seed(0)
+    return HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def saved_model_dir(tmp_path_factory: pytest.TempPathFactory, model) -> Path:
+    """The `model` saved with its image processor, as `run_classification.py` writes it."""
+    path = tmp_path_factory.mktemp("saved") / "model"
+    model.save_pretrained(path)
+    build_image_processor(model.config).save_pretrained(path)
+    return path

@@ -25,7 +25,7 @@ from calibration import (
     split_rows,
 )
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from conftest import tiny_args
+from conftest import small_config, tiny_args
 from hierarchy_metrics import (
     brier_score,
     expected_calibration_error,
@@ -37,10 +37,6 @@ from hierarchy_metrics import (
 )
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
 from run_classification import main, parse_args
-
-
-def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
-    return HierarchicalEfficientNetV2Config(**{"backbone_weights": None, "image_size": 32, **kwargs})
 
 
 def overconfident_predictions(

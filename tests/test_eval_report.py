@@ -9,15 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset
 from PIL import Image
 
 import eval_report
 import run_classification
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from conftest import small_config
 from hierarchy_metrics import compute_hierarchy_metrics
-from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HIERARCHY_METRICS = {
@@ -28,10 +26,6 @@ FIGURES = (
     "superclass_accuracy.png", "superclass_confusion.png", "confused_pairs.png", "misclassified.png",
     "reliability.png", "risk_coverage.png",
 )  # fmt: skip
-
-
-def small_config() -> HierarchicalEfficientNetV2Config:
-    return HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -162,17 +156,6 @@ def test_without_matplotlib_the_markdown_is_still_written(tmp_path, predictions,
 def test_inconsistent_predictions_are_rejected(tmp_path, predictions, change, message):
     with pytest.raises(ValueError, match=message):
         eval_report.write_eval_report(tmp_path, **(predictions | change), config=small_config())
-
-
-@pytest.fixture(scope="module")
-def saved_model_dir(tmp_path_factory) -> Path:
-    """A small random model saved with its image processor, as the training script saves one."""
-    torch.manual_seed(0)
-    model = HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
-    path = tmp_path_factory.mktemp("saved") / "model"
-    model.save_pretrained(path)
-    build_image_processor(model.config).save_pretrained(path)
-    return path
 
 
 @pytest.mark.slow

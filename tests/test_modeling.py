@@ -21,18 +21,9 @@ from configuration_hierarchical import CIFAR100_FINE_LABELS, HierarchicalEfficie
 from conftest import PROJECT_DIR, small_config
 from modeling_hierarchical import (
     HierarchicalEfficientNetV2ForImageClassification,
-    build_image_processor,
     hierarchical_probabilities,
 )
 
-
-@pytest.fixture(scope="module")
-def saved_model_dir(tmp_path_factory, model) -> Path:
-    """A saved model with its image processor, as `run_classification.py` writes it."""
-    path = tmp_path_factory.mktemp("saved") / "model"
-    model.save_pretrained(path)
-    build_image_processor(model.config).save_pretrained(path)
-    return path
 
 
 def test_default_config_is_the_official_cifar100_table():
