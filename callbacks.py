@@ -31,6 +31,8 @@ def _load_to(path: str, device: torch.device | str) -> dict[str, torch.Tensor]:
     return {name: value.to(device) for name, value in load_file(path).items()}
 
 
+# Not torch.optim.swa_utils.AveragedModel: it wraps a second module with no place in the Trainer's checkpoints;
+# this keeps one state dict, saved as ema.safetensors and restored on resume.
 class EMACallback(TrainerCallback):
     """Exponential moving average of the model's floating-point state (weights and BatchNorm statistics).
 

@@ -161,6 +161,7 @@ def checkpoint_problem(
     return None
 
 
+# Not transformers' get_last_checkpoint: it gives only the newest, and resuming falls back past incomplete ones.
 def find_checkpoints(output_dir: str) -> list[str]:
     """Checkpoint folders in `output_dir`, oldest first."""
     if not os.path.isdir(output_dir):

@@ -235,6 +235,8 @@ class HierarchicalCollator:
                     f"index={examples[row].get('index', row)} ({len(bad)} of {len(examples)} in this batch)"
                 )
 
+    # Not v2.MixUp/CutMix: they draw from the global RNG (not the batch's seed, so a resumed run would differ) and
+    # mix one label tensor; here the workers draw the parameters and the device mixes both heads' targets.
     def mix_parameters(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """MixUp or CutMix parameters for one batch (mixed with probability `mix_prob`), per image: the partner
         (`mix_index`), the rectangle taken from it at the model size (`mix_box`) and the weights (`mix_weights`)."""

@@ -273,6 +273,7 @@ def load_image_folder(path: str, args: DataArguments) -> DatasetDict:
     return datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=False, cache_dir=args.cache_dir)
 
 
+# The one hand-written loader: no `datasets` builder reads the cifar-100-python pickles without unpickling them.
 class CifarUnpickler(pickle.Unpickler):
     """Unpickler for the original CIFAR-100 python files that refuses every global but numpy array reconstruction.
 

@@ -20,6 +20,7 @@ from functools import partial
 
 import datasets
 import transformers
+from datasets import Dataset, DatasetDict
 from torch import nn
 from transformers import (
     HfArgumentParser,
@@ -220,10 +221,7 @@ def main(argv: list[str] | None = None, trainer_class: type[HierarchicalTrainer]
     image_size = model_args.image_size or HierarchicalEfficientNetV2Config().image_size
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         check_batch_fits(getattr(training_args, name), image_size)
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        raise ValueError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
-    if not training_args.do_train and model_args.model_name_or_path is None:
-        raise ValueError("evaluating without --do_train needs --model_name_or_path (a trained model)")
+    check_run_options(model_args, training_args)
     check_remote_resources(  # everything the run would download, named at once, before anything is written
         data_args.dataset_name,
         model_args.model_name_or_path,
@@ -235,16 +233,19 @@ def main(argv: list[str] | None = None, trainer_class: type[HierarchicalTrainer]
         return run(model_args, data_args, training_args, trainer_class)
 
 
-def run(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: HierarchicalTrainingArguments,
-    trainer_class: type[HierarchicalTrainer] | None = None,
-) -> dict[str, float]:
-    """Load data and model, train, evaluate, predict, save; return all metrics."""
-    if training_args.keep_freed_memory and keep_freed_memory():
-        logger.debug("glibc allocator keeps freed memory for reuse (--keep_freed_memory)")
-    set_seed(training_args.seed)
+def check_run_options(model_args: ModelArguments, training_args: HierarchicalTrainingArguments) -> None:
+    """Refuse a run with nothing to do, or an evaluation without a model to evaluate."""
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        raise ValueError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
+    if not training_args.do_train and model_args.model_name_or_path is None:
+        raise ValueError("evaluating without --do_train needs --model_name_or_path (a trained model)")
+
+
+def load_data_and_model(
+    model_args: ModelArguments, data_args: DataArguments, training_args: HierarchicalTrainingArguments
+) -> tuple[nn.Module, DatasetDict, str | None]:
+    """Load the data, the model whose heads fit its classes and the checkpoint to resume from; return the model,
+    the splits with their transforms attached and the checkpoint (None for a fresh start)."""
     with training_args.main_process_first(desc="dataset loading"):
         raw = load_raw_datasets(data_args)
     hierarchy = discover_hierarchy(raw, data_args)  # the classes of the data decide the heads
@@ -273,19 +274,26 @@ def run(
         raise ValueError("--do_eval needs a validation split: set --train_val_split > 0 or provide one")
     if training_args.do_predict and "test" not in splits:
         raise ValueError(f"--do_predict needs a test split ({data_args.test_split_name!r} not found)")
-    if training_args.should_save:
-        write_run_options(training_args.output_dir, model_args, data_args, training_args)
-    sizes = {split: len(dataset) for split, dataset in splits.items()}
-    logger.info(
-        run_summary(model, model_args.model_name_or_path, data_args.dataset_name, sizes, training_args, checkpoint)
-    )
+    return model, splits, checkpoint
 
+
+def build_trainer(
+    trainer_class: type[HierarchicalTrainer],
+    model: nn.Module,
+    config: HierarchicalEfficientNetV2Config,
+    splits: DatasetDict,
+    data_args: DataArguments,
+    training_args: HierarchicalTrainingArguments,
+    checkpoint: str | None,
+) -> HierarchicalTrainer:
+    """The trainer with its callbacks (epoch for the augmentation seeds, weight average, time budget) and the
+    collator (MixUp/CutMix on both heads' targets)."""
     callbacks = [EpochCallback(splits["train"])] if "train" in splits else []
     if training_args.do_train and training_args.ema_decay > 0:
         callbacks.append(EMACallback(training_args.ema_decay, resume_from=checkpoint))
     if training_args.max_train_minutes is not None:
         callbacks.append(TimeBudgetCallback(training_args.max_train_minutes))
-    trainer = (trainer_class or HierarchicalTrainer)(
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=splits.get("train") if training_args.do_train else None,
@@ -303,53 +311,95 @@ def run(
         callbacks=callbacks,
     )
     trainer.dataset_name = data_args.dataset_name
+    return trainer
+
+
+def train_and_save(trainer: HierarchicalTrainer, train: Dataset, checkpoint: str | None) -> dict[str, float]:
+    """Train (from `checkpoint` when given), save the model, its metrics and the trainer state."""
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    train_metrics = {**result.metrics, "train_samples": len(train)}
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+    return train_metrics
+
+
+def evaluate_validation(
+    trainer: HierarchicalTrainer,
+    config: HierarchicalEfficientNetV2Config,
+    validation: Dataset,
+    model_args: ModelArguments,
+    training_args: HierarchicalTrainingArguments,
+) -> dict[str, float]:
+    """Evaluate on the validation split, calibrate (with `--calibrate`) and write the validation report."""
+    # predict, not evaluate: the same eval_* metrics plus the logits the report needs
+    prediction = trainer.predict(validation, metric_key_prefix="eval")
+    eval_metrics = prediction.metrics
+    report = (prediction, validation, "validation")
+    if model_args.calibrate:  # temperatures and selective threshold, stored in the saved config
+        calibration = calibrate_and_select(config, prediction, model_args, training_args.seed)
+        eval_metrics.update(calibration.metrics)
+        if calibration.heldout_rows is not None:  # the report measures the images not used to calibrate
+            rows = calibration.heldout_rows
+            report = (subset_prediction(prediction, rows), validation.select(rows), "validation, held out")
+        if trainer.is_world_process_zero():
+            config.save_pretrained(training_args.output_dir)
+    trainer.log(eval_metrics)  # as trainer.evaluate does: log history, integrations, "epoch"
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    if trainer.is_world_process_zero():
+        write_prediction_report(training_args.output_dir, report[0], config, report[1], report[2])
+    return eval_metrics
+
+
+def evaluate_test(
+    trainer: HierarchicalTrainer, config: HierarchicalEfficientNetV2Config, test: Dataset, output_dir: str
+) -> dict[str, float]:
+    """Evaluate on the test split, with the calibration metrics, and write the test report."""
+    prediction = trainer.predict(test, metric_key_prefix="test")
+    test_metrics = prediction.metrics
+    logits, labels = prediction.predictions, prediction.label_ids
+    test_metrics.update(
+        {f"test_{name}": value for name, value in evaluate_calibration(*logits, *labels, config).items()}
+    )
+    trainer.log_metrics("test", test_metrics)
+    trainer.save_metrics("test", test_metrics)
+    if trainer.is_world_process_zero():
+        write_prediction_report(output_dir, prediction, config, test, "test")
+    return test_metrics
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: HierarchicalTrainingArguments,
+    trainer_class: type[HierarchicalTrainer] | None = None,
+) -> dict[str, float]:
+    """Load data and model, train, evaluate, predict, save; return all metrics."""
+    if training_args.keep_freed_memory and keep_freed_memory():
+        logger.debug("glibc allocator keeps freed memory for reuse (--keep_freed_memory)")
+    set_seed(training_args.seed)
+    model, splits, checkpoint = load_data_and_model(model_args, data_args, training_args)
+    config = model.config
+    if training_args.should_save:
+        write_run_options(training_args.output_dir, model_args, data_args, training_args)
+    sizes = {split: len(dataset) for split, dataset in splits.items()}
+    logger.info(
+        run_summary(model, model_args.model_name_or_path, data_args.dataset_name, sizes, training_args, checkpoint)
+    )
+    trainer_class = trainer_class or HierarchicalTrainer
+    trainer = build_trainer(trainer_class, model, config, splits, data_args, training_args, checkpoint)
 
     metrics: dict[str, float] = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        train_metrics = {**result.metrics, "train_samples": len(splits["train"])}
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
-        metrics.update(train_metrics)
+        metrics.update(train_and_save(trainer, splits["train"], checkpoint))
     else:
         trainer.save_model()  # evaluation-only runs also leave a loadable model beside their metrics
     if training_args.do_eval:
-        # predict, not evaluate: the same eval_* metrics plus the logits the report needs
-        prediction = trainer.predict(splits["validation"], metric_key_prefix="eval")
-        eval_metrics = prediction.metrics
-        report = (prediction, splits["validation"], "validation")
-        if model_args.calibrate:  # temperatures and selective threshold, stored in the saved config
-            calibration = calibrate_and_select(config, prediction, model_args, training_args.seed)
-            eval_metrics.update(calibration.metrics)
-            if calibration.heldout_rows is not None:  # the report measures the images not used to calibrate
-                rows = calibration.heldout_rows
-                report = (
-                    subset_prediction(prediction, rows),
-                    splits["validation"].select(rows),
-                    "validation, held out",
-                )
-            if trainer.is_world_process_zero():
-                config.save_pretrained(training_args.output_dir)
-        trainer.log(eval_metrics)  # as trainer.evaluate does: log history, integrations, "epoch"
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-        if trainer.is_world_process_zero():
-            write_prediction_report(training_args.output_dir, report[0], config, report[1], report[2])
+        metrics.update(evaluate_validation(trainer, config, splits["validation"], model_args, training_args))
     if training_args.do_predict:
-        prediction = trainer.predict(splits["test"], metric_key_prefix="test")
-        test_metrics = prediction.metrics
-        logits, labels = prediction.predictions, prediction.label_ids
-        test_metrics.update(
-            {f"test_{name}": value for name, value in evaluate_calibration(*logits, *labels, config).items()}
-        )
-        trainer.log_metrics("test", test_metrics)
-        trainer.save_metrics("test", test_metrics)
-        metrics.update(test_metrics)
-        if trainer.is_world_process_zero():
-            write_prediction_report(training_args.output_dir, prediction, config, splits["test"], "test")
+        metrics.update(evaluate_test(trainer, config, splits["test"], training_args.output_dir))
     trainer.create_model_card()
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="Hierarchical EfficientNetV2-S trained with run_classification.py")
