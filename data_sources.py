@@ -374,7 +374,7 @@ def load_cifar_python(folder: str) -> DatasetDict:
         fine, coarse = (_cifar_labels(content, key, len(data), path) for key in (b"fine_labels", b"coarse_labels"))
         images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3), stored channel-first
         columns = {
-            "img": [{"bytes": _png_bytes(image), "path": None} for image in images],
+            "img": [{"bytes": png_bytes(image), "path": None} for image in images],
             "fine_label": fine,
             "coarse_label": coarse,
         }
@@ -382,7 +382,7 @@ def load_cifar_python(folder: str) -> DatasetDict:
     return DatasetDict(splits)
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
     """PNG encoding of one (H, W, 3) uint8 array."""
     buffer = io.BytesIO()
     PIL.Image.fromarray(image).save(buffer, format="PNG")

@@ -29,7 +29,6 @@ JSON line with the ratios, the figures behind them and the settings. The targets
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -186,20 +185,16 @@ def step_figures(stamps: list[float], warmup_steps: int, batch_size: int) -> dic
 
 def write_generated_dataset(folder: Path, num_rows: int) -> None:
     """A parquet shard of random 32x32 PNGs in the `uoft-cs/cifar100` schema (`img`, `fine_label`, `coarse_label`)."""
-    import PIL.Image
     from datasets import ClassLabel, Dataset, Features, Image
 
     from configuration_hierarchical import CIFAR100_COARSE_LABELS, CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE
+    from data_sources import png_bytes
 
     rng = np.random.default_rng(SEED)
     # Smooth colour fields plus noise: closer to photographs than white noise in PNG size and decoding cost.
     coarse = rng.integers(0, 256, (num_rows, 4, 4, 3)).repeat(8, axis=1).repeat(8, axis=2)
     pixels = np.clip(coarse + rng.normal(0, 24, coarse.shape), 0, 255).astype(np.uint8)  # (rows, 32, 32, 3)
-    images = []
-    for array in pixels:
-        buffer = io.BytesIO()
-        PIL.Image.fromarray(array).save(buffer, format="PNG")
-        images.append({"bytes": buffer.getvalue(), "path": None})
+    images = [{"bytes": png_bytes(array), "path": None} for array in pixels]
     fine = rng.integers(0, len(CIFAR100_FINE_LABELS), num_rows)
     features = Features(
         {
