@@ -26,17 +26,6 @@ from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassificati
 NUM_FINE = len(CIFAR100_FINE_LABELS)
 
 
-def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
-    """A 32 px config with random backbone weights (no download)."""
-    return HierarchicalEfficientNetV2Config(**{"backbone_weights": None, "image_size": 32, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def model() -> HierarchicalEfficientNetV2ForImageClassification:
-    torch.manual_seed(0)
-    return HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
-
-
 def cifar100_features() -> datasets.Features:
     """The features of `uoft-cs/cifar100`: `img`, `fine_label` and `coarse_label`."""
     return datasets.Features(
@@ -188,8 +177,6 @@ def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
 @pytest.fixture(scope="module")
 def model() -> HierarchicalEfficientNetV2ForImageClassification:
     """A small random model (seed 0) in eval mode."""
-    import torch
-
     torch.manual_seed(0)
     return HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
 

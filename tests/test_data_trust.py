@@ -124,19 +124,14 @@ def test_cifar_python_meta_names_are_mapped_by_name(tmp_path):
     np.testing.assert_array_equal(column(train, "labels"), np.arange(NUM_FINE))
 
 
-def test_unknown_class_label_name_is_refused(tmp_path):
-    fine_names = list(CIFAR100_FINE_LABELS)
-    fine_names[3] = "dragon"
-    write_named_parquet(tmp_path / "data", fine_names, CIFAR100_COARSE_LABELS, fine_names)
-    with pytest.raises(ValueError, match=r"1 class names in 'fine_label' .* \['dragon'\]"):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data"), make_config(), seed=0)
-
-
-def test_unknown_coarse_name_is_refused(tmp_path):
-    coarse_names = list(CIFAR100_COARSE_LABELS)
-    coarse_names[0] = "sea_monsters"
-    write_named_parquet(tmp_path / "data", CIFAR100_FINE_LABELS, coarse_names, CIFAR100_FINE_LABELS)
-    with pytest.raises(ValueError, match=r"class names in 'coarse_label' .* \['sea_monsters'\]"):
+@pytest.mark.parametrize(
+    ("column", "index", "unknown"), [("fine_label", 3, "dragon"), ("coarse_label", 0, "sea_monsters")]
+)
+def test_unknown_class_label_name_is_refused(tmp_path, column, index, unknown):
+    names = {"fine_label": list(CIFAR100_FINE_LABELS), "coarse_label": list(CIFAR100_COARSE_LABELS)}
+    names[column][index] = unknown
+    write_named_parquet(tmp_path / "data", names["fine_label"], names["coarse_label"], names["fine_label"])
+    with pytest.raises(ValueError, match=rf"1 class names in '{column}' .* \['{unknown}'\]"):
         prepare_datasets(data_args(tmp_path, tmp_path / "data"), make_config(), seed=0)
 
 
