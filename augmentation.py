@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import PIL.Image
@@ -19,16 +19,24 @@ if TYPE_CHECKING:  # only in annotations: data_utils imports this module
     from data_utils import DataArguments
 
 
+IntOrArray = TypeVar("IntOrArray", int, np.ndarray)
+MASK64 = (1 << 64) - 1
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
+
+
+def splitmix64(state: IntOrArray) -> IntOrArray:
+    """splitmix64's output function: a well-mixed 64-bit value for a state, a Python int or a `uint64` array."""
+    state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & MASK64
+    return state ^ (state >> 31)
+
+
 # Not numpy.random.SeedSequence: it would give other seeds, and so change the augmentations of runs being resumed.
 def derive_seed(*values: int) -> int:
     """A 63-bit seed from a few integers (a splitmix64 chain): the same in every process, run and platform."""
-    mask = (1 << 64) - 1
     state = 0
     for value in values:
-        state = ((state ^ (int(value) & mask)) + 0x9E3779B97F4A7C15) & mask
-        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & mask
-        state ^= state >> 31
+        state = splitmix64(((state ^ (int(value) & MASK64)) + GOLDEN_GAMMA) & MASK64)
     return state >> 1
 
 
@@ -56,13 +64,9 @@ class RandomCropWithPadding(torch.nn.Module):
 
 def uniform_draws(seeds: list[int], count: int) -> torch.Tensor:
     """`(len(seeds), count)` float64 uniforms in [0, 1), a pure function of each seed (a splitmix64 counter)."""
-    state = np.asarray(seeds, dtype=np.uint64)[:, None] + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(
-        0x9E3779B97F4A7C15
-    )
-    state = (state ^ (state >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    state = (state ^ (state >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    state ^= state >> np.uint64(31)
-    return torch.from_numpy((state >> np.uint64(11)).astype(np.float64) / 2.0**53)
+    counters = np.arange(1, count + 1, dtype=np.uint64) * np.uint64(GOLDEN_GAMMA)  # wraps modulo 2**64
+    state = splitmix64(np.asarray(seeds, dtype=np.uint64)[:, None] + counters)
+    return torch.from_numpy((state >> 11).astype(np.float64) / 2.0**53)
 
 
 NO_BOX = (0, 0, 0, 0)  # an empty (top, left, bottom, right) rectangle

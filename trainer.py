@@ -90,8 +90,8 @@ class HierarchicalTrainer(Trainer):
         return self.device_preprocessor(super()._prepare_inputs(inputs))
 
     def _train_filtering_on_device(self, *args, **kwargs) -> TrainOutput:
-        """The Trainer's `train`. With `--logging_nan_inf_filter` (the default), non-finite losses are kept out of the
-        logged loss on the device, in `training_step`, instead of by the Trainer's own filter, which reads every loss
+        """The Trainer's `train`. With `--logging_nan_inf_filter true` (off by default), non-finite losses are kept out of
+        the logged loss on the device, in `training_step`, instead of by the Trainer's own filter, which reads every loss
         on the host and so makes it wait for the device at each step. The option reads as given everywhere else.
         (Versions of the Trainer that keep the running loss in a local variable keep their own filter.)"""
         if "_tr_loss" not in Trainer._inner_training_loop.__code__.co_names:
