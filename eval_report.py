@@ -3,7 +3,7 @@
 confusions, calibration and selective answers.
 
 `write_eval_report` turns predictions into `eval_report.md` and PNG figures; `evaluate_saved_model` runs a saved
-model on a dataset split and writes that report:
+model on a dataset split with `Trainer.predict`, as the training script evaluates, and writes that report:
 
     python eval_report.py outputs/run --dataset_name cifar100-local --split validation
 
@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from transformers import HfArgumentParser
@@ -34,17 +33,20 @@ from transformers.utils import logging
 
 from calibration import evaluate_calibration
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from data_utils import DataArguments, HierarchicalCollator, ImageTransform, build_eval_transform, prepare_datasets
+from data_utils import DataArguments, HierarchicalCollator, ImageTransform, prepare_datasets
 from hierarchy_metrics import compute_hierarchy_metrics
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from report_data import ReportData, compute_report_data
 from report_figures import FIGURE_NAMES, draw_figures
 from report_markdown import render_markdown
+from trainer import HierarchicalTrainer
+from training_args import HierarchicalTrainingArguments
 
 logger = logging.get_logger(__name__)
 
 REPORT_NAME = "eval_report.md"
 MATPLOTLIB_HINT = "`pip install matplotlib`"
+SPLIT_LIMITS = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_predict_samples"}
 
 
 def write_eval_report(
@@ -130,6 +132,7 @@ def evaluate_saved_model(
         dataset_name: any source `DataArguments.dataset_name` accepts (Hub id, parquet folder, ...).
         split: "train", "validation" (carved from "train" with `seed` and `train_val_split` when the source has
             none, as in training) or "test".
+        batch_size: images per inference batch (`per_device_eval_batch_size`).
         max_samples: evaluate only the first N rows of the split.
         seed: the training seed, which decides a carved validation split.
         data_options: other `DataArguments` fields (column and split names, `train_val_split`, ...).
@@ -139,48 +142,51 @@ def evaluate_saved_model(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    limit_field = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_predict_samples"}
-    if split not in limit_field:
-        raise ValueError(f"split must be one of {list(limit_field)}, got {split!r}")
+    if split not in SPLIT_LIMITS:
+        raise ValueError(f"split must be one of {list(SPLIT_LIMITS)}, got {split!r}")
     if max_samples is not None:
-        data_options[limit_field[split]] = max_samples
-    model = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(model_dir).eval()
+        data_options[SPLIT_LIMITS[split]] = max_samples
+    model = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(model_dir)
     config = model.config
     data_args = DataArguments(dataset_name=dataset_name, **data_options)
     splits = prepare_datasets(data_args, config, seed=seed)
     if split not in splits:
         raise ValueError(f"the dataset {dataset_name!r} has no {split!r} split; it has {list(splits)}")
-    dataset = splits[split]
-    transformed = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(
-        ImageTransform(build_eval_transform(config), split=split)
-    )
-    loader = torch.utils.data.DataLoader(transformed, batch_size=batch_size, collate_fn=HierarchicalCollator())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    outputs: dict[str, list[np.ndarray]] = {"logits": [], "coarse_logits": [], "labels": [], "coarse_labels": []}
-    with torch.no_grad():
-        for batch in logging.tqdm(loader, desc=f"Evaluating {split}", unit="batch"):
-            result = model(batch["pixel_values"].to(device))
-            outputs["logits"].append(result.logits.float().cpu().numpy())
-            outputs["coarse_logits"].append(result.coarse_logits.float().cpu().numpy())
-            outputs["labels"].append(batch["labels"].numpy())
-            outputs["coarse_labels"].append(batch["coarse_labels"].numpy())
-    arrays = {name: np.concatenate(parts) for name, parts in outputs.items()}
-    predictions = (arrays["logits"], arrays["coarse_logits"], arrays["labels"], arrays["coarse_labels"])
-    metrics = compute_hierarchy_metrics(*predictions, config.fine_to_coarse)
-    metrics |= evaluate_calibration(*predictions, config)
+    report_dir = model_dir if output_dir is None else output_dir
+    prediction = predict_split(model, splits[split], split, data_args, batch_size, seed, report_dir)
+    logits, coarse_logits = prediction.predictions
+    labels, coarse_labels = prediction.label_ids
+    metrics = compute_hierarchy_metrics(logits, coarse_logits, labels, coarse_labels, config.fine_to_coarse)
+    metrics |= evaluate_calibration(logits, coarse_logits, labels, coarse_labels, config)
     write_eval_report(
-        model_dir if output_dir is None else output_dir,
-        arrays["logits"],
-        arrays["coarse_logits"],
-        arrays["labels"],
-        arrays["coarse_labels"],
-        config,
-        images=dataset,
-        split=split,
-        metrics=metrics,
+        report_dir, logits, coarse_logits, labels, coarse_labels, config, splits[split], split, metrics=metrics
     )
     return metrics
+
+
+def predict_split(
+    model: HierarchicalEfficientNetV2ForImageClassification,
+    dataset: Dataset,
+    split: str,
+    data_args: DataArguments,
+    batch_size: int,
+    seed: int,
+    output_dir: str | os.PathLike,
+) -> PredictionOutput:
+    """`HierarchicalTrainer.predict` over a prepared split, with the evaluation path of the training script: images
+    decoded to 8 bits at their source size, resized and normalised on the device. Nothing is written to
+    `output_dir`; predictions `(logits, coarse_logits)`, label ids `(labels, coarse_labels)`, in row order."""
+    evaluation_transform = ImageTransform(split=split, max_image_pixels=data_args.max_image_pixels)
+    inputs = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(evaluation_transform)
+    args = HierarchicalTrainingArguments(
+        output_dir=str(output_dir),
+        do_predict=True,
+        per_device_eval_batch_size=batch_size,
+        seed=seed,
+        report_to=[],
+    )
+    trainer = HierarchicalTrainer(model=model, args=args, data_collator=HierarchicalCollator(model.config))
+    return trainer.predict(inputs, metric_key_prefix=split)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
