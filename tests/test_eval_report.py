@@ -179,6 +179,14 @@ def test_evaluate_saved_model(saved_model_dir, tiny_parquet_dir, tmp_path):
     assert (saved_model_dir / "eval_report.md").read_text().startswith("# Evaluation report: validation split")
 
 
+def test_evaluate_saved_model_applies_max_image_pixels(saved_model_dir, tiny_parquet_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"above the limit of 1,000 \(--max_image_pixels\)"):  # 32 x 32 = 1,024
+        eval_report.evaluate_saved_model(
+            saved_model_dir, str(tiny_parquet_dir), output_dir=tmp_path, max_samples=4, max_image_pixels=1000
+        )
+    assert not (tmp_path / "eval_report.md").exists()
+
+
 @pytest.mark.slow
 def test_training_script_writes_the_report(tiny_parquet_dir, tmp_path):
     # fmt: off
