@@ -35,12 +35,13 @@ from calibration import evaluate_calibration
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_utils import DataArguments, HierarchicalCollator, ImageTransform, prepare_datasets
 from hierarchy_metrics import compute_hierarchy_metrics
+from model_loading import load_saved_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from report_data import ReportData, compute_report_data
 from report_figures import FIGURE_NAMES, draw_figures
 from report_markdown import render_markdown
 from trainer import HierarchicalTrainer
-from training_args import HierarchicalTrainingArguments
+from training_args import HierarchicalTrainingArguments, ModelArguments
 
 logger = logging.get_logger(__name__)
 
@@ -92,7 +93,7 @@ def write_eval_report(
             os.remove(path)
     figures = {key: name for key, name in FIGURE_NAMES.items() if key in written}
     report_path = os.path.join(output_dir, REPORT_NAME)
-    with open(report_path, "w") as file:
+    with open(report_path, "w", encoding="utf-8") as file:
         file.write(render_markdown(data, config, split, figures, note))
     written["report"] = report_path
     logger.info(f"Wrote the {split} report: {', '.join(os.path.basename(p) for p in written.values())}")
@@ -146,7 +147,8 @@ def evaluate_saved_model(
         raise ValueError(f"split must be one of {list(SPLIT_LIMITS)}, got {split!r}")
     if max_samples is not None:
         data_options[SPLIT_LIMITS[split]] = max_samples
-    model = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(model_dir)
+    # the training script's loader: a folder with missing, extra or misshaped tensors is refused, not half-random
+    model = load_saved_model(ModelArguments(model_name_or_path=str(model_dir)), cache_dir=None, overrides={})
     config = model.config
     data_args = DataArguments(dataset_name=dataset_name, **data_options)
     splits = prepare_datasets(data_args, config, seed=seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import eval_report
 import run_classification
@@ -185,6 +187,17 @@ def test_evaluate_saved_model_applies_max_image_pixels(saved_model_dir, tiny_par
             saved_model_dir, str(tiny_parquet_dir), output_dir=tmp_path, max_samples=4, max_image_pixels=1000
         )
     assert not (tmp_path / "eval_report.md").exists()
+
+
+def test_evaluate_saved_model_refuses_a_folder_with_missing_tensors(saved_model_dir, tiny_parquet_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["fine_classifier.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing from the weights file.*fine_classifier.weight"):
+        eval_report.evaluate_saved_model(folder, str(tiny_parquet_dir), output_dir=tmp_path / "report", max_samples=4)
+    assert not (tmp_path / "report" / "eval_report.md").exists()
 
 
 @pytest.mark.slow
