@@ -1,7 +1,8 @@
 """Hierarchical EfficientNetV2-S for CIFAR-100: a coarse head (superclasses) and a fine head (classes).
 
 How the two heads' logits become predictions (consistent probabilities, selective answers) is in
-`prediction_hierarchical.py`, saved with the model; its names are importable from here too.
+`prediction_hierarchical.py`, saved with the model; its functions and `HierarchicalPrediction` are importable
+from here too.
 """
 
 from __future__ import annotations
@@ -23,10 +24,7 @@ from transformers.utils import ModelOutput, logging
 try:  # loaded as a Hub module (trust_remote_code) or inside a package
     from .configuration_hierarchical import HierarchicalEfficientNetV2Config
     from .prediction_hierarchical import (
-        ANSWER_LEVELS,
-        UNKNOWN_LABEL,
         HierarchicalPrediction,
-        add_selective_answers,
         check_min_confidence,
         hierarchical_log_probabilities,
         hierarchical_probabilities,
@@ -35,10 +33,7 @@ try:  # loaded as a Hub module (trust_remote_code) or inside a package
 except ImportError:  # imported from the project folder
     from configuration_hierarchical import HierarchicalEfficientNetV2Config
     from prediction_hierarchical import (
-        ANSWER_LEVELS,
-        UNKNOWN_LABEL,
         HierarchicalPrediction,
-        add_selective_answers,
         check_min_confidence,
         hierarchical_log_probabilities,
         hierarchical_probabilities,
@@ -354,8 +349,8 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
             coarse_labels=[config.coarse_label_names[int(i)] for i in coarse_ids],
         )
         if threshold is not None:
-            add_selective_answers(
-                prediction, fine_probs, coarse_probs, threshold, (config.id2label, config.coarse_label_names)
+            prediction.add_selective_answers(
+                fine_probs, coarse_probs, threshold, (config.id2label, config.coarse_label_names)
             )
         return prediction
 
@@ -390,7 +385,6 @@ AutoModelForImageClassification.register(
 )
 
 __all__ = [
-    "ANSWER_LEVELS",
     "build_image_processor",
     "HierarchicalEfficientNetV2ForImageClassification",
     "HierarchicalEfficientNetV2PreTrainedModel",
@@ -400,5 +394,4 @@ __all__ = [
     "hierarchical_probabilities",
     "load_backbone_state_dict",
     "selective_answers",
-    "UNKNOWN_LABEL",
 ]

@@ -49,6 +49,24 @@ class HierarchicalPrediction:
     answer_scores: torch.Tensor | None = None
     min_confidence: float | None = None
 
+    def add_selective_answers(
+        self,
+        fine_probs: torch.Tensor,
+        coarse_probs: torch.Tensor,
+        min_confidence: float,
+        label_names: tuple[dict[int, str], list[str]],
+    ) -> None:
+        """Fill the answer fields with [`selective_answers`] at `min_confidence`; `label_names` are the class names
+        (`config.id2label`) and the superclass names (`config.coarse_label_names`)."""
+        levels, ids, scores = selective_answers(fine_probs, coarse_probs, min_confidence)
+        self.answer_levels = [ANSWER_LEVELS[level] for level in levels.tolist()]
+        self.answer_ids, self.answer_scores = ids, scores
+        self.answer_labels = [
+            UNKNOWN_LABEL if level == 2 else label_names[level][answer]
+            for level, answer in zip(levels.tolist(), ids.tolist(), strict=True)
+        ]
+        self.min_confidence = min_confidence
+
 
 def hierarchical_log_probabilities(
     logits: torch.Tensor,
@@ -114,25 +132,6 @@ def selective_answers(
     return levels, ids, scores
 
 
-def add_selective_answers(
-    prediction: HierarchicalPrediction,
-    fine_probs: torch.Tensor,
-    coarse_probs: torch.Tensor,
-    min_confidence: float,
-    label_names: tuple[dict[int, str], list[str]],
-) -> None:
-    """Fill the answer fields of `prediction` with [`selective_answers`] at `min_confidence`; `label_names` are the
-    class names (`config.id2label`) and the superclass names (`config.coarse_label_names`)."""
-    levels, ids, scores = selective_answers(fine_probs, coarse_probs, min_confidence)
-    prediction.answer_levels = [ANSWER_LEVELS[level] for level in levels.tolist()]
-    prediction.answer_ids, prediction.answer_scores = ids, scores
-    prediction.answer_labels = [
-        UNKNOWN_LABEL if level == 2 else label_names[level][answer]
-        for level, answer in zip(levels.tolist(), ids.tolist(), strict=True)
-    ]
-    prediction.min_confidence = min_confidence
-
-
 def check_min_confidence(min_confidence: float) -> float:
     """`min_confidence` as a float, after checking that it is a number in (0, 1]."""
     if not (
@@ -146,7 +145,6 @@ __all__ = [
     "ANSWER_LEVELS",
     "HierarchicalPrediction",
     "UNKNOWN_LABEL",
-    "add_selective_answers",
     "check_min_confidence",
     "hierarchical_log_probabilities",
     "hierarchical_probabilities",
