@@ -25,7 +25,6 @@ from modeling_hierarchical import (
 )
 
 
-
 def test_default_config_is_the_official_cifar100_table():
     config = HierarchicalEfficientNetV2Config()
     coarse_of = {config.id2label[f]: config.coarse_label_names[c] for f, c in enumerate(config.fine_to_coarse)}
