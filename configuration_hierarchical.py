@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -151,24 +152,21 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         coarse_class_weights: list[float] | None = None,
         **kwargs,
     ):
-        if kwargs.get("per_layer_config") is not None:
-            raise ValueError("per_layer_config is not supported: every layer of this model shares one configuration")
-        if kwargs.get("id2label") is None and kwargs.get("num_labels") is None:
-            kwargs["id2label"] = dict(enumerate(CIFAR100_FINE_LABELS))
-        if kwargs.get("id2label") is not None:
-            kwargs["label2id"] = {name: int(i) for i, name in kwargs["id2label"].items()}
+        kwargs = _pretrained_config_kwargs(kwargs)
         self.fine_to_coarse = list(CIFAR100_FINE_TO_COARSE if fine_to_coarse is None else fine_to_coarse)
         self.coarse_label_names = list(CIFAR100_COARSE_LABELS if coarse_label_names is None else coarse_label_names)
+        self.image_mean = list(IMAGENET_MEAN if image_mean is None else image_mean)
+        self.image_std = list(IMAGENET_STD if image_std is None else image_std)
+        self.fine_class_weights = None if fine_class_weights is None else [float(w) for w in fine_class_weights]
+        self.coarse_class_weights = None if coarse_class_weights is None else [float(w) for w in coarse_class_weights]
+        self.backbone_weights = os.fspath(backbone_weights) if backbone_weights is not None else None
         self.num_frozen_stages = num_frozen_stages
         self.dropout = dropout
         self.drop_path_rate = drop_path_rate
         self.fine_head_uses_coarse_logits = fine_head_uses_coarse_logits
         self.coarse_loss_weight = coarse_loss_weight
         self.label_smoothing = label_smoothing
-        self.backbone_weights = os.fspath(backbone_weights) if backbone_weights is not None else None
         self.image_size = image_size
-        self.image_mean = list(IMAGENET_MEAN if image_mean is None else image_mean)
-        self.image_std = list(IMAGENET_STD if image_std is None else image_std)
         self.channels_last = channels_last
         self.num_channels = num_channels
         self.fine_temperature = fine_temperature
@@ -176,10 +174,6 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         self.selective_threshold = selective_threshold
         self.selective_target_accuracy = selective_target_accuracy
         self.selective_confidence = selective_confidence
-        if kwargs.get("custom_pipelines") is None:
-            kwargs["custom_pipelines"] = {HIERARCHICAL_PIPELINE_TASK: dict(HIERARCHICAL_PIPELINE)}
-        self.fine_class_weights = None if fine_class_weights is None else [float(w) for w in fine_class_weights]
-        self.coarse_class_weights = None if coarse_class_weights is None else [float(w) for w in coarse_class_weights]
         super().__init__(**kwargs)
         self.validate_hierarchy()
 
@@ -197,6 +191,12 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
 
     def validate_hierarchy(self) -> None:
         """Check every field of the configuration; raise `ValueError` naming the field and the bad value."""
+        self._check_hierarchy()
+        self._check_model_and_loss()
+        self._check_calibration()
+
+    def _check_hierarchy(self) -> None:
+        """The class tables: one superclass index per class, no empty superclass, no duplicate name."""
         num_fine, num_coarse = len(self.fine_to_coarse), len(self.coarse_label_names)
         if num_fine != self.num_labels:
             raise ValueError(
@@ -224,46 +224,65 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
                 raise ValueError(f"{field} has duplicate names: {duplicates}")
         if sorted(self.id2label) != list(range(num_fine)):
             raise ValueError(f"id2label keys must be 0..{num_fine - 1}, got {sorted(self.id2label)[:5]}...")
-        if not isinstance(self.num_frozen_stages, int) or not 0 <= self.num_frozen_stages <= NUM_BACKBONE_STAGES:
-            raise ValueError(f"num_frozen_stages must be in [0, {NUM_BACKBONE_STAGES}], got {self.num_frozen_stages!r}")
-        for field in ("dropout", "drop_path_rate", "label_smoothing"):
-            value = getattr(self, field)
-            if not (math.isfinite(value) and 0.0 <= value < 1.0):
-                raise ValueError(f"{field} must be in [0, 1), got {value!r}")
-        if not (math.isfinite(self.coarse_loss_weight) and self.coarse_loss_weight >= 0):
-            raise ValueError(f"coarse_loss_weight must be a finite number >= 0, got {self.coarse_loss_weight!r}")
-        if not isinstance(self.image_size, int) or self.image_size < 16:
-            raise ValueError(f"image_size must be an integer >= 16, got {self.image_size!r}")
-        if self.num_channels != 3:
-            raise ValueError(f"num_channels must be 3 (the backbone takes RGB input), got {self.num_channels!r}")
-        for field in ("image_mean", "image_std"):
-            value = getattr(self, field)
-            if len(value) != self.num_channels or (field == "image_std" and min(value) <= 0):
-                raise ValueError(f"{field} must hold {self.num_channels} values (std > 0), got {value!r}")
-        for field, size in (("fine_class_weights", num_fine), ("coarse_class_weights", num_coarse)):
+
+    def _check_model_and_loss(self) -> None:
+        """Freezing, regularisation, the loss, the input images, the class weights and the backbone weights."""
+        self._check_fields(
+            ("num_frozen_stages",),
+            lambda value: isinstance(value, int) and 0 <= value <= NUM_BACKBONE_STAGES,
+            f"be in [0, {NUM_BACKBONE_STAGES}]",
+        )
+        self._check_fields(
+            ("dropout", "drop_path_rate", "label_smoothing"),
+            lambda value: math.isfinite(value) and 0.0 <= value < 1.0,
+            "be in [0, 1)",
+        )
+        self._check_fields(
+            ("coarse_loss_weight",), lambda value: math.isfinite(value) and value >= 0, "be a finite number >= 0"
+        )
+        self._check_fields(("image_size",), lambda value: isinstance(value, int) and value >= 16, "be an integer >= 16")
+        self._check_fields(("num_channels",), lambda value: value == 3, "be 3 (the backbone takes RGB input)")
+        channels = f"hold {self.num_channels} values (std > 0)"
+        self._check_fields(("image_mean",), lambda value: len(value) == self.num_channels, channels)
+        self._check_fields(
+            ("image_std",), lambda value: not (len(value) != self.num_channels or min(value) <= 0), channels
+        )
+        for field, size in (("fine_class_weights", self.num_labels), ("coarse_class_weights", self.num_coarse_labels)):
             weights = getattr(self, field)
             if weights is not None and (
                 len(weights) != size or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights)
             ):
                 raise ValueError(f"{field} must hold {size} finite weights >= 0, not all 0, got {weights!r}")
-        if self.backbone_weights not in (None, "imagenet") and not str(self.backbone_weights).endswith(
-            (".pth", ".pt", ".safetensors")
-        ):
-            raise ValueError(
-                f"backbone_weights must be 'imagenet', None or a .pth/.pt/.safetensors file, got {self.backbone_weights!r}"
-            )
-        for field in ("fine_temperature", "coarse_temperature"):
+        self._check_fields(
+            ("backbone_weights",),
+            lambda value: value in (None, "imagenet") or str(value).endswith((".pth", ".pt", ".safetensors")),
+            "be 'imagenet', None or a .pth/.pt/.safetensors file",
+        )
+
+    def _check_calibration(self) -> None:
+        """The temperatures, the selective threshold and what it was chosen for."""
+        self._check_fields(
+            ("fine_temperature", "coarse_temperature"),
+            lambda value: _is_number(value) and math.isfinite(value) and value > 0,
+            "be a finite number > 0",
+        )
+        self._check_fields(
+            ("selective_threshold",),
+            lambda value: value is None or (_is_number(value) and 0 < value <= 1),
+            "be None or in (0, 1]",
+        )
+        self._check_fields(
+            ("selective_target_accuracy", "selective_confidence"),
+            lambda value: value is None or (_is_number(value) and 0 < value < 1),
+            "be None or in (0, 1)",
+        )
+
+    def _check_fields(self, fields: tuple[str, ...], is_valid: Callable[[Any], bool], requirement: str) -> None:
+        """Raise `ValueError("<field> must <requirement>, got <value>")` for the first of `fields` that is not valid."""
+        for field in fields:
             value = getattr(self, field)
-            if not _is_number(value) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{field} must be a finite number > 0, got {value!r}")
-        if self.selective_threshold is not None and not (
-            _is_number(self.selective_threshold) and 0 < self.selective_threshold <= 1
-        ):
-            raise ValueError(f"selective_threshold must be None or in (0, 1], got {self.selective_threshold!r}")
-        for field in ("selective_target_accuracy", "selective_confidence"):
-            value = getattr(self, field)
-            if value is not None and not (_is_number(value) and 0 < value < 1):
-                raise ValueError(f"{field} must be None or in (0, 1), got {value!r}")
+            if not is_valid(value):
+                raise ValueError(f"{field} must {requirement}, got {value!r}")
 
     def fine_to_coarse_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The fine-to-coarse mapping as a `(num_labels,)` int64 tensor."""
@@ -278,6 +297,20 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
     def coarse_children(self, coarse_id: int) -> list[int]:
         """Fine class indices that belong to superclass `coarse_id`."""
         return [fine for fine, coarse in enumerate(self.fine_to_coarse) if coarse == coarse_id]
+
+
+def _pretrained_config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` for `PretrainedConfig`, with this model's defaults: the CIFAR-100 class names when neither
+    `id2label` nor `num_labels` is given, `label2id` derived from `id2label`, and the hierarchical pipeline."""
+    if kwargs.get("per_layer_config") is not None:
+        raise ValueError("per_layer_config is not supported: every layer of this model shares one configuration")
+    if kwargs.get("id2label") is None and kwargs.get("num_labels") is None:
+        kwargs["id2label"] = dict(enumerate(CIFAR100_FINE_LABELS))
+    if kwargs.get("id2label") is not None:
+        kwargs["label2id"] = {name: int(i) for i, name in kwargs["id2label"].items()}
+    if kwargs.get("custom_pipelines") is None:
+        kwargs["custom_pipelines"] = {HIERARCHICAL_PIPELINE_TASK: dict(HIERARCHICAL_PIPELINE)}
+    return kwargs
 
 
 def _is_number(value: Any) -> bool:

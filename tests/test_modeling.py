@@ -225,7 +225,14 @@ def test_channels_last_gives_the_same_outputs(model):
 
 def test_save_and_reload_gives_identical_logits(saved_model_dir, model):
     files = set(os.listdir(saved_model_dir))
-    assert {"config.json", "model.safetensors", "configuration_hierarchical.py", "modeling_hierarchical.py"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "configuration_hierarchical.py",
+        "modeling_hierarchical.py",
+        "prediction_hierarchical.py",
+        "pipeline_hierarchical.py",
+    } <= files
     assert "preprocessor_config.json" in files
     config = json.loads((saved_model_dir / "config.json").read_text())
     assert config["auto_map"] == {
