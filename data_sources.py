@@ -22,7 +22,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from transformers.utils import logging
 
-from hierarchy_data import load_hierarchy_tree
+from hierarchy_files import IMAGE_EXTENSIONS, load_hierarchy_tree
 
 if TYPE_CHECKING:  # only in annotations: data_utils imports this module
     from data_utils import DataArguments
@@ -34,8 +34,6 @@ except ImportError:  # numpy 1.x
 
 # The data pipeline's parts log under `data_utils`, so that one logger setting covers them all.
 logger = logging.get_logger(f"data_utils.{__name__}")
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}

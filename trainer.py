@@ -24,11 +24,10 @@ from callbacks import EMACallback, NonFiniteTrainingError, ResumeCheckCallback, 
 from checkpoints import find_checkpoints
 from configuration_hierarchical import NUM_BACKBONE_STAGES
 from device_preprocess import DevicePreprocessor
+from hierarchy_data import HEAD_PREFIXES
 from hierarchy_metrics import compute_hierarchy_metrics
 
 logger = logging.getLogger(__name__)
-
-HEAD_PREFIXES = ("coarse_classifier.", "fine_classifier.")
 
 
 def parameter_groups(
