@@ -33,11 +33,15 @@ def run_options(tmp_path, *extra):
     return tiny_args(tmp_path / "unused", tmp_path / "out", "--do_train", "--do_eval", *extra)
 
 
-def test_one_error_names_the_dataset_and_the_imagenet_weights(offline, tmp_path):
-    argv = run_options(tmp_path, "--dataset_name", "uoft-cs/cifar100", "--backbone_weights", "imagenet")
+def missing_resources_error(tmp_path, *extra) -> str:
+    """The message of the `FileNotFoundError` that a run with these options stops with."""
     with pytest.raises(FileNotFoundError) as raised:
-        main(argv)
-    message = str(raised.value)
+        main(run_options(tmp_path, *extra))
+    return str(raised.value)
+
+
+def test_one_error_names_the_dataset_and_the_imagenet_weights(offline, tmp_path):
+    message = missing_resources_error(tmp_path, "--dataset_name", "uoft-cs/cifar100", "--backbone_weights", "imagenet")
     assert "'uoft-cs/cifar100'" in message and "python data_utils.py download cifar100-local" in message
     assert "--dataset_name cifar100-local" in message
     assert "efficientnet_v2_s-dd5fe13b.pth" in message and "--backbone_weights none" in message
@@ -48,10 +52,9 @@ def test_one_error_names_the_dataset_and_the_imagenet_weights(offline, tmp_path)
 
 
 def test_one_error_names_the_dataset_and_the_base_model(offline, tmp_path):
-    argv = run_options(tmp_path, "--dataset_name", "someone/cifar-copy", "--model_name_or_path", "someone/model")
-    with pytest.raises(FileNotFoundError) as raised:
-        main(argv)
-    message = str(raised.value)
+    message = missing_resources_error(
+        tmp_path, "--dataset_name", "someone/cifar-copy", "--model_name_or_path", "someone/model"
+    )
     assert "'someone/cifar-copy'" in message and "'someone/model'" in message
     assert "ImageNet" not in message  # a saved model never reads the ImageNet weights
     assert offline == ["hub"]
