@@ -47,16 +47,35 @@ def standardise_split(
             "fine-label columns with --image_column_name and --label_column_name "
             f"(now {args.image_column_name!r} and {args.label_column_name!r})"
         )
+    labels = _fine_labels(dataset, label_column, args, config, split_name)
+    coarse_column = args.coarse_label_column_name
+    if coarse_column in dataset.column_names and not from_image_folder and args.hierarchy_file is None:
+        _check_coarse_column(dataset, coarse_column, labels, config, split_name)
+    else:
+        logger.info(f"Split {split_name!r} has no column {coarse_column!r}: superclasses follow config.fine_to_coarse")
+    standard = _standard_image_column(dataset, image_column, split_name)
+    coarse_labels = config.fine_to_coarse_tensor().numpy()[labels]
+    standard = standard.add_column("labels", labels.astype(np.int64))
+    standard = standard.add_column("coarse_labels", coarse_labels.astype(np.int64))
+    standard = standard.add_column("index", np.arange(len(standard), dtype=np.int64))
+    standard = standard.cast_column("labels", ClassLabel(names=[config.id2label[i] for i in range(config.num_labels)]))
+    return standard.cast_column("coarse_labels", ClassLabel(names=config.coarse_label_names))
+
+
+def _fine_labels(
+    dataset: Dataset, label_column: str, args: DataArguments, config: HierarchicalEfficientNetV2Config, split_name: str
+) -> np.ndarray:
+    """The fine labels of a split as ids of `config`: integers checked against their range, class names (or
+    `ClassLabel` ids with names) mapped through `config.label2id`."""
     labels = _column_to_numpy(dataset, label_column)
     label_feature = dataset.features[label_column]
     class_names = _class_names(label_feature)
-    where = f"{label_column!r} of split {split_name!r}"
     if class_names is not None:
         check_label_range(labels, len(class_names), label_column, split_name)
     by_name = labels.dtype.kind in "OUS" or (args.hierarchy_file is not None and labels.dtype.kind in "iu")
     if class_names is not None or by_name:  # plain integers with a hierarchy file: named by their decimal strings
         try:
-            labels = labels_from_names(labels, class_names, config, where)
+            labels = labels_from_names(labels, class_names, config, f"{label_column!r} of split {split_name!r}")
         except ValueError as error:
             raise ValueError(
                 f"{error}; give the superclasses in a column (--coarse_label_column_name, now "
@@ -65,44 +84,40 @@ def standardise_split(
     if labels.dtype.kind not in "iu":
         raise ValueError(f"column {label_column!r} of split {split_name!r} must hold integers, got {label_feature}")
     check_label_range(labels, config.num_labels, label_column, split_name)
-    coarse_labels = config.fine_to_coarse_tensor().numpy()[labels]
-    coarse_column = args.coarse_label_column_name
-    if coarse_column in dataset.column_names and not from_image_folder and args.hierarchy_file is None:
-        given = _column_to_numpy(dataset, coarse_column)
-        coarse_names = _class_names(dataset.features[coarse_column])
-        where = f"{coarse_column!r} of split {split_name!r}"
-        if coarse_names is not None:
-            check_label_range(given, len(coarse_names), coarse_column, split_name)
-        numbered = all(name.lstrip("-").isdigit() for name in config.coarse_label_names)  # read from integer labels
-        if coarse_names is not None or given.dtype.kind in "OUS" or numbered:
-            given = ids_from_names(given, coarse_names, config.coarse_label_names, where)
-        check_coarse_labels(given, labels, config, coarse_column, split_name)
-    else:
-        logger.info(f"Split {split_name!r} has no column {coarse_column!r}: superclasses follow config.fine_to_coarse")
+    return labels
 
+
+def _check_coarse_column(
+    dataset: Dataset, coarse_column: str, labels: np.ndarray, config: HierarchicalEfficientNetV2Config, split_name: str
+) -> None:
+    """Check the superclass column of a split (ids, or names) against the superclasses of its fine `labels`."""
+    given = _column_to_numpy(dataset, coarse_column)
+    coarse_names = _class_names(dataset.features[coarse_column])
+    if coarse_names is not None:
+        check_label_range(given, len(coarse_names), coarse_column, split_name)
+    numbered = all(name.lstrip("-").isdigit() for name in config.coarse_label_names)  # read from integer labels
+    if coarse_names is not None or given.dtype.kind in "OUS" or numbered:
+        where = f"{coarse_column!r} of split {split_name!r}"
+        given = ids_from_names(given, coarse_names, config.coarse_label_names, where)
+    check_coarse_labels(given, labels, config, coarse_column, split_name)
+
+
+def _standard_image_column(dataset: Dataset, image_column: str, split_name: str) -> Dataset:
+    """The split's images alone, as an `Image` column named `image` (from images, image bytes or image paths)."""
     standard = dataset.select_columns([image_column])
     if image_column != "image":
         standard = standard.rename_column(image_column, "image")
     image_feature = standard.features["image"]
     if isinstance(image_feature, dict) and "bytes" in image_feature and set(image_feature) <= {"bytes", "path"}:
-        standard = standard.cast_column("image", ImageFeature())  # a struct{bytes, path} written without metadata
-    elif not isinstance(image_feature, ImageFeature):
-        if not hasattr(image_feature, "dtype") or image_feature.dtype not in (
-            "binary",
-            "large_binary",
-            "string",
-            "large_string",
-        ):
-            raise ValueError(
-                f"column {image_column!r} of split {split_name!r} must hold images, image bytes or image paths, "
-                f"got {standard.features['image']}"
-            )
-        standard = standard.cast_column("image", ImageFeature())
-    standard = standard.add_column("labels", labels.astype(np.int64))
-    standard = standard.add_column("coarse_labels", coarse_labels.astype(np.int64))
-    standard = standard.add_column("index", np.arange(len(standard), dtype=np.int64))
-    standard = standard.cast_column("labels", ClassLabel(names=[config.id2label[i] for i in range(config.num_labels)]))
-    return standard.cast_column("coarse_labels", ClassLabel(names=config.coarse_label_names))
+        return standard.cast_column("image", ImageFeature())  # a struct{bytes, path} written without metadata
+    if isinstance(image_feature, ImageFeature):
+        return standard
+    if getattr(image_feature, "dtype", None) not in ("binary", "large_binary", "string", "large_string"):
+        raise ValueError(
+            f"column {image_column!r} of split {split_name!r} must hold images, image bytes or image paths, "
+            f"got {standard.features['image']}"
+        )
+    return standard.cast_column("image", ImageFeature())
 
 
 def _column_to_numpy(dataset: Dataset, column: str) -> np.ndarray:

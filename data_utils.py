@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from datasets import DatasetDict
 from datasets import Image as ImageFeature
@@ -42,6 +42,7 @@ from data_sources import LOCAL_DATA_HINT, CifarUnpickler, load_raw_datasets
 from device_preprocess import JITTER_ORDERS
 from hierarchy_data import discover_hierarchy
 from image_decoding import DEFAULT_MAX_IMAGE_PIXELS, decode_image, to_rgb
+from option_fields import option
 
 logger = logging.get_logger(__name__)
 
@@ -52,108 +53,75 @@ AUGMENTATION_POLICIES = ("original", "trivialaugment", "randaugment", "autoaugme
 class DataArguments:
     """Where the data comes from, which columns and splits to use, and how training images are augmented."""
 
-    dataset_name: str = field(
-        default="uoft-cs/cifar100",
-        metadata={
-            "help": "A Hub dataset id; a local folder, file or glob of parquet/arrow files in the uoft-cs/cifar100 "
-            "schema (in a folder: files named train-*/test-* at its top, or files in train/, validation/, test/ "
-            "folders; other subfolders are not read); an image folder with one subfolder per class or "
-            "superclass/class subfolders (or 'imagefolder' together with --data_dir); or an original cifar-100-python "
-            "folder."
-        },
+    dataset_name: str = option(
+        "uoft-cs/cifar100",
+        "A Hub dataset id; a local folder, file or glob of parquet/arrow files in the uoft-cs/cifar100 "
+        "schema (in a folder: files named train-*/test-* at its top, or files in train/, validation/, test/ "
+        "folders; other subfolders are not read); an image folder with one subfolder per class or "
+        "superclass/class subfolders (or 'imagefolder' together with --data_dir); or an original cifar-100-python "
+        "folder.",
     )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
-    data_dir: str | None = field(
-        default=None, metadata={"help": "Data folder of a Hub dataset, or the folder of --dataset_name imagefolder."}
+    dataset_config_name: str | None = option(None, "Configuration name of a Hub dataset.")
+    data_dir: str | None = option(None, "Data folder of a Hub dataset, or the folder of --dataset_name imagefolder.")
+    cache_dir: str | None = option(None, "Where the datasets library caches what it loads.")
+    image_column_name: str = option("img", "Column that holds the images.")
+    label_column_name: str = option("fine_label", "Column that holds the fine labels.")
+    coarse_label_column_name: str = option(
+        "coarse_label", "Column that holds the superclass labels; derived from the fine labels when absent."
     )
-    cache_dir: str | None = field(default=None, metadata={"help": "Where the datasets library caches what it loads."})
-    image_column_name: str = field(default="img", metadata={"help": "Column that holds the images."})
-    label_column_name: str = field(default="fine_label", metadata={"help": "Column that holds the fine labels."})
-    coarse_label_column_name: str = field(
-        default="coarse_label",
-        metadata={"help": "Column that holds the superclass labels; derived from the fine labels when absent."},
+    hierarchy_file: str | None = option(
+        None,
+        "JSON ({fine: coarse} or {coarse: [fine, ...]}) or CSV (rows fine,coarse) file mapping every class "
+        "name to its superclass name, for data with fine labels only (plain integer labels are named by their "
+        "decimal strings). Without it the hierarchy comes from the data: superclass/class/image folders, or the "
+        "fine and coarse label columns; CIFAR-100 when the data names none.",
     )
-    hierarchy_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "JSON ({fine: coarse} or {coarse: [fine, ...]}) or CSV (rows fine,coarse) file mapping every class "
-            "name to its superclass name, for data with fine labels only (plain integer labels are named by their "
-            "decimal strings). Without it the hierarchy comes from the data: superclass/class/image folders, or the "
-            "fine and coarse label columns; CIFAR-100 when the data names none."
-        },
+    train_split_name: str = option("train", "Name of the training split in the source.")
+    validation_split_name: str = option("validation", "Name of the validation split in the source, if it has one.")
+    test_split_name: str = option("test", "Name of the test split in the source.")
+    train_val_split: float = option(
+        0.1,
+        "Fraction of the training split carved out (with the training seed, stratified by class) as the "
+        "validation split when the source has none; 0 carves nothing.",
     )
-    train_split_name: str = field(default="train", metadata={"help": "Name of the training split in the source."})
-    validation_split_name: str = field(
-        default="validation", metadata={"help": "Name of the validation split in the source, if it has one."}
+    max_train_samples: int | None = option(None, "Keep only the first N training rows (after splitting); default all.")
+    max_eval_samples: int | None = option(None, "Keep only the first N validation rows (after splitting); default all.")
+    max_predict_samples: int | None = option(None, "Keep only the first N test rows; default all.")
+    augmentation: str = option(
+        "original",
+        "Augmentation policy after crop and flip: 'original' (rotation + colour jitter), "
+        "'trivialaugment', 'randaugment', 'autoaugment' (CIFAR-10 policy) or 'none'.",
+        choices=AUGMENTATION_POLICIES,
     )
-    test_split_name: str = field(default="test", metadata={"help": "Name of the test split in the source."})
-    train_val_split: float = field(
-        default=0.1,
-        metadata={
-            "help": "Fraction of the training split carved out (with the training seed, stratified by class) as the "
-            "validation split when the source has none; 0 carves nothing."
-        },
+    rotation_degrees: float = option(15.0, "Maximum rotation of the 'original' policy, in degrees; 0 disables it.")
+    color_jitter: float = option(
+        0.4, "Brightness, contrast and saturation jitter of the 'original' policy; 0 disables it."
     )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Keep only the first N training rows (after splitting); default all."}
+    horizontal_flip: bool = option(True, "Flip training images horizontally at random.")
+    random_crop: bool = option(
+        True, "Random crop with zero padding (4 px at 32 px, scaled with larger sources), CIFAR-style."
     )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Keep only the first N validation rows (after splitting); default all."}
+    random_erasing: float = option(0.0, "Probability of erasing a random rectangle of a training image.")
+    mixup_alpha: float = option(0.0, "MixUp Beta(alpha, alpha) parameter; 0 disables it.")
+    cutmix_alpha: float = option(0.0, "CutMix Beta(alpha, alpha) parameter; 0 disables it.")
+    mix_prob: float = option(1.0, "Probability that a training batch is mixed when an alpha is above 0.")
+    cutmix_switch_prob: float = option(0.5, "Probability of CutMix rather than MixUp when both alphas are above 0.")
+    max_image_pixels: int = option(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "Largest image (width x height) that is decoded; larger ones are refused from their header, "
+        "before decoding, naming the row.",
     )
-    max_predict_samples: int | None = field(
-        default=None, metadata={"help": "Keep only the first N test rows; default all."}
-    )
-    augmentation: str = field(
-        default="original",
-        metadata={
-            "help": "Augmentation policy after crop and flip: 'original' (rotation + colour jitter), "
-            "'trivialaugment', 'randaugment', 'autoaugment' (CIFAR-10 policy) or 'none'.",
-            "choices": AUGMENTATION_POLICIES,
-        },
-    )
-    rotation_degrees: float = field(
-        default=15.0, metadata={"help": "Maximum rotation of the 'original' policy, in degrees; 0 disables it."}
-    )
-    color_jitter: float = field(
-        default=0.4,
-        metadata={"help": "Brightness, contrast and saturation jitter of the 'original' policy; 0 disables it."},
-    )
-    horizontal_flip: bool = field(default=True, metadata={"help": "Flip training images horizontally at random."})
-    random_crop: bool = field(
-        default=True,
-        metadata={"help": "Random crop with zero padding (4 px at 32 px, scaled with larger sources), CIFAR-style."},
-    )
-    random_erasing: float = field(
-        default=0.0, metadata={"help": "Probability of erasing a random rectangle of a training image."}
-    )
-    mixup_alpha: float = field(default=0.0, metadata={"help": "MixUp Beta(alpha, alpha) parameter; 0 disables it."})
-    cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix Beta(alpha, alpha) parameter; 0 disables it."})
-    mix_prob: float = field(
-        default=1.0, metadata={"help": "Probability that a training batch is mixed when an alpha is above 0."}
-    )
-    cutmix_switch_prob: float = field(
-        default=0.5, metadata={"help": "Probability of CutMix rather than MixUp when both alphas are above 0."}
-    )
-    max_image_pixels: int = field(
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        metadata={
-            "help": "Largest image (width x height) that is decoded; larger ones are refused from their header, "
-            "before decoding, naming the row."
-        },
-    )
-    drop_duplicate_images: bool = field(
-        default=False,
-        metadata={
-            "help": "Images of the validation or test split whose encoded bytes equal those of a training image are "
-            "refused by default; true drops them from the evaluation splits instead, and logs how many."
-        },
+    drop_duplicate_images: bool = option(
+        False,
+        "Images of the validation or test split whose encoded bytes equal those of a training image are "
+        "refused by default; true drops them from the evaluation splits instead, and logs how many.",
     )
 
     def __post_init__(self) -> None:
-        for option in dataclasses.fields(self):
-            value = getattr(self, option.name)
+        for declared in dataclasses.fields(self):
+            value = getattr(self, declared.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
-                raise ValueError(f"{option.name} must be a finite number, got {value!r}")
+                raise ValueError(f"{declared.name} must be a finite number, got {value!r}")
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be a positive number of pixels, got {self.max_image_pixels!r}")
         if not 0.0 <= self.train_val_split < 1.0:

@@ -131,80 +131,122 @@ def build_model_card(
         repo_id (`str`, *optional*): the Hub repository the card goes to; the snippet loads it, else the folder.
     """
     results = _read_json(os.path.join(output_dir, "all_results.json"))
-    evaluated_only = trained_epochs is None
+    model_path = repo_id or os.path.abspath(output_dir)
+    data = card_data(results, config, dataset_name, source_model, model_path)
     options = {k: _plain(v) for k, v in training_args.to_dict().items()}
     epochs, source_options = trained_epochs, {}
-    if evaluated_only and source_model and os.path.isdir(source_model):  # the setup of the run that trained it
+    if trained_epochs is None and source_model and os.path.isdir(source_model):  # the setup of the run that trained it
         source_options = _read_json(os.path.join(source_model, OPTIONS_FILE))
         epochs = _read_json(os.path.join(source_model, "trainer_state.json")).get("epoch")
-    hub_data = is_hub_dataset(dataset_name)
-    model_path = repo_id or os.path.abspath(output_dir)
-    data = ModelCardData(
+    title = data_title(config, dataset_name)
+    introduction = _introduction(config, dataset_name, title, trained_epochs is None, source_model, source_options)
+    setup = training_setup(source_options or options, config, epochs)
+    sections = [
+        f"# Hierarchical EfficientNetV2-S for {title}\n\n{introduction}",
+        _results_section(results, output_dir),
+        _usage_section(model_path),
+        f"## Training setup\n\n{_table(('option', 'value'), list(setup.items()))}\n",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections))
+
+
+def card_data(
+    results: dict[str, float],
+    config: PretrainedConfig,
+    dataset_name: str | None,
+    source_model: str | None,
+    model_path: str,
+) -> ModelCardData:
+    """The card's YAML metadata: library, task, tags, the Hub dataset and base model, and the `model-index`."""
+    return ModelCardData(
         model_name=os.path.basename(model_path.rstrip("/")),
         library_name="transformers",
         pipeline_tag="image-classification",
-        datasets=[dataset_name] if hub_data else None,
+        datasets=[dataset_name] if is_hub_dataset(dataset_name) else None,
         base_model=source_model if source_model and not os.path.isdir(source_model) else None,
         metrics=["accuracy"],
         tags=["image-classification", "hierarchical-classification", "efficientnet_v2", "custom_code"],
         eval_results=eval_results(results, dataset_name, config) or None,
     )
 
-    rows = []
-    for key in METRICS:
-        values = [f"{results[f'{p}_{key}']:.4f}" if f"{p}_{key}" in results else "-" for p in SPLITS]
-        rows.append(f"| {key} | {values[0]} | {values[1]} |")
-    title = data_title(config, dataset_name)
-    if hub_data:
+
+def _introduction(
+    config: PretrainedConfig,
+    dataset_name: str | None,
+    title: str,
+    evaluated_only: bool,
+    source_model: str | None,
+    source_options: dict[str, Any],
+) -> str:
+    """The paragraph under the title: the heads, where the model comes from and, for data other than CIFAR-100,
+    its superclasses with their number of classes."""
+    if is_hub_dataset(dataset_name):
         data_text = f"`{dataset_name}` from the Hugging Face Hub"
     else:
         data_text = "a local copy of CIFAR-100" if title == "CIFAR-100" else f"the local dataset `{title}`"
-    if title == "CIFAR-100":
-        heads = "a coarse head for the 20 CIFAR-100 superclasses and a fine head for the\n100 classes"
-    else:
-        sizes = [len(config.coarse_children(c)) for c in range(config.num_coarse_labels)]
-        listing = ", ".join(f"{name} ({size})" for name, size in zip(config.coarse_label_names, sizes, strict=True))
-        if len(listing) > MAX_SUPERCLASS_TEXT:
-            listing = listing[:MAX_SUPERCLASS_TEXT].rsplit(", ", 1)[0] + ", ..."
-        heads = (
-            f"a coarse head for {config.num_coarse_labels} superclasses and a fine head for\n"
-            f"{config.num_labels} classes"
-        )
-        origin_suffix = f"\n\nSuperclasses (number of classes): {listing}"
     if evaluated_only:
         origin = f"This run evaluated `{source_model}` on {data_text}; it did not train the model." + (
             " The training setup below is that of the run that trained it."
             if source_options
             else " The loaded folder does not record how it was trained: the setup below lists this run's options."
         )
-        options = source_options or options
     else:
         origin = f"Trained on {data_text} with `run_classification.py`" + (
             f", starting from `{source_model}`." if source_model else "."
         )
+    if title == "CIFAR-100":
+        heads = "a coarse head for the 20 CIFAR-100 superclasses and a fine head for the\n100 classes"
+    else:
+        heads = (
+            f"a coarse head for {config.num_coarse_labels} superclasses and a fine head for\n"
+            f"{config.num_labels} classes"
+        )
+        origin += f"\n\nSuperclasses (number of classes): {_superclass_listing(config)}"
+    return (
+        f"EfficientNetV2-S (torchvision) with {heads} that sees the pooled features together with the coarse logits. "
+        f"{origin}\n"
+    )
+
+
+def _superclass_listing(config: PretrainedConfig) -> str:
+    """`name (number of classes)` for every superclass, cut after `MAX_SUPERCLASS_TEXT` characters."""
+    sizes = [len(config.coarse_children(c)) for c in range(config.num_coarse_labels)]
+    listing = ", ".join(f"{name} ({size})" for name, size in zip(config.coarse_label_names, sizes, strict=True))
+    if len(listing) > MAX_SUPERCLASS_TEXT:
+        listing = listing[:MAX_SUPERCLASS_TEXT].rsplit(", ", 1)[0] + ", ..."
+    return listing
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    """A Markdown table."""
+    lines = [header, tuple("---" for _ in header), *rows]
+    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
+
+
+def _results_section(results: dict[str, float], output_dir: str) -> str:
+    """Every metric on the validation and test splits (`-` where not measured), what the hierarchy metrics mean,
+    and the figure of the accuracy per superclass when the run drew it."""
+    rows = []
+    for key in METRICS:
+        values = [f"{results[f'{p}_{key}']:.4f}" if f"{p}_{key}" in results else "-" for p in SPLITS]
+        rows.append((key, *values))
     figure = "superclass_accuracy.png"
     figure_line = (
         f"\n![Accuracy per superclass]({figure})\n" if os.path.isfile(os.path.join(output_dir, figure)) else ""
     )
-    if title != "CIFAR-100":
-        origin += origin_suffix
-    setup = training_setup(options, config, epochs)
-    body = f"""
-# Hierarchical EfficientNetV2-S for {title}
+    return f"""## Results
 
-EfficientNetV2-S (torchvision) with {heads} that sees the pooled features together with the coarse logits. {origin}
-
-## Results
-
-| metric | validation | test |
-| --- | --- | --- |
-{chr(10).join(rows)}
+{_table(("metric", "validation", "test"), rows)}
 
 `coarse_from_fine_accuracy`: the fine prediction mapped to its superclass; `consistency`: share of images whose
 fine prediction lies in the predicted superclass; `mistake_severity`: mean tree distance of wrong fine predictions
 (1 = right superclass, 2 = wrong superclass).
-{figure_line}
-## Usage
+{figure_line}"""
+
+
+def _usage_section(model_path: str) -> str:
+    """A snippet that runs as written: the pipelines at both levels, and the model with its image processor."""
+    return f"""## Usage
 
 ```python
 from PIL import Image
@@ -224,14 +266,7 @@ prediction = model.predict_hierarchical(processor(image, return_tensors="pt")["p
 print(prediction.coarse_labels, prediction.fine_labels)  # superclass and class, consistent with the hierarchy
 
 ```
-
-## Training setup
-
-| option | value |
-| --- | --- |
-{chr(10).join(f"| {k} | {v} |" for k, v in setup.items())}
 """
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 def write_model_card(output_dir: str, *args: Any, **kwargs: Any) -> Path:

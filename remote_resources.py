@@ -92,12 +92,14 @@ def _is_hub_id(name: str) -> bool:
 
 def needed_resources(
     dataset_name: str | None,
-    model_name_or_path: str | None,
-    backbone_weights: str | None,
+    *,
+    model_name_or_path: str | None = None,
+    backbone_weights: str | None = None,
     cache_dir: str | None = None,
     revision: str | None = None,
 ) -> list[Resource]:
-    """The remote resources a run with these options downloads, with whether each is cached here."""
+    """The remote resources a run with these options downloads, with whether each is cached here (`None`: the
+    option is not given; no model to start from, random backbone weights)."""
     needed = []
     if dataset_name and dataset_name != "imagefolder" and _is_hub_id(dataset_name):
         needed.append(
@@ -147,7 +149,13 @@ def check_remote_resources(
     switches on offline mode so that cached resources load from the cache. Raises `FileNotFoundError` listing every
     missing resource with what to pass instead.
     """
-    needed = needed_resources(dataset_name, model_name_or_path, backbone_weights, cache_dir, revision)
+    needed = needed_resources(
+        dataset_name,
+        model_name_or_path=model_name_or_path,
+        backbone_weights=backbone_weights,
+        cache_dir=cache_dir,
+        revision=revision,
+    )
     offline_asked = hub_constants.HF_HUB_OFFLINE
     reachable: dict[str, bool] = {}
     for resource in needed:

@@ -76,46 +76,21 @@ def run_summary(
 ) -> str:
     """A few lines a person reads before the run starts: model, data, image size, batch, learning rates, epochs,
     devices, output folder and resume point."""
-    config = model.config
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    origin = f"loaded from {model_source}" if model_source else f"new, backbone weights: {config.backbone_weights}"
-    tasks = [name for name in ("train", "eval", "predict") if getattr(training_args, f"do_{name}")]
-    per_step = (
-        training_args.per_device_train_batch_size
-        * max(1, training_args.world_size)
-        * training_args.gradient_accumulation_steps
+    sizes = ", ".join(
+        f"{split} {split_sizes[split]:,}" for split in ("train", "validation", "test") if split in split_sizes
     )
     lines = [
-        f"model:          HierarchicalEfficientNetV2 ({origin}), {total / 1e6:.1f}M parameters, "
-        f"{trainable / 1e6:.1f}M trainable",
-        f"data:           {dataset_name}: "
-        + ", ".join(
-            f"{split} {split_sizes[split]:,}" for split in ("train", "validation", "test") if split in split_sizes
-        )
-        + " images",
-        f"image size:     {config.image_size} px",
+        _model_line(model, model_source),
+        f"data:           {dataset_name}: {sizes} images",
+        f"image size:     {model.config.image_size} px",
     ]
     if training_args.do_train:
-        if training_args.max_steps > 0:
-            length = f"{training_args.max_steps} steps"
-        else:
-            steps = math.ceil(split_sizes.get("train", 0) / per_step) * training_args.num_train_epochs
-            length = f"{training_args.num_train_epochs:g} ({math.ceil(steps):,} steps)"
-        if training_args.max_train_minutes is not None:
-            length += f", stopped after {training_args.max_train_minutes:g} minutes of training"
-        scheduler = _plain(training_args.lr_scheduler_type)
-        lines += [
-            f"batch:          {training_args.per_device_train_batch_size} per device, {per_step} per step",
-            f"learning rates: backbone {training_args.lr_conv:g}, heads {training_args.lr_fc:g} "
-            f"({scheduler}, warmup {training_args.warmup_steps:g})",
-            f"epochs:         {length}",
-        ]
+        lines += _training_lines(training_args, split_sizes.get("train", 0))
     else:
         lines.append(f"batch:          {training_args.per_device_eval_batch_size} per device (evaluation)")
-    device = training_args.device
+    tasks = [name for name in ("train", "eval", "predict") if getattr(training_args, f"do_{name}")]
     lines += [
-        f"devices:        {device.type} x {max(1, training_args.world_size)} process(es)",
+        f"devices:        {training_args.device.type} x {max(1, training_args.world_size)} process(es)",
         f"tasks:          {', '.join(tasks)}",
         f"output folder:  {os.path.abspath(training_args.output_dir)}",
     ]
@@ -123,6 +98,42 @@ def run_summary(
         lines.append(f"resume from:    {checkpoint if checkpoint else 'nothing (training starts at step 0)'}")
     lines.append(f"all options:    {os.path.join(os.path.abspath(training_args.output_dir), OPTIONS_FILE)}")
     return "Run summary\n  " + "\n  ".join(lines)
+
+
+def _model_line(model: nn.Module, model_source: str | None) -> str:
+    """Where the model comes from and its parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    origin = (
+        f"loaded from {model_source}" if model_source else f"new, backbone weights: {model.config.backbone_weights}"
+    )
+    return (
+        f"model:          HierarchicalEfficientNetV2 ({origin}), {total / 1e6:.1f}M parameters, "
+        f"{trainable / 1e6:.1f}M trainable"
+    )
+
+
+def _training_lines(training_args: TrainingArguments, train_size: int) -> list[str]:
+    """Batch, learning rates and length of the training."""
+    per_step = (
+        training_args.per_device_train_batch_size
+        * max(1, training_args.world_size)
+        * training_args.gradient_accumulation_steps
+    )
+    if training_args.max_steps > 0:
+        length = f"{training_args.max_steps} steps"
+    else:
+        steps = math.ceil(train_size / per_step) * training_args.num_train_epochs
+        length = f"{training_args.num_train_epochs:g} ({math.ceil(steps):,} steps)"
+    if training_args.max_train_minutes is not None:
+        length += f", stopped after {training_args.max_train_minutes:g} minutes of training"
+    scheduler = _plain(training_args.lr_scheduler_type)
+    return [
+        f"batch:          {training_args.per_device_train_batch_size} per device, {per_step} per step",
+        f"learning rates: backbone {training_args.lr_conv:g}, heads {training_args.lr_fc:g} "
+        f"({scheduler}, warmup {training_args.warmup_steps:g})",
+        f"epochs:         {length}",
+    ]
 
 
 __all__ = ["OPTIONS_FILE", "quiet_transformers", "run_options", "run_summary", "write_run_options"]

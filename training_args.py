@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -19,6 +19,7 @@ from transformers.utils.import_utils import is_in_notebook
 
 from calibration import CalibrationArguments
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from option_fields import option
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,10 @@ EVAL_MEMORY_FACTOR = 10  # peak memory of an evaluation batch, measured at 32 an
 def check_finite_options(arguments: object) -> None:
     """Raise `ValueError` naming the first floating-point option of a dataclass that is NaN or infinite: such
     values pass every `< 0` check and would train a model full of NaN."""
-    for option in dataclasses.fields(arguments):
-        value = getattr(arguments, option.name, None)
+    for declared in dataclasses.fields(arguments):
+        value = getattr(arguments, declared.name, None)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"--{option.name} must be a finite number, got {value}")
+            raise ValueError(f"--{declared.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -39,56 +40,44 @@ class ModelArguments(CalibrationArguments):
     """Where the model comes from: a saved model / Hub id, or a fresh model built from these options; and how it is
     calibrated after evaluation ([`CalibrationArguments`]: temperatures and selective threshold, saved with it)."""
 
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A saved model folder or Hub id to start from. Unset: build a fresh model."},
+    model_name_or_path: str | None = option(
+        None, "A saved model folder or Hub id to start from. Unset: build a fresh model."
     )
-    backbone_weights: str = field(
-        default="imagenet",
-        metadata={
-            "help": "Fresh models only: 'imagenet' (torchvision IMAGENET1K_V1), 'none' (random) or a local "
-            "torchvision state dict (.pth/.safetensors)."
-        },
+    backbone_weights: str = option(
+        "imagenet",
+        "Fresh models only: 'imagenet' (torchvision IMAGENET1K_V1), 'none' (random) or a local "
+        "torchvision state dict (.pth/.safetensors).",
     )
-    image_size: int | None = field(default=None, metadata={"help": "Input resolution (default 224)."})
-    num_frozen_stages: int | None = field(
-        default=None, metadata={"help": "Backbone stages frozen from the input, of 8 (default 4)."}
+    image_size: int | None = option(None, "Input resolution (default 224).")
+    num_frozen_stages: int | None = option(None, "Backbone stages frozen from the input, of 8 (default 4).")
+    dropout: float | None = option(None, "Dropout before the heads (default 0.2).")
+    drop_path_rate: float | None = option(None, "Stochastic depth rate (default 0.2).")
+    fine_head_uses_coarse_logits: bool | None = option(None, "Feed the coarse logits to the fine head (default true).")
+    coarse_loss_weight: float | None = option(None, "Weight of the coarse loss (default 1).")
+    label_smoothing: float | None = option(
+        None,
+        "Label smoothing inside both losses (default 0). Use this, not --label_smoothing_factor, which would drop "
+        "the coarse loss.",
     )
-    dropout: float | None = field(default=None, metadata={"help": "Dropout before the heads (default 0.2)."})
-    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth rate (default 0.2)."})
-    fine_head_uses_coarse_logits: bool | None = field(
-        default=None, metadata={"help": "Feed the coarse logits to the fine head (default true)."}
+    channels_last: bool | None = option(None, "Channels-last memory format.")
+    reinitialize_heads: bool = option(
+        False,
+        "With --model_name_or_path: keep its backbone and start both heads afresh for the classes of the "
+        "data (transfer to a new task). Without it, a model whose classes or superclasses differ from the data's "
+        "is refused.",
     )
-    coarse_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the coarse loss (default 1)."})
-    label_smoothing: float | None = field(
-        default=None, metadata={"help": "Label smoothing inside both losses (default 0). Use this, not "
-        "--label_smoothing_factor, which would drop the coarse loss."}
-    )  # fmt: skip
-    channels_last: bool | None = field(default=None, metadata={"help": "Channels-last memory format."})
-    reinitialize_heads: bool = field(
-        default=False,
-        metadata={
-            "help": "With --model_name_or_path: keep its backbone and start both heads afresh for the classes of the "
-            "data (transfer to a new task). Without it, a model whose classes or superclasses differ from the data's "
-            "is refused."
-        },
+    class_weights: str = option(
+        "none",
+        "'balanced': weigh both cross-entropies by inverse class frequency in the training split (saved "
+        "in the config); 'none': all classes alike.",
+        choices=("none", "balanced"),
     )
-    class_weights: str = field(
-        default="none",
-        metadata={
-            "help": "'balanced': weigh both cross-entropies by inverse class frequency in the training split (saved "
-            "in the config); 'none': all classes alike.",
-            "choices": ("none", "balanced"),
-        },
-    )
-    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
-    token: str | None = field(default=None, metadata={"help": "Hub token for private models."})
-    allow_missing_weights: bool = field(
-        default=False,
-        metadata={
-            "help": "Load a --model_name_or_path whose weights file lacks some of the model's tensors or holds "
-            "others (they keep their fresh initialisation). Off: such a folder is an error naming the tensors."
-        },
+    model_revision: str = option("main", "Hub revision (branch, tag or commit).")
+    token: str | None = option(None, "Hub token for private models.")
+    allow_missing_weights: bool = option(
+        False,
+        "Load a --model_name_or_path whose weights file lacks some of the model's tensors or holds "
+        "others (they keep their fresh initialisation). Off: such a folder is an error naming the tensors.",
     )
 
     def __post_init__(self) -> None:
@@ -120,79 +109,79 @@ class HierarchicalTrainingArguments(TrainingArguments):
     `--checkpoint_path` -> `--resume_from_checkpoint`. `--lr_conv` and `--lr_fc` replace `--learning_rate`.
     """
 
-    output_dir: str | None = field(
-        default="outputs/hierarchical-efficientnetv2-cifar100",
-        metadata={"help": "Where checkpoints, metrics, the final model and its card are written."},
+    output_dir: str | None = option(
+        "outputs/hierarchical-efficientnetv2-cifar100",
+        "Where checkpoints, metrics, the final model and its card are written.",
     )
-    lr_conv: float = field(default=5e-4, metadata={"help": "Peak learning rate of the convolutional backbone."})
-    lr_fc: float = field(default=1e-3, metadata={"help": "Peak learning rate of the linear heads."})
-    layer_decay: float = field(
-        default=1.0,
-        metadata={"help": "Layer-wise LR decay: backbone stage s trains at lr_conv * layer_decay**(7 - s). 1 = off."},
+    lr_conv: float = option(5e-4, "Peak learning rate of the convolutional backbone.")
+    lr_fc: float = option(1e-3, "Peak learning rate of the linear heads.")
+    layer_decay: float = option(
+        1.0, "Layer-wise LR decay: backbone stage s trains at lr_conv * layer_decay**(7 - s). 1 = off."
     )
-    learning_rate: float | None = field(default=None, metadata={"help": "Not used: see --lr_conv and --lr_fc."})
-    epochs: float | None = field(default=None, metadata={"help": "Alias of --num_train_epochs."})
-    batch_size: int | None = field(default=None, metadata={"help": "Alias: per-device train and eval batch size."})
-    checkpoint_path: str | None = field(default=None, metadata={"help": "Alias of --resume_from_checkpoint."})
-    restart_from_scratch: bool = field(
-        default=False,
-        metadata={"help": "Start over although output_dir holds checkpoints, none of them usable (they are kept)."},
+    learning_rate: float | None = option(None, "Not used: see --lr_conv and --lr_fc.")
+    epochs: float | None = option(None, "Alias of --num_train_epochs.")
+    batch_size: int | None = option(None, "Alias: per-device train and eval batch size.")
+    checkpoint_path: str | None = option(None, "Alias of --resume_from_checkpoint.")
+    restart_from_scratch: bool = option(
+        False, "Start over although output_dir holds checkpoints, none of them usable (they are kept)."
     )
-    sync_batchnorm: bool = field(default=False, metadata={"help": "Use SyncBatchNorm in multi-process runs."})
-    max_train_minutes: float | None = field(
-        default=None,
-        metadata={"help": "Stop training (then evaluate and save as usual) after this many minutes of training."},
+    sync_batchnorm: bool = option(False, "Use SyncBatchNorm in multi-process runs.")
+    max_train_minutes: float | None = option(
+        None, "Stop training (then evaluate and save as usual) after this many minutes of training."
     )
-    keep_freed_memory: bool = field(
-        default=True,
-        metadata={
-            "help": "On Linux with glibc, keep freed memory in the process (mmap threshold 32 MiB, trim threshold "
-            "1 GiB) instead of handing it back to the system and faulting it in again at every step."
-        },
+    keep_freed_memory: bool = option(
+        True,
+        "On Linux with glibc, keep freed memory in the process (mmap threshold 32 MiB, trim threshold "
+        "1 GiB) instead of handing it back to the system and faulting it in again at every step.",
     )
-    schedule_by_time: bool = field(
-        default=False,
-        metadata={
-            "help": "With --max_train_minutes: warm up and cosine-decay the learning rates over that time budget "
-            "instead of over the steps, so the schedule ends when the time does, on any machine. Set "
-            "--num_train_epochs above what fits in the budget."
-        },
+    schedule_by_time: bool = option(
+        False,
+        "With --max_train_minutes: warm up and cosine-decay the learning rates over that time budget "
+        "instead of over the steps, so the schedule ends when the time does, on any machine. Set "
+        "--num_train_epochs above what fits in the budget.",
     )
-    ema_decay: float = field(
-        default=0.0, metadata={"help": "Exponential moving average of the weights (e.g. 0.9998); 0 = off."}
+    ema_decay: float = option(0.0, "Exponential moving average of the weights (e.g. 0.9998); 0 = off.")
+    num_train_epochs: float = option(10.0, "Total number of training epochs.")
+    per_device_train_batch_size: int = option(128, "Batch size per device for training.")
+    per_device_eval_batch_size: int = option(128, "Batch size per device for evaluation.")
+    weight_decay: float = option(1e-4, "AdamW weight decay (not on biases and norms).")
+    lr_scheduler_type: str = option("cosine", "Scheduler of both learning rates.")
+    warmup_steps: float = option(0.05, "Warmup steps, or a ratio of all steps if < 1.")
+    max_grad_norm: float = option(0.0, "Clip gradients to this global norm; 0 (the default) does not clip.")
+    eval_strategy: str = option("epoch", "When to evaluate on the validation split.")
+    save_strategy: str = option("epoch", "When to save a checkpoint.")
+    logging_steps: float = option(50, "Log every N steps.")
+    load_best_model_at_end: bool = option(True, "Keep the best checkpoint as final model.")
+    metric_for_best_model: str | None = option("fine_accuracy", "Metric of the best model.")
+    save_total_limit: int | None = option(3, "Checkpoints kept (the best one always).")
+    remove_unused_columns: bool = option(False, "Keep image columns for the transforms.")
+    label_names: list[str] | None = option(
+        help="Label inputs of the model.", default_factory=lambda: ["labels", "coarse_labels"]
     )
-    num_train_epochs: float = field(default=10.0, metadata={"help": "Total number of training epochs."})
-    per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per device for training."})
-    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Batch size per device for evaluation."})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (not on biases and norms)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Scheduler of both learning rates."})
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a ratio of all steps if < 1."})
-    max_grad_norm: float = field(
-        default=0.0, metadata={"help": "Clip gradients to this global norm; 0 (the default) does not clip."}
+    report_to: None | str | list[str] = option(
+        None, "Integrations to log to; default: TensorBoard when installed, else none."
     )
-    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on the validation split."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
-    logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
-    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the best checkpoint as final model."})
-    metric_for_best_model: str | None = field(default="fine_accuracy", metadata={"help": "Metric of the best model."})
-    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (the best one always)."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image columns for the transforms."})
-    label_names: list[str] | None = field(
-        default_factory=lambda: ["labels", "coarse_labels"], metadata={"help": "Label inputs of the model."}
-    )
-    report_to: None | str | list[str] = field(
-        default=None, metadata={"help": "Integrations to log to; default: TensorBoard when installed, else none."}
-    )
-    logging_nan_inf_filter: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace NaN/inf step losses by the average in the logs. Off (the default): a non-finite loss "
-            "shows in the log and stops training with an error."
-        },
+    logging_nan_inf_filter: bool = option(
+        False,
+        "Replace NaN/inf step losses by the average in the logs. Off (the default): a non-finite loss "
+        "shows in the log and stops training with an error.",
     )
 
     def __post_init__(self) -> None:
         check_finite_options(self)
+        self._apply_aliases()
+        self._check_ranges()
+        self._check_time_schedule()
+        self._settle_schedules()
+        self._fit_this_machine()
+        do_eval = self.do_eval
+        super().__post_init__()
+        if not self.do_train:  # the evaluation schedule belongs to training: evaluate only when asked to
+            self.do_eval = do_eval
+
+    def _apply_aliases(self) -> None:
+        """Copy the original tool's options (`--epochs`, `--batch_size`, `--checkpoint_path`) to the Trainer's, and
+        `--lr_fc` to `learning_rate` (which is not used otherwise)."""
         if self.epochs is not None:
             self.num_train_epochs = self.epochs
         if self.batch_size is not None:
@@ -209,6 +198,10 @@ class HierarchicalTrainingArguments(TrainingArguments):
                 f"--learning_rate {self.learning_rate} is not used: set --lr_conv (backbone) and --lr_fc (heads)"
             )
         self.learning_rate = self.lr_fc
+
+    def _check_ranges(self) -> None:
+        """`ValueError` naming the first option out of its range (batch sizes, learning rates, decays, length,
+        resume folder)."""
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -228,37 +221,45 @@ class HierarchicalTrainingArguments(TrainingArguments):
             raise ValueError(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
         if self.resume_from_checkpoint is not None and not os.path.isdir(self.resume_from_checkpoint):
             raise ValueError(f"--resume_from_checkpoint {self.resume_from_checkpoint!r} is not a folder")
-        if self.report_to is None:
-            self.report_to = ["tensorboard"] if is_tensorboard_available() else "none"
+
+    def _check_time_schedule(self) -> None:
+        """`--max_train_minutes` must be positive; `--schedule_by_time` needs it, a cosine and a warm-up share."""
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
             raise ValueError(f"--max_train_minutes must be > 0, got {self.max_train_minutes}")
-        if self.schedule_by_time:
-            if self.max_train_minutes is None:
-                raise ValueError("--schedule_by_time needs --max_train_minutes, the time to schedule over")
-            if SchedulerType(self.lr_scheduler_type) != SchedulerType.COSINE:
-                raise ValueError(
-                    f"--schedule_by_time decays with a cosine, got --lr_scheduler_type {self.lr_scheduler_type}"
-                )
-            if not 0 <= self.warmup_steps < 1:
-                raise ValueError(
-                    f"--schedule_by_time needs --warmup_steps as a share of the time in [0, 1), got {self.warmup_steps}"
-                )
+        if not self.schedule_by_time:
+            return
+        if self.max_train_minutes is None:
+            raise ValueError("--schedule_by_time needs --max_train_minutes, the time to schedule over")
+        if SchedulerType(self.lr_scheduler_type) != SchedulerType.COSINE:
+            raise ValueError(
+                f"--schedule_by_time decays with a cosine, got --lr_scheduler_type {self.lr_scheduler_type}"
+            )
+        if not 0 <= self.warmup_steps < 1:
+            raise ValueError(
+                f"--schedule_by_time needs --warmup_steps as a share of the time in [0, 1), got {self.warmup_steps}"
+            )
+
+    def _settle_schedules(self) -> None:
+        """No evaluation or checkpoint schedule for an evaluation-only run, and a best model to reload at the end
+        only when both schedules exist and agree."""
         if not self.do_train and (self.do_eval or self.do_predict):  # evaluation only: no training-time schedules
             self.eval_strategy, self.save_strategy = IntervalStrategy.NO.value, SaveStrategy.NO.value
         if IntervalStrategy.NO in (IntervalStrategy(self.eval_strategy), SaveStrategy(self.save_strategy)):
             self.load_best_model_at_end = False  # no evaluation or no checkpoints: no best checkpoint to reload
         if self.load_best_model_at_end:
             self._align_save_and_eval_schedules()
+
+    def _fit_this_machine(self) -> None:
+        """Defaults that depend on the machine: TensorBoard when installed, the CPU without an accelerator, no
+        progress bars in a redirected log; and no search for unused parameters in multi-process runs."""
+        if self.report_to is None:
+            self.report_to = ["tensorboard"] if is_tensorboard_available() else "none"
         if not self.use_cpu and not torch.accelerator.is_available():
             self.use_cpu = True  # lets `accelerate launch --multi_gpu` start gloo processes on a CPU-only machine
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False  # every trainable parameter takes part in every step
         if self.disable_tqdm is None and not (sys.stderr.isatty() or is_in_notebook()):
             self.disable_tqdm = True  # a redirected log gets the log lines, not progress bars drawn with "\r"
-        do_eval = self.do_eval
-        super().__post_init__()
-        if not self.do_train:  # the evaluation schedule belongs to training: evaluate only when asked to
-            self.do_eval = do_eval
 
     def _align_save_and_eval_schedules(self) -> None:
         """Make the checkpoint and evaluation schedules agree, as reloading the best checkpoint at the end needs:
@@ -267,20 +268,21 @@ class HierarchicalTrainingArguments(TrainingArguments):
         eval_strategy, save_strategy = IntervalStrategy(self.eval_strategy), SaveStrategy(self.save_strategy)
         if save_strategy == SaveStrategy.BEST:
             return
+        followed = None  # (the schedule changed to steps, how the other one follows it)
         if save_strategy == SaveStrategy.STEPS and eval_strategy == IntervalStrategy.EPOCH:
             self.eval_strategy, self.eval_steps = IntervalStrategy.STEPS.value, self.eval_steps or self.save_steps
-            logger.warning(
-                "--save_strategy steps: evaluating on the same schedule (--eval_strategy steps --eval_steps %s), so "
-                "that the best checkpoint can be reloaded at the end",
-                self.eval_steps,
+            followed = (
+                "--save_strategy",
+                f"evaluating on the same schedule (--eval_strategy steps --eval_steps {self.eval_steps})",
             )
         elif eval_strategy == IntervalStrategy.STEPS and save_strategy == SaveStrategy.EPOCH:
             self.save_strategy, self.save_steps = SaveStrategy.STEPS.value, self.eval_steps or self.logging_steps
-            logger.warning(
-                "--eval_strategy steps: saving checkpoints on the same schedule (--save_strategy steps --save_steps "
-                "%s), so that the best checkpoint can be reloaded at the end",
-                self.save_steps,
+            followed = (
+                "--eval_strategy",
+                f"saving checkpoints on the same schedule (--save_strategy steps --save_steps {self.save_steps})",
             )
+        if followed:
+            logger.warning("%s steps: %s, so that the best checkpoint can be reloaded at the end", *followed)
         if IntervalStrategy(self.eval_strategy) == IntervalStrategy.STEPS:
             eval_steps = self.eval_steps or self.logging_steps
             if (eval_steps < 1) != (self.save_steps < 1) or round(self.save_steps / eval_steps, 6) % 1 != 0:

@@ -24,6 +24,10 @@ One table, then one JSON line with every figure and the settings. `--budget_minu
 the plain loop with `torch.compile` at the larger size and the from-scratch training are shortened or skipped
 (and reported so) when the earlier parts leave too little time.
 
+What this check shares with `benchmark.py` lives beside it: `workloads.py` (the plain loop, the recipe's options,
+generated data), `trainer_timing.py` (the step timer and the sync check), `throughput.py` (the DataLoader's
+images/s) and `measuring.py` (memory, step figures).
+
 On a machine without network access and without `datasets` and `evaluate` (which `run_classification.py` needs),
 prepare a folder `.gpu` beside the checkout, on a machine with both:
 
@@ -44,27 +48,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark.py
-from benchmark import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the modules beside this script
+from measuring import SEED, check_at_least, fill_defaults, reset_device, step_figures  # noqa: E402
+from throughput import measure_worker_loader  # noqa: E402
+from workloads import (  # noqa: E402
     AUGMENTATION_OPTIONS,
     RECIPE,
-    SEED,
-    peak_gpu_mb,
-    run_ceiling,
-    step_figures,
-    synchronize,
+    recipe,
+    recipe_options,
+    run_plain_loop,
     training_plan,
     write_generated_dataset,
 )
@@ -74,10 +76,18 @@ RECIPE_MODEL_OPTIONS = (
     "dropout", "drop_path_rate", "label_smoothing", "coarse_loss_weight", "num_frozen_stages", "lr_conv", "lr_fc",
     "layer_decay", "weight_decay", "max_grad_norm", "ema_decay",
 )  # fmt: skip
+DEFAULTS = dict(  # and --workers: the recipe's
+    sizes=[224, 384], batch_size=128, steps=40, warmup_steps=5, trainer_image_size=224, trainer_steps=60,
+    loader_batches=100, train_minutes=1.5, train_image_size=32, train_batch_size=256,
+)  # fmt: skip
+TINY_DEFAULTS = dict(
+    sizes=[32], batch_size=4, steps=2, warmup_steps=1, trainer_image_size=32, trainer_steps=3, loader_batches=2,
+    workers=0, train_minutes=0.05, train_batch_size=16,
+)  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Options; `--tiny` shrinks every size and count for a smoke test on any machine."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; unset sizes and counts take `DEFAULTS` (or `TINY_DEFAULTS` with `--tiny`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_name", help="Parquet folder in the uoft-cs/cifar100 schema (train shards).")
     parser.add_argument("--device", default=None, help="'cuda' (default when available) or 'cpu'.")
@@ -96,29 +106,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json_path", help="Also write the JSON line to this file.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default torch's; --tiny: 1).")
     parser.add_argument("--tiny", action="store_true", help="Tiny sizes on generated data (seconds, any device).")
-    args = parser.parse_args(argv)
-    recipe = json.loads(RECIPE.read_text())
-    defaults = {
-        "sizes": [224, 384], "batch_size": 128, "steps": 40, "warmup_steps": 5, "trainer_image_size": 224,
-        "trainer_steps": 60, "loader_batches": 100, "workers": recipe["dataloader_num_workers"],
-        "train_minutes": 1.5, "train_image_size": 32, "train_batch_size": 256,
-    }  # fmt: skip
-    if args.tiny:
-        defaults.update(
-            sizes=[32], batch_size=4, steps=2, warmup_steps=1, trainer_image_size=32, trainer_steps=3,
-            loader_batches=2, workers=0, train_minutes=0.05, train_batch_size=16,
-        )  # fmt: skip
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options; `--tiny` shrinks every size and count for a smoke test on any machine."""
+    args = build_parser().parse_args(argv)
+    defaults = {**DEFAULTS, "workers": recipe()["dataloader_num_workers"]}
+    fill_defaults(args, {**defaults, **TINY_DEFAULTS} if args.tiny else defaults)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available (use --device cpu)")
     if args.dataset_name is None and not args.tiny:
         raise ValueError("--dataset_name is needed: a parquet folder in the uoft-cs/cifar100 schema")
-    for name in ("batch_size", "steps", "warmup_steps", "trainer_steps", "loader_batches", "train_batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least(
+        args, 1, ("batch_size", "steps", "warmup_steps", "trainer_steps", "loader_batches", "train_batch_size")
+    )
     if min(args.sizes + [args.trainer_image_size, args.train_image_size]) < 16:
         raise ValueError(
             f"image sizes must be >= 16, got {args.sizes}, {args.trainer_image_size}, {args.train_image_size}"
@@ -129,30 +132,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def recipe_argv(args: argparse.Namespace, image_size: int, compile_model: bool, output_dir: str) -> list[str]:
     """`run_classification.py` options of the GPU recipe for a speed measurement: random initialisation (no
     download), `image_size`, the check's batch and workers, no evaluation, checkpoints or progress bars."""
-    recipe = json.loads(RECIPE.read_text())
+    options = recipe()
     cuda = args.device.startswith("cuda")
-    options = {name: recipe[name] for name in RECIPE_MODEL_OPTIONS + AUGMENTATION_OPTIONS if name in recipe}
-    argv = [f"--{name}={value}" for name, value in options.items()]
+    argv = [f"--{name}={value}" for name, value in recipe_options(RECIPE_MODEL_OPTIONS + AUGMENTATION_OPTIONS).items()]
     argv += [
         "--dataset_name", args.dataset_name, "--output_dir", output_dir, "--do_train", "--backbone_weights", "none",
         "--image_size", str(image_size), "--batch_size", str(args.batch_size), "--channels_last", "true",
-        "--bf16", str(recipe["bf16"] and cuda).lower(), "--torch_compile", str(compile_model).lower(),
-        "--train_val_split", str(recipe["train_val_split"]), "--eval_strategy", "no", "--save_strategy", "no",
-        "--load_best_model_at_end", "false", "--logging_steps", str(recipe["logging_steps"]), "--report_to", "none",
+        "--bf16", str(options["bf16"] and cuda).lower(), "--torch_compile", str(compile_model).lower(),
+        "--train_val_split", str(options["train_val_split"]), "--eval_strategy", "no", "--save_strategy", "no",
+        "--load_best_model_at_end", "false", "--logging_steps", str(options["logging_steps"]), "--report_to", "none",
         "--dataloader_num_workers", str(args.workers), "--seed", str(SEED), "--disable_tqdm", "true",
         "--log_level", "warning", "--use_cpu", str(not cuda).lower(),
     ]  # fmt: skip
     if not cuda:
         argv += ["--torch_compile_backend", "eager"]  # dynamo without compiling kernels: seconds on a CPU
     return argv
-
-
-def reset_device(device: str) -> None:
-    """Forget compiled graphs and the peak memory of the previous measurement."""
-    torch._dynamo.reset()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,14 +158,11 @@ def measure_plain_loop(
     args: argparse.Namespace, plan: dict[str, Any], image_size: int, compile_model: bool
 ) -> dict[str, Any]:
     """Images/s and peak GPU memory of the plain loop with the recipe's optimizer and settings (`plan`, from
-    `benchmark.training_plan`) at `image_size`, eager or compiled as the recipe compiles."""
+    `workloads.training_plan`) at `image_size`, eager or compiled as the recipe compiles."""
     plan = {**plan, "compile": plan["compile"] if compile_model else None}
     reset_device(args.device)
-    loop_args = argparse.Namespace(
-        batch_size=args.batch_size, image_size=image_size, warmup_steps=args.warmup_steps, steps=args.steps
-    )
     start = time.perf_counter()
-    record = run_ceiling(loop_args, plan)
+    record = run_plain_loop(plan, args.batch_size, image_size, args.warmup_steps, args.steps)
     figures = step_figures(record["stamps"], args.warmup_steps, args.batch_size)
     return {
         "images_per_s": figures["images_per_s"],
@@ -186,101 +177,32 @@ def measure_plain_loop(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class SyncCheckError(RuntimeError):
-    """A training step synchronised the host with the device."""
-
-
 def run_trainer(args: argparse.Namespace, argv: list[str], warmup_steps: int, check_syncs: bool) -> dict[str, Any]:
     """`run_classification.main(argv)` timed step by step; with `check_syncs` (CUDA only), every step after the
     warm-up runs under `torch.cuda.set_sync_debug_mode("error")`, and a synchronisation raises `SyncCheckError`."""
-    from transformers import TrainerCallback
+    from trainer_timing import StepTimer, train_checking_syncs, train_with
 
-    import run_classification
-
-    record: dict[str, Any] = {"stamps": []}
-    check = check_syncs and args.device.startswith("cuda")
-
-    class SyncCheck(TrainerCallback):
-        def on_step_begin(self, training_args, state, control, **kwargs):
-            if check and state.global_step >= warmup_steps:
-                torch.cuda.set_sync_debug_mode("error")
-
-        def on_step_end(self, training_args, state, control, **kwargs):
-            if check:
-                torch.cuda.set_sync_debug_mode("default")
-
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, training_args, state, control, **kwargs):
-            if state.global_step in (warmup_steps, state.max_steps):
-                synchronize(args.device)
-            record["stamps"].append(time.perf_counter())
-
-        def on_train_end(self, training_args, state, control, **kwargs):
-            record["peak_gpu_mb"] = peak_gpu_mb(args.device)
-
-    class CheckedTrainer(run_classification.HierarchicalTrainer):
-        def __init__(self, *trainer_args, callbacks=None, **kwargs):
-            super().__init__(*trainer_args, callbacks=[*(callbacks or []), SyncCheck(), StepTimer()], **kwargs)
-
+    timer = StepTimer(args.device, sync_steps=(warmup_steps,))
     reset_device(args.device)
+    if check_syncs and args.device.startswith("cuda"):
+        train_checking_syncs(argv, warmup_steps, timer)
+    else:
+        train_with(argv, timer)
+    return {**step_figures(timer.stamps, warmup_steps, args.batch_size), "peak_gpu_mb": timer.peak_gpu_mb}
+
+
+def measure_trainer(args: argparse.Namespace, argv: list[str]) -> tuple[dict[str, Any], str]:
+    """The Trainer's figures with the sync check, and the check's outcome; run once more without the check when
+    it stops the run."""
+    from trainer_timing import SyncCheckError
+
+    sync_check = "passed" if args.device.startswith("cuda") else "not run (CPU)"
     try:
-        metrics = run_classification.main(argv, trainer_class=CheckedTrainer)
-    except RuntimeError as error:
-        if check and "synchronizing" in str(error):
-            frames = traceback.extract_tb(error.__traceback__)
-            where = "; ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-4:])
-            raise SyncCheckError(f"{str(error).splitlines()[0]} (at {where})") from error
-        raise
-    finally:
-        if check:
-            torch.cuda.set_sync_debug_mode("default")
-    if not math.isfinite(metrics["train_loss"]):
-        raise ValueError(f"the Trainer run ended with train_loss {metrics['train_loss']}")
-    return {**step_figures(record["stamps"], warmup_steps, args.batch_size), "peak_gpu_mb": record["peak_gpu_mb"]}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3: DataLoader
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def measure_loader(args: argparse.Namespace, argv: list[str]) -> float:
-    """Images/s of the Trainer's training batches (decode, policy, collation in `--workers` workers, pinned
-    memory on CUDA), without training."""
-    from torch.utils.data import DataLoader
-
-    from configuration_hierarchical import HierarchicalEfficientNetV2Config
-    from data_utils import HierarchicalCollator, apply_transforms, prepare_datasets
-    from run_classification import parse_args
-
-    model_args, data_args, _ = parse_args(argv)
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, **model_args.config_overrides())
-    train = apply_transforms(prepare_datasets(data_args, config, seed=SEED), config, data_args, seed=SEED)["train"]
-    collator = HierarchicalCollator(
-        config, data_args.mixup_alpha, data_args.cutmix_alpha, data_args.mix_prob, data_args.cutmix_switch_prob, SEED
-    )
-    loader = DataLoader(
-        train,
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.workers,
-        collate_fn=collator,
-        pin_memory=args.device.startswith("cuda"),
-        generator=torch.Generator().manual_seed(SEED),
-    )
-    iterator, images, start = iter(loader), 0, None
-    for _ in range(args.loader_batches + 1):
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            iterator = iter(loader)
-            batch = next(iterator)
-        if start is None:  # the first batch waits for the workers to start
-            start = time.perf_counter()
-            continue
-        images += len(batch["labels"])
-    return images / (time.perf_counter() - start)
+        trainer = run_trainer(args, argv, args.warmup_steps, check_syncs=True)
+    except SyncCheckError as error:
+        sync_check = f"FAILED: {error}"
+        trainer = run_trainer(args, argv, args.warmup_steps, check_syncs=False)
+    return trainer, sync_check
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,81 +289,61 @@ def print_table(r: dict[str, Any]) -> None:
     print()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run every part, print the table and the JSON line, and return the results."""
-    args = parse_args(argv)
-    if args.threads or args.tiny:
-        torch.set_num_threads(args.threads or 1)  # tiny: one thread is faster on a busy shared CPU
-    start = time.perf_counter()
-    budget = args.budget_minutes * 60
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
 
-    def remaining() -> float:
-        return budget - (time.perf_counter() - start)
 
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        if args.dataset_name is None:  # --tiny
-            args.dataset_name = str(Path(tmp, "data"))
-            write_generated_dataset(Path(args.dataset_name), 400)
-        results: dict[str, Any] = {}
-        # 1: plain loop; the compiled one at the Trainer's size is the Trainer's reference
-        plain_sizes = list(dict.fromkeys([args.trainer_image_size, *args.sizes]))
-        plans = {size: training_plan(recipe_argv(args, size, True, str(Path(tmp, "plan")))) for size in plain_sizes}
-        for size in plain_sizes:
-            results[f"plain_eager_{size}"] = measure_plain_loop(args, plans[size], size, compile_model=False)
-        size = args.trainer_image_size
-        results[f"plain_compile_{size}"] = measure_plain_loop(args, plans[size], size, compile_model=True)
-        # 2: the Trainer, with the sync check (and once more without it if it stops the run)
-        trainer_argv = recipe_argv(args, args.trainer_image_size, True, str(Path(tmp, "trainer")))
-        trainer_argv += ["--max_steps", str(args.warmup_steps + args.trainer_steps)]
-        sync_check = "passed" if args.device.startswith("cuda") else "not run (CPU)"
-        try:
-            trainer = run_trainer(args, trainer_argv, args.warmup_steps, check_syncs=True)
-        except SyncCheckError as error:
-            sync_check = f"FAILED: {error}"
-            trainer = run_trainer(args, trainer_argv, args.warmup_steps, check_syncs=False)
-        # 3: DataLoader
-        loader = measure_loader(args, trainer_argv)
-        # 1 again: the compiled plain loop at the other sizes, if the time allows (compiling takes about a minute)
-        for size in plain_sizes:
-            if f"plain_compile_{size}" not in results and remaining() > 150:
-                results[f"plain_compile_{size}"] = measure_plain_loop(args, plans[size], size, compile_model=True)
-        # 4: from-scratch training with what is left
-        minutes = min(args.train_minutes, (remaining() - 30) / 60)
-        scratch = None
-        if minutes >= min(args.train_minutes, 0.5):
-            scratch = train_from_scratch(args, round(minutes, 2), str(Path(tmp, "scratch")))
+def measure_plain_loops(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, dict], dict[int, dict], list[int]]:
+    """Part 1 before the others: the plain loop eager at every size, and compiled at the Trainer's size (the
+    Trainer's reference). Returns the runs by `plain_<mode>_<size>`, the plans by size, and the sizes."""
+    sizes = list(dict.fromkeys([args.trainer_image_size, *args.sizes]))
+    plans = {size: training_plan(recipe_argv(args, size, True, str(tmp / "plan"))) for size in sizes}
+    results = {f"plain_eager_{size}": measure_plain_loop(args, plans[size], size, False) for size in sizes}
+    size = args.trainer_image_size
+    results[f"plain_compile_{size}"] = measure_plain_loop(args, plans[size], size, compile_model=True)
+    return results, plans, sizes
 
-    reference = results[f"plain_compile_{args.trainer_image_size}"]["images_per_s"]
-    summary: dict[str, Any] = {
-        "trainer_ratio": trainer["images_per_s"] / reference,
-        "loader_headroom": loader / trainer["images_per_s"],
-        "trainer_images_per_s": trainer["images_per_s"],
-        "trainer_median_step_images_per_s": trainer["median_step_images_per_s"],
-        "trainer_step_spread": trainer["step_spread"],
-        "trainer_peak_gpu_mb": trainer["peak_gpu_mb"],
-        "loader_images_per_s": loader,
-        "sync_check": sync_check,
-        "sync_check_passed": sync_check == "passed",
-        "from_scratch": scratch,
-    }
-    for size in plain_sizes:
+
+def measure_while_time_allows(
+    args: argparse.Namespace, results: dict[str, dict], plans: dict[int, dict], deadline: float, tmp: Path
+) -> dict[str, Any] | None:
+    """Parts 1 and 4 with the time left before `deadline`: the compiled plain loop at the other sizes (compiling
+    takes about a minute each), then the from-scratch training, shortened to fit (None when too little is left)."""
+    for size, plan in plans.items():
+        if f"plain_compile_{size}" not in results and deadline - time.perf_counter() > 150:
+            results[f"plain_compile_{size}"] = measure_plain_loop(args, plan, size, compile_model=True)
+    minutes = min(args.train_minutes, (deadline - time.perf_counter() - 30) / 60)
+    if minutes < min(args.train_minutes, 0.5):
+        return None
+    return train_from_scratch(args, round(minutes, 2), str(tmp / "scratch"))
+
+
+def plain_loop_figures(results: dict[str, dict], sizes: list[int]) -> dict[str, float | None]:
+    """Images/s, peak GPU memory and seconds of every plain-loop setting (None where it was skipped)."""
+    figures = {}
+    for size in sizes:
         for mode in ("eager", "compile"):
             run = results.get(f"plain_{mode}_{size}")
-            summary[f"plain_{mode}_{size}_images_per_s"] = run["images_per_s"] if run else None
-            summary[f"plain_{mode}_{size}_peak_gpu_mb"] = run["peak_gpu_mb"] if run else None
-            summary[f"plain_{mode}_{size}_seconds"] = run["seconds"] if run else None
-    cuda = args.device.startswith("cuda")
+            for name in ("images_per_s", "peak_gpu_mb", "seconds"):
+                figures[f"plain_{mode}_{size}_{name}"] = run[name] if run else None
+    return figures
+
+
+def settings_and_machine(args: argparse.Namespace, sizes: list[int], bf16: bool, start: float) -> dict[str, Any]:
+    """The sizes and counts of the check, the recipe, the device and the versions."""
     import transformers
 
-    summary.update(
-        sizes=plain_sizes,
+    cuda = args.device.startswith("cuda")
+    return dict(
+        sizes=sizes,
         trainer_image_size=args.trainer_image_size,
         batch_size=args.batch_size,
         steps=args.steps,
         warmup_steps=args.warmup_steps,
         trainer_steps=args.trainer_steps,
         workers=args.workers,
-        bf16=results[f"plain_compile_{args.trainer_image_size}"]["plan"]["autocast"] is not None,
+        bf16=bf16,
         recipe=RECIPE.name,
         device=args.device,
         device_name=torch.cuda.get_device_name() if cuda else platform.processor() or "CPU",
@@ -452,6 +354,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seconds=time.perf_counter() - start,
         tiny=args.tiny,
     )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run every part, print the table and the JSON line, and return the results."""
+    args = parse_args(argv)
+    if args.threads or args.tiny:
+        torch.set_num_threads(args.threads or 1)  # tiny: one thread is faster on a busy shared CPU
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        if args.dataset_name is None:  # --tiny
+            args.dataset_name = str(Path(tmp, "data"))
+            write_generated_dataset(Path(args.dataset_name), 400)
+        results, plans, sizes = measure_plain_loops(args, Path(tmp))
+        trainer_argv = recipe_argv(args, args.trainer_image_size, True, str(Path(tmp, "trainer")))
+        trainer_argv += ["--max_steps", str(args.warmup_steps + args.trainer_steps)]
+        trainer, sync_check = measure_trainer(args, trainer_argv)
+        loader = measure_worker_loader(trainer_argv, args.batch_size, args.workers, args.loader_batches, args.device)
+        scratch = measure_while_time_allows(args, results, plans, start + args.budget_minutes * 60, Path(tmp))
+    reference = results[f"plain_compile_{args.trainer_image_size}"]
+    summary: dict[str, Any] = {
+        "trainer_ratio": trainer["images_per_s"] / reference["images_per_s"],
+        "loader_headroom": loader / trainer["images_per_s"],
+        **{f"trainer_{name}": value for name, value in trainer.items()},
+        "loader_images_per_s": loader,
+        "sync_check": sync_check,
+        "sync_check_passed": sync_check == "passed",
+        "from_scratch": scratch,
+        **plain_loop_figures(results, sizes),
+        **settings_and_machine(args, sizes, reference["plan"]["autocast"] is not None, start),
+    }
     print_table(summary)
     line = json.dumps(summary)
     print(line, flush=True)

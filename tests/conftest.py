@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +25,18 @@ from configuration_hierarchical import (  # noqa: E402
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor  # noqa: E402
 
 NUM_FINE = len(CIFAR100_FINE_LABELS)
+
+
+def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
+    """A 32 px config with random backbone weights (no download)."""
+    return HierarchicalEfficientNetV2Config(**{"backbone_weights": None, "image_size": 32, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def model() -> HierarchicalEfficientNetV2ForImageClassification:
+    """A small random model (seed 0) in eval mode."""
+    torch.manual_seed(0)
+    return HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
 
 
 def cifar100_features() -> datasets.Features:
@@ -169,18 +182,6 @@ def tiny_args(data: Path, output_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
-    """A 32 px config with random backbone weights (no download)."""
-    return HierarchicalEfficientNetV2Config(**{"backbone_weights": None, "image_size": 32, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def model() -> HierarchicalEfficientNetV2ForImageClassification:
-    """A small random model (seed 0) in eval mode."""
-    torch.manual_seed(0)
-    return HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
-
-
 @pytest.fixture(scope="module")
 def saved_model_dir(tmp_path_factory: pytest.TempPathFactory, model) -> Path:
     """The `model` saved with its image processor, as `run_classification.py` writes it."""
@@ -188,3 +189,8 @@ def saved_model_dir(tmp_path_factory: pytest.TempPathFactory, model) -> Path:
     model.save_pretrained(path)
     build_image_processor(model.config).save_pretrained(path)
     return path
+
+
+def run_script(*argv: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python *argv` in a fresh process started in the project folder, its output captured as text."""
+    return subprocess.run([sys.executable, *argv], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=timeout)

@@ -3,13 +3,11 @@ they hold on a quiet machine only)."""
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+from conftest import run_script
+
 RATIOS = ("train_ratio", "loader_ratio", "pipeline_ratio", "memory_ratio")
 FIGURES = (
     "ceiling_images_per_s", "trainer_images_per_s", "loader_images_per_s", "loader_images_per_s_32",
@@ -20,13 +18,7 @@ FIGURES = (
 
 @pytest.mark.slow
 def test_tiny_benchmark_prints_the_figures_as_one_json_line():
-    completed = subprocess.run(
-        [sys.executable, "benchmarks/benchmark.py", "--tiny", "--dataset", "generated"],
-        cwd=PROJECT_DIR,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    completed = run_script("benchmarks/benchmark.py", "--tiny", "--dataset", "generated", timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.strip().splitlines()
     results = json.loads(lines[-1])
@@ -41,12 +33,8 @@ def test_tiny_benchmark_prints_the_figures_as_one_json_line():
 
 
 def test_tiny_data_path_measurement_reports_bytes_and_cpu_time_before_and_after():
-    completed = subprocess.run(
-        [sys.executable, "benchmarks/benchmark.py", "--tiny", "--dataset", "generated", "--data_path_only"],
-        cwd=PROJECT_DIR,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    completed = run_script(
+        "benchmarks/benchmark.py", "--tiny", "--dataset", "generated", "--data_path_only", timeout=300
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -3,31 +3,16 @@ figures and targets need a GPU)."""
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+from conftest import run_script
 
 
 @pytest.mark.slow
 def test_tiny_gpu_check_runs_every_part_on_the_cpu(tmp_path):
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/gpu_check.py",
-            "--tiny",
-            "--device",
-            "cpu",
-            "--json_path",
-            str(tmp_path / "r.json"),
-        ],
-        cwd=PROJECT_DIR,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    completed = run_script(
+        "benchmarks/gpu_check.py", "--tiny", "--device", "cpu", "--json_path", str(tmp_path / "r.json"), timeout=600
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.strip().splitlines()

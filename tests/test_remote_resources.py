@@ -33,7 +33,7 @@ def run_options(tmp_path, *extra):
     return tiny_args(tmp_path / "unused", tmp_path / "out", "--do_train", "--do_eval", *extra)
 
 
-def missing_resources_message(tmp_path, *extra) -> str:
+def missing_resources_error(tmp_path, *extra) -> str:
     """The message of the `FileNotFoundError` that a run with these options stops with."""
     with pytest.raises(FileNotFoundError) as raised:
         main(run_options(tmp_path, *extra))
@@ -41,9 +41,7 @@ def missing_resources_message(tmp_path, *extra) -> str:
 
 
 def test_one_error_names_the_dataset_and_the_imagenet_weights(offline, tmp_path):
-    message = missing_resources_message(
-        tmp_path, "--dataset_name", "uoft-cs/cifar100", "--backbone_weights", "imagenet"
-    )
+    message = missing_resources_error(tmp_path, "--dataset_name", "uoft-cs/cifar100", "--backbone_weights", "imagenet")
     assert "'uoft-cs/cifar100'" in message and "python data_utils.py download cifar100-local" in message
     assert "--dataset_name cifar100-local" in message
     assert "efficientnet_v2_s-dd5fe13b.pth" in message and "--backbone_weights none" in message
@@ -54,7 +52,7 @@ def test_one_error_names_the_dataset_and_the_imagenet_weights(offline, tmp_path)
 
 
 def test_one_error_names_the_dataset_and_the_base_model(offline, tmp_path):
-    message = missing_resources_message(
+    message = missing_resources_error(
         tmp_path, "--dataset_name", "someone/cifar-copy", "--model_name_or_path", "someone/model"
     )
     assert "'someone/cifar-copy'" in message and "'someone/model'" in message
