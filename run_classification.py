@@ -22,45 +22,22 @@ import datasets
 import transformers
 from datasets import Dataset, DatasetDict
 from torch import nn
-from transformers import (
-    HfArgumentParser,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from calibration import calibrate_and_select, evaluate_calibration, subset_prediction
-from callbacks import (
-    EMA_FILE,
-    EMACallback,
-    NonFiniteTrainingError,
-    ResumeCheckCallback,
-    TimeBudgetCallback,
-    time_schedule_factor,
-)
-from checkpoints import (
-    LOCK_FILE,
-    checkpoint_problem,
-    find_checkpoints,
-    output_dir_lock,
-    resolve_checkpoint,
-    safetensors_problem,
-)
+from callbacks import EMACallback, TimeBudgetCallback
+from checkpoints import output_dir_lock, resolve_checkpoint
+from collation import EpochCallback, HierarchicalCollator
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from data_utils import (
-    DataArguments,
-    EpochCallback,
-    HierarchicalCollator,
-    apply_transforms,
-    load_raw_datasets,
-    prepare_datasets,
-)
+from data_sources import load_raw_datasets
+from data_utils import DataArguments, apply_transforms, prepare_datasets
 from eval_report import write_prediction_report
 from hierarchy_data import balanced_class_weights, discover_hierarchy, set_class_weights
-from model_loading import load_model, load_saved_model
+from model_loading import load_model
 from modeling_hierarchical import build_image_processor
 from remote_resources import check_remote_resources
 from run_summary import quiet_transformers, run_summary, write_run_options
-from trainer import HierarchicalTrainer, compute_metrics, parameter_groups, write_model_card
+from trainer import HierarchicalTrainer, compute_metrics
 from training_args import HierarchicalTrainingArguments, ModelArguments, check_batch_fits
 
 logger = logging.getLogger(__name__)
@@ -323,39 +300,6 @@ def run(
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="Hierarchical EfficientNetV2-S trained with run_classification.py")
     return metrics
-
-
-# The training script's names, and those of its parts that other code imports from here.
-__all__ = [
-    "EMACallback",
-    "EMA_FILE",
-    "HierarchicalTrainer",
-    "HierarchicalTrainingArguments",
-    "LOCK_FILE",
-    "MALLOC_MMAP_THRESHOLD",
-    "MALLOC_TRIM_THRESHOLD",
-    "ModelArguments",
-    "NonFiniteTrainingError",
-    "ResumeCheckCallback",
-    "TimeBudgetCallback",
-    "check_batch_fits",
-    "checkpoint_problem",
-    "compute_metrics",
-    "find_checkpoints",
-    "keep_freed_memory",
-    "load_model",
-    "load_saved_model",
-    "main",
-    "output_dir_lock",
-    "parameter_groups",
-    "parse_args",
-    "resolve_checkpoint",
-    "run",
-    "safetensors_problem",
-    "setup_logging",
-    "time_schedule_factor",
-    "write_model_card",
-]
 
 
 if __name__ == "__main__":

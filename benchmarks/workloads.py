@@ -64,7 +64,9 @@ def write_generated_dataset(folder: Path, num_rows: int) -> None:
 def training_plan(argv: list[str]) -> dict[str, Any]:
     """What the Trainer builds for `argv`, for the plain loop to copy: model config, parameter groups (by parameter
     name), optimizer kwargs, device, mixed precision and torch.compile settings."""
-    from run_classification import HierarchicalTrainer, load_model, parameter_groups, parse_args
+    from model_loading import load_model
+    from run_classification import parse_args
+    from trainer import HierarchicalTrainer, parameter_groups
 
     model_args, _, training_args = parse_args(argv)
     model = load_model(model_args)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from callbacks import EMA_FILE
 from conftest import METRIC_NAMES, PROJECT_DIR, tiny_args
-from run_classification import EMA_FILE, main
+from run_classification import main
 
 SCRIPT = str(PROJECT_DIR / "run_classification.py")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from callbacks import EMA_FILE, EMACallback
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_utils import HierarchicalCollator
 from device_preprocess import DevicePreprocessor
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
-from run_classification import EMA_FILE, EMACallback, parse_args
+from run_classification import parse_args
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.json"))
 

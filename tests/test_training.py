@@ -16,17 +16,13 @@ from transformers import TrainerControl, TrainerState, pipeline
 
 import callbacks
 import run_classification
+from callbacks import TimeBudgetCallback, time_schedule_factor
+from checkpoints import checkpoint_problem
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from conftest import METRIC_NAMES, PROJECT_DIR, make_parquet_dataset, tiny_args
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
-from run_classification import (
-    HierarchicalTrainer,
-    TimeBudgetCallback,
-    main,
-    parameter_groups,
-    parse_args,
-    time_schedule_factor,
-)
+from run_classification import main, parse_args
+from trainer import HierarchicalTrainer, parameter_groups
 
 
 @pytest.fixture(scope="module")
@@ -206,9 +202,9 @@ def test_bad_labels_fail_with_the_documented_error(tmp_path):
 def test_checkpoint_problems_are_detected(tmp_path):
     folder = tmp_path / "checkpoint-3"
     folder.mkdir()
-    assert "trainer_state.json" in run_classification.checkpoint_problem(str(folder))
+    assert "trainer_state.json" in checkpoint_problem(str(folder))
     (folder / "trainer_state.json").write_text("{}")
-    assert "model.safetensors" in run_classification.checkpoint_problem(str(folder))
+    assert "model.safetensors" in checkpoint_problem(str(folder))
 
 
 def test_time_schedule_factor():
