@@ -5,7 +5,8 @@
     accelerate launch run_classification.py --output_dir outputs/run --do_train --do_eval --do_predict
     python run_classification.py recipes/cpu_32px_30min.json
 
-Options are the dataclasses of `training_args.py` and `data_utils.py` plus every `TrainingArguments` option; a single `.json` file may hold them all.
+Options are the dataclasses of `training_args.py` and `data_utils.py` plus every `TrainingArguments` option; a
+single `.json` file may hold them all.
 """
 
 from __future__ import annotations
