@@ -70,10 +70,11 @@ def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
             args.coarse_label_column_name: Value("string"),
         }
     )
+    root = os.path.abspath(path)  # absolute paths: a relative `path` is the working folder's, not the dataset's
     splits = {}
     for split, rows in by_split.items():
         columns = {
-            args.image_column_name: [os.path.join(path, *parts) for parts in rows],
+            args.image_column_name: [os.path.join(root, *parts) for parts in rows],
             args.label_column_name: [parts[-2] for parts in rows],
             args.coarse_label_column_name: [parts[-3] for parts in rows],
         }

@@ -14,7 +14,7 @@ import torch
 from transformers import pipeline
 
 from configuration_hierarchical import CIFAR100_FINE_LABELS, HierarchicalEfficientNetV2Config
-from conftest import encode_image, make_image_array, tiny_args
+from conftest import encode_image, make_image_array, small_config, tiny_args
 from data_utils import DataArguments, HierarchicalCollator, load_raw_datasets, prepare_datasets
 from device_preprocess import DevicePreprocessor
 from eval_report import write_eval_report
@@ -22,9 +22,9 @@ from hierarchy_data import (
     Hierarchy,
     balanced_class_weights,
     discover_hierarchy,
-    read_hierarchy_file,
     set_class_weights,
 )
+from hierarchy_files import read_hierarchy_file
 from hierarchy_metrics import compute_hierarchy_metrics
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from run_classification import ModelArguments, load_model, main
@@ -97,6 +97,25 @@ def test_folder_tree_gives_the_hierarchy_and_both_labels(tmp_path, splits):
     assert all(len(split) == 2 * len(FINE) for split in prepared.values())
     assert_rows_follow_names(prepared, config)
     assert prepared["train"].features["labels"].names == FINE
+
+
+@pytest.mark.parametrize("layout", ["superclass/class/image", "class/image"])
+def test_image_folder_named_by_a_relative_path_is_read(tmp_path, monkeypatch, layout):
+    """`--dataset_name my_tree`, given relative to the working folder, as the README writes it."""
+    root = write_tree(tmp_path / "my_tree")
+    options = {}
+    if layout == "class/image":  # the classes' folders moved up; their superclasses from a hierarchy file
+        for superclass in COARSE:
+            for folder in (root / superclass).iterdir():
+                folder.rename(root / folder.name)
+            (root / superclass).rmdir()
+        (tmp_path / "hierarchy.json").write_text(json.dumps(PARENT))
+        options["hierarchy_file"] = "hierarchy.json"
+    monkeypatch.chdir(tmp_path)
+    args = DataArguments(dataset_name="my_tree", cache_dir="cache", train_val_split=0.0, **options)
+    hierarchy = discover_hierarchy(load_raw_datasets(args), args)
+    train = prepare_datasets(args, small_config(**hierarchy.config_kwargs()), seed=0)["train"]
+    assert len(train) == 2 * len(FINE) and train[0]["image"].size == (32, 32)
 
 
 def test_folder_tree_with_mixed_depths_is_refused(tmp_path):
