@@ -191,6 +191,11 @@ def saved_model_dir(tmp_path_factory: pytest.TempPathFactory, model) -> Path:
     return path
 
 
-def run_script(*argv: str, timeout: float) -> subprocess.CompletedProcess:
+HANG_TIMEOUT_S = 1800  # only stops a hung process: far above what any script run of the suite takes
+
+
+def run_script(*argv: str) -> subprocess.CompletedProcess:
     """`python *argv` in a fresh process started in the project folder, its output captured as text."""
-    return subprocess.run([sys.executable, *argv], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *argv], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+    )

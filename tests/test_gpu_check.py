@@ -12,8 +12,9 @@ from conftest import run_script
 @pytest.mark.slow
 def test_tiny_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     completed = run_script(
-        "benchmarks/gpu_check.py", "--tiny", "--device", "cpu", "--json_path", str(tmp_path / "r.json"), timeout=600
-    )
+        "benchmarks/gpu_check.py", "--tiny", "--device", "cpu", "--json_path", str(tmp_path / "r.json"),
+        "--budget_minutes", "60",  # the from-scratch part runs whatever this machine's speed today
+    )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.strip().splitlines()
     results = json.loads(lines[-1])

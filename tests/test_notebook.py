@@ -56,7 +56,7 @@ def test_notebook_runs_offline_on_local_data(tiny_parquet_dir, tmp_path, monkeyp
     monkeypatch.setenv("CIFAR100_DATASET", str(tiny_parquet_dir))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()
 
@@ -75,7 +75,7 @@ def test_notebook_falls_back_to_generated_images_without_hub_or_local_copy(tmp_p
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     notebook.cells = notebook.cells[: DATA_CELL + 1]  # up to the data: the rest is the same as on any source
     NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
     outputs = all_text(notebook)
     assert "uoft-cs/cifar100 cannot be loaded" in outputs

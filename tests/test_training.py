@@ -215,7 +215,8 @@ def test_time_schedule_factor():
     assert time_schedule_factor(1.0, 0.1) == pytest.approx(0.0) and time_schedule_factor(0.5, 0.0) == pytest.approx(0.5)
 
 
-def test_time_budget_continues_from_the_checkpoint():
+def test_time_budget_continues_from_the_checkpoint(monkeypatch):
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(monotonic=lambda: 1000.0, time=time.time))  # a still clock
     saved = {"TimeBudgetCallback": {"args": {"minutes": 2.0, "elapsed_seconds": 90.0}, "attributes": {}}}
     resumed = TimeBudgetCallback(2.0)
     resumed.on_train_begin(None, TrainerState(global_step=7, stateful_callbacks=saved), TrainerControl())
