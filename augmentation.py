@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from torchvision.transforms import v2
 

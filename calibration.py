@@ -9,8 +9,6 @@
   stored threshold, and four ways to read the superclass, for a model's config on any split.
 - [`calibrate_and_select`]: all of that after training, on the validation predictions; the results go into the
   model's config (saved and pushed with it).
-
-The names of the two modules above can be imported from here too.
 """
 
 from __future__ import annotations
@@ -32,13 +30,8 @@ from hierarchy_metrics import (
     selective_scores,
 )
 from prediction_hierarchical import hierarchical_log_probabilities
-from selective_threshold import (
-    SelectiveThreshold,
-    accuracy_lower_bound,
-    binomial_cdf,
-    choose_selective_threshold,
-)
-from temperature_scaling import Array, check_predictions, fit_temperatures, hierarchical_nll
+from selective_threshold import SelectiveThreshold, choose_selective_threshold
+from temperature_scaling import Array, check_predictions, fit_temperatures
 
 logger = logging.get_logger(__name__)
 
@@ -351,14 +344,8 @@ __all__ = [
     "CalibrationArguments",
     "CalibrationResult",
     "HierarchicalScores",
-    "SelectiveThreshold",
-    "accuracy_lower_bound",
-    "binomial_cdf",
     "calibrate_and_select",
-    "choose_selective_threshold",
     "evaluate_calibration",
-    "fit_temperatures",
-    "hierarchical_nll",
     "hierarchical_scores",
     "split_rows",
     "subset_prediction",

@@ -97,13 +97,13 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         fine_temperature (`float`, *optional*, defaults to 1.0):
             Temperature of the fine head: its logits are divided by it before the softmax in `predict_hierarchical`
             and the hierarchical pipeline (never in `forward`, so the loss is unchanged). Fitted on held-out data
-            by `calibration.fit_temperatures`.
+            by `temperature_scaling.fit_temperatures`.
         coarse_temperature (`float`, *optional*, defaults to 1.0):
             Temperature of the coarse head, used in the same places.
         selective_threshold (`float`, *optional*):
             Default `min_confidence` of selective predictions, in (0, 1]: answer the class when its probability
             reaches it, else the superclass when that reaches it, else abstain. `None`: no selective answer unless
-            asked for. Chosen by `calibration.choose_selective_threshold`.
+            asked for. Chosen by `selective_threshold.choose_selective_threshold`.
         selective_target_accuracy (`float`, *optional*):
             The accuracy of answers the threshold was chosen for (a record, not used for predictions).
         selective_confidence (`float`, *optional*):
@@ -293,6 +293,11 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         matrix = torch.zeros(self.num_labels, self.num_coarse_labels, device=device)
         matrix[torch.arange(self.num_labels), self.fine_to_coarse_tensor(device)] = 1.0
         return matrix
+
+    def class_weights_tensor(self, name: str) -> torch.Tensor | None:
+        """`fine_class_weights` or `coarse_class_weights` (`name`) as a float tensor; None when not set."""
+        weights = getattr(self, name)
+        return None if weights is None else torch.tensor(weights)
 
     def coarse_children(self, coarse_id: int) -> list[int]:
         """Fine class indices that belong to superclass `coarse_id`."""

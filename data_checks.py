@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow
 import pyarrow.compute
-import pyarrow.ipc
-import pyarrow.parquet
 from datasets import ClassLabel, Dataset
 from datasets import Image as ImageFeature
 from transformers.utils import logging

@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import pyarrow
-import pyarrow.compute
 import pyarrow.ipc
 import pyarrow.parquet
 from datasets import ClassLabel, Dataset, DatasetDict, Features
@@ -36,6 +34,7 @@ except ImportError:  # numpy 1.x
 logger = logging.get_logger(f"data_utils.{__name__}")
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `name` or `owner/name`
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -64,14 +63,19 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict:
         return load_data_files([path], os.path.dirname(path), args)
     if os.path.isdir(path):
         return load_local_folder(path, args)
-    if not _is_hub_id(args.dataset_name):
+    if HUB_ID.fullmatch(args.dataset_name) is None:
         raise FileNotFoundError(f"--dataset_name {args.dataset_name!r}: no such file or folder")
     return load_hub_dataset(args)
 
 
-def _is_hub_id(name: str) -> bool:
-    """Whether `name` reads as a Hub dataset id (`name` or `owner/name`) rather than a local path."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` reads as a Hub id (`name` or `owner/name`) and names nothing on this machine."""
+    return bool(name) and HUB_ID.fullmatch(name) is not None and not os.path.exists(os.path.expanduser(name))
+
+
+def is_hub_dataset(name: str | None) -> bool:
+    """Whether `--dataset_name` names a Hub dataset: a Hub id other than the `imagefolder` builder."""
+    return name != "imagefolder" and is_hub_id(name)
 
 
 def _existing_path(path: str, option: str) -> str:

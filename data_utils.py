@@ -1,17 +1,16 @@
 """Data pipeline of the hierarchical CIFAR-100 classifier: the data options and the two entry points.
 
 `prepare_datasets` turns any supported source into splits with the columns `image`, `labels`, `coarse_labels`
-and `index`; `apply_transforms` attaches the transforms; `HierarchicalCollator` builds batches (with
-optional MixUp/CutMix on fine and coarse targets alike). The parts live in `data_sources.py` (loading),
-`data_checks.py` (labels, paths, duplicates), `image_decoding.py`, `augmentation.py` and `collation.py`.
+and `index`; `apply_transforms` attaches the transforms; `HierarchicalCollator` builds batches and draws
+their MixUp/CutMix parameters, which `DevicePreprocessor` applies on the training device. The parts live in
+`data_sources.py` (loading), `data_checks.py` (labels, paths, duplicates), `image_decoding.py`,
+`augmentation.py`, `collation.py` and `device_preprocess.py`.
 All training randomness comes from seeds derived from (seed, epoch, row index): where the global torch RNG is
 used, it is seeded from such a seed first, so a resumed run sees the same augmentations as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 
 from datasets import DatasetDict
@@ -42,7 +41,7 @@ from data_sources import LOCAL_DATA_HINT, CifarUnpickler, load_raw_datasets
 from device_preprocess import JITTER_ORDERS
 from hierarchy_data import discover_hierarchy
 from image_decoding import DEFAULT_MAX_IMAGE_PIXELS, decode_image, to_rgb
-from option_fields import option
+from option_fields import check_finite_options, option
 
 logger = logging.get_logger(__name__)
 
@@ -118,10 +117,7 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        for declared in dataclasses.fields(self):
-            value = getattr(self, declared.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
-                raise ValueError(f"{declared.name} must be a finite number, got {value!r}")
+        check_finite_options(self)
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be a positive number of pixels, got {self.max_image_pixels!r}")
         if not 0.0 <= self.train_val_split < 1.0:
@@ -138,16 +134,6 @@ class DataArguments:
         for name in ("random_erasing", "mix_prob", "cutmix_switch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability and must be in [0, 1], got {getattr(self, name)!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Validation and standard columns
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def prepare_datasets(
@@ -210,11 +196,6 @@ def apply_transforms(
             transform = ImageTransform(split=split, max_image_pixels=args.max_image_pixels)
         transformed[split] = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(transform)
     return DatasetDict(transformed)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Collation
-# ----------------------------------------------------------------------------------------------------------------
 
 
 # The pipeline's entry points, and the names of its parts that other code imports from here.

@@ -37,7 +37,7 @@ from data_utils import DataArguments, HierarchicalCollator, ImageTransform, prep
 from hierarchy_metrics import compute_hierarchy_metrics
 from model_loading import load_saved_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
-from report_data import ReportData, compute_report_data
+from report_data import compute_report_data
 from report_figures import FIGURE_NAMES, draw_figures
 from report_markdown import render_markdown
 from trainer import HierarchicalTrainer
@@ -219,19 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-# The report's entry points, and the names of its parts that other code imports from here.
-__all__ = [
-    "FIGURE_NAMES",
-    "REPORT_NAME",
-    "ReportData",
-    "compute_report_data",
-    "draw_figures",
-    "evaluate_saved_model",
-    "main",
-    "render_markdown",
-    "write_eval_report",
-    "write_prediction_report",
-]
+__all__ = ["REPORT_NAME", "evaluate_saved_model", "main", "write_eval_report", "write_prediction_report"]
 
 
 if __name__ == "__main__":

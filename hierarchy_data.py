@@ -8,7 +8,7 @@ A dataset names its hierarchy in one of three ways:
   exactly one coarse label across all splits;
 * a hierarchy file (`--hierarchy_file`, JSON or CSV: fine name -> coarse name) for data with fine labels only.
 
-The folder tree and the hierarchy file are read in `hierarchy_files.py` (its readers are importable from here too).
+The folder tree and the hierarchy file are read in `hierarchy_files.py`.
 
 `discover_hierarchy` returns a [`Hierarchy`] (the CIFAR-100 tables when the names are CIFAR-100's), or `None`
 when the data names no hierarchy (plain integer labels, or class names without superclasses): the model's config
@@ -33,7 +33,7 @@ from configuration_hierarchical import (
     CIFAR100_FINE_TO_COARSE,
     HierarchicalEfficientNetV2Config,
 )
-from hierarchy_files import MAX_NAMES_SHOWN, load_hierarchy_tree, read_hierarchy_file, shorten_names
+from hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
 
 if TYPE_CHECKING:
     from data_utils import DataArguments
@@ -326,8 +326,6 @@ __all__ = [
     "column_names",
     "config_with_hierarchy",
     "discover_hierarchy",
-    "load_hierarchy_tree",
-    "read_hierarchy_file",
     "reinitialize_heads",
     "set_class_weights",
 ]

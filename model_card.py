@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PretrainedConfig, TrainingArguments
 
 from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE
+from data_sources import is_hub_dataset
 from run_summary import OPTIONS_FILE
 
 METRICS = {  # key in all_results.json -> (model-index metric type, readable name; {fine}/{coarse}: head sizes)
@@ -30,7 +30,6 @@ METRICS = {  # key in all_results.json -> (model-index metric type, readable nam
     "mistake_severity": ("mistake_severity", "Mean tree distance of wrong class predictions"),
 }
 SPLITS = {"eval": ("validation", "validation"), "test": ("test", "test")}  # results prefix -> (split, column)
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
 MAX_SUPERCLASS_TEXT = 2000  # characters of the superclass list in the card's introduction
 
 
@@ -46,18 +45,6 @@ def data_title(config: PretrainedConfig, dataset_name: str | None) -> str:
     if is_cifar100(config):
         return "CIFAR-100"
     return os.path.basename(os.path.normpath(dataset_name)) if dataset_name else "a two-level dataset"
-
-
-def is_hub_dataset(name: str | None) -> bool:
-    """Whether `name` is a Hub dataset id (`owner/name`) and not a local file, folder or glob."""
-    if not name or os.path.exists(os.path.expanduser(name)) or name == "imagefolder":
-        return False
-    return HUB_ID.fullmatch(name) is not None
-
-
-def _plain(value: Any) -> Any:
-    """Enum options (`SchedulerType.COSINE`) as their value (`cosine`)."""
-    return value.value if isinstance(value, Enum) else value
 
 
 def _read_json(path: str | os.PathLike) -> dict:
@@ -76,7 +63,7 @@ def training_setup(options: dict[str, Any], config: PretrainedConfig, epochs: fl
         "batch size (per device)": options.get("per_device_train_batch_size"),
         "lr_conv / lr_fc": f"{options.get('lr_conv')} / {options.get('lr_fc')}",
         "weight decay": options.get("weight_decay"),
-        "scheduler": f"{_plain(options.get('lr_scheduler_type'))}, warmup {options.get('warmup_steps')}",
+        "scheduler": f"{options.get('lr_scheduler_type')}, warmup {options.get('warmup_steps')}",
         "frozen backbone stages": config.num_frozen_stages,
         "label smoothing": config.label_smoothing,
         "coarse loss weight": config.coarse_loss_weight,
@@ -133,7 +120,7 @@ def build_model_card(
     results = _read_json(os.path.join(output_dir, "all_results.json"))
     model_path = repo_id or os.path.abspath(output_dir)
     data = card_data(results, config, dataset_name, source_model, model_path)
-    options = {k: _plain(v) for k, v in training_args.to_dict().items()}
+    options = training_args.to_dict()  # enum options as their values
     epochs, source_options = trained_epochs, {}
     if trained_epochs is None and source_model and os.path.isdir(source_model):  # the setup of the run that trained it
         source_options = _read_json(os.path.join(source_model, OPTIONS_FILE))
@@ -276,4 +263,4 @@ def write_model_card(output_dir: str, *args: Any, **kwargs: Any) -> Path:
     return path
 
 
-__all__ = ["build_model_card", "is_hub_dataset", "write_model_card"]
+__all__ = ["build_model_card", "write_model_card"]

@@ -43,26 +43,31 @@ def load_model(
     return model
 
 
+def check_model_folder(source: str) -> None:
+    """`ValueError` naming what the model folder `source` lacks: its config, a weights file, or complete
+    safetensors files."""
+    missing = [name for name in ("config.json",) if not os.path.isfile(os.path.join(source, name))]
+    if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(source)):
+        missing.append("model.safetensors")
+    if missing:
+        raise ValueError(f"--model_name_or_path {source!r} is not a saved model: it has no {', '.join(missing)}")
+    for name in sorted(os.listdir(source)):
+        problem = safetensors_problem(os.path.join(source, name)) if name.endswith(".safetensors") else None
+        if problem:
+            raise ValueError(
+                f"--model_name_or_path {source!r}: {problem}; copy the model folder again or pass another one"
+            )
+
+
 def load_saved_model(
     model_args: ModelArguments, cache_dir: str | None, overrides: dict
 ) -> HierarchicalEfficientNetV2ForImageClassification:
     """Load `--model_name_or_path` (folder or Hub id) with the config options given on the command line."""
     source = model_args.model_name_or_path
     if os.path.isdir(source):
-        missing = [name for name in ("config.json",) if not os.path.isfile(os.path.join(source, name))]
-        if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(source)):
-            missing.append("model.safetensors")
-        if missing:
-            raise ValueError(f"--model_name_or_path {source!r} is not a saved model: it has no {', '.join(missing)}")
+        check_model_folder(source)
     elif os.path.sep in source and source.count("/") != 1:
         raise ValueError(f"--model_name_or_path {source!r} is neither a folder nor a Hub id (owner/name)")
-    if os.path.isdir(source):
-        for name in sorted(os.listdir(source)):
-            problem = safetensors_problem(os.path.join(source, name)) if name.endswith(".safetensors") else None
-            if problem:
-                raise ValueError(
-                    f"--model_name_or_path {source!r}: {problem}; copy the model folder again or pass another one"
-                )
     try:
         model, info = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(
             source,

@@ -143,7 +143,7 @@ class HierarchicalEfficientNetV2PreTrainedModel(PreTrainedModel):
             init.copy_(module.hierarchy, module.config.hierarchy_matrix())
             for name in ("fine_class_weights", "coarse_class_weights"):
                 if getattr(module, name) is not None:
-                    init.copy_(getattr(module, name), torch.tensor(getattr(module.config, name)))
+                    init.copy_(getattr(module, name), module.config.class_weights_tensor(name))
 
 
 class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV2PreTrainedModel):
@@ -181,8 +181,7 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
         self.register_buffer("fine_to_coarse", config.fine_to_coarse_tensor(), persistent=False)
         self.register_buffer("hierarchy", config.hierarchy_matrix(), persistent=False)
         for name in ("fine_class_weights", "coarse_class_weights"):
-            weights = getattr(config, name)
-            self.register_buffer(name, None if weights is None else torch.tensor(weights), persistent=False)
+            self.register_buffer(name, config.class_weights_tensor(name), persistent=False)
 
         if config.backbone_weights is not None and not _LOADING_PRETRAINED.get():
             self.load_backbone_weights(config.backbone_weights)
@@ -332,7 +331,8 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
         threshold = config.selective_threshold if min_confidence is None else check_min_confidence(min_confidence)
         fine_to_coarse = self.fine_to_coarse.to(logits.device)
         temperatures = (config.fine_temperature, config.coarse_temperature)
-        fine_probs, coarse_probs = hierarchical_probabilities(logits, coarse_logits, fine_to_coarse, *temperatures)
+        if consistent or threshold is not None:  # the combined distribution, only where it is read
+            fine_probs, coarse_probs = hierarchical_probabilities(logits, coarse_logits, fine_to_coarse, *temperatures)
         if consistent:
             fine_scores, fine_ids = fine_probs.max(-1)
             coarse_ids = fine_to_coarse[fine_ids]

@@ -1,8 +1,10 @@
-"""`option()`: the dataclass field of a command-line option, as `HfArgumentParser` reads it."""
+"""`option()`: the dataclass field of a command-line option, as `HfArgumentParser` reads it; and
+`check_finite_options`, the check every options dataclass runs first."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,4 +28,13 @@ def option(
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help, **metadata})
 
 
-__all__ = ["option"]
+def check_finite_options(arguments: object) -> None:
+    """Raise `ValueError` naming the first floating-point option of a dataclass that is NaN or infinite: such
+    values pass every `< 0` check and would train a model full of NaN."""
+    for declared in dataclasses.fields(arguments):
+        value = getattr(arguments, declared.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{declared.name} must be a finite number, got {value}")
+
+
+__all__ = ["check_finite_options", "option"]

@@ -9,7 +9,6 @@ without the libraries' download retries; everything still missing is named in on
 from __future__ import annotations
 
 import os
-import re
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,11 @@ from huggingface_hub import constants as hub_constants
 from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
 
-from data_utils import LOCAL_DATA_HINT
+from data_sources import LOCAL_DATA_HINT, is_hub_dataset, is_hub_id
 
 logger = logging.get_logger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass
@@ -85,11 +83,6 @@ def imagenet_weights_path() -> Path:
     return Path(torch.hub.get_dir(), "checkpoints", os.path.basename(EfficientNet_V2_S_Weights.IMAGENET1K_V1.url))
 
 
-def _is_hub_id(name: str) -> bool:
-    """Whether `name` reads as a Hub id (`name` or `owner/name`) and names nothing on this machine."""
-    return HUB_ID.fullmatch(name) is not None and not os.path.exists(os.path.expanduser(name))
-
-
 def needed_resources(
     dataset_name: str | None,
     *,
@@ -101,7 +94,7 @@ def needed_resources(
     """The remote resources a run with these options downloads, with whether each is cached here (`None`: the
     option is not given; no model to start from, random backbone weights)."""
     needed = []
-    if dataset_name and dataset_name != "imagefolder" and _is_hub_id(dataset_name):
+    if is_hub_dataset(dataset_name):
         needed.append(
             Resource(
                 f"the dataset {dataset_name!r} (--dataset_name: no local folder of that name, not in the cache)",
@@ -110,7 +103,7 @@ def needed_resources(
                 LOCAL_DATA_HINT,
             )
         )
-    if model_name_or_path and _is_hub_id(model_name_or_path):
+    if is_hub_id(model_name_or_path):
         needed.append(
             Resource(
                 f"the model {model_name_or_path!r} (--model_name_or_path: no local folder of that name, not in the "

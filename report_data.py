@@ -13,6 +13,7 @@ from transformers.utils import logging
 from calibration import evaluate_calibration, hierarchical_scores
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchy_metrics import ECE_BINS, compute_hierarchy_metrics, reliability_bins, selective_curve
+from temperature_scaling import check_predictions
 
 logger = logging.get_logger(__name__)
 
@@ -72,8 +73,10 @@ def compute_report_data(
 ) -> ReportData:
     """Check the shapes of the predictions and compute every table of the report; `metrics` already computed for
     these predictions (the Trainer's, with their `<split>_`/`eval_`/`test_` prefix) are reported as given."""
-    predictions = check_predictions(logits, coarse_logits, labels, coarse_labels, config)
-    logits, coarse_logits, labels, coarse_labels = predictions
+    check_predictions(logits, coarse_logits, labels, coarse_labels, config)  # shapes, label ranges, finite logits
+    logits, coarse_logits = np.asarray(logits, dtype=np.float64), np.asarray(coarse_logits, dtype=np.float64)
+    labels, coarse_labels = np.asarray(labels).astype(np.int64), np.asarray(coarse_labels).astype(np.int64)
+    predictions = logits, coarse_logits, labels, coarse_labels
     calibration = evaluate_calibration(*predictions, config)
     hierarchy, extra = reported_metrics(
         compute_hierarchy_metrics(*predictions, config.fine_to_coarse), calibration, metrics or {}, split
@@ -102,34 +105,6 @@ def compute_report_data(
         reliability=reliability,
         curve=curve,
     )
-
-
-def check_predictions(
-    logits: np.ndarray,
-    coarse_logits: np.ndarray,
-    labels: np.ndarray,
-    coarse_labels: np.ndarray,
-    config: HierarchicalEfficientNetV2Config,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The predictions as float64 logits and int64 labels; `ValueError` naming the array when a shape or a label
-    does not fit `config`."""
-    logits, coarse_logits = np.asarray(logits, dtype=np.float64), np.asarray(coarse_logits, dtype=np.float64)
-    labels, coarse_labels = np.asarray(labels).astype(np.int64), np.asarray(coarse_labels).astype(np.int64)
-    num_fine, num_coarse = config.num_labels, config.num_coarse_labels
-    num_samples = len(labels)
-    expected = {
-        "logits": (logits, (num_samples, num_fine)),
-        "coarse_logits": (coarse_logits, (num_samples, num_coarse)),
-        "coarse_labels": (coarse_labels, (num_samples,)),
-    }
-    if num_samples == 0 or labels.ndim != 1:
-        raise ValueError(f"labels must be a non-empty (n,) array of class ids, got shape {labels.shape}")
-    for name, (array, shape) in expected.items():
-        if array.shape != shape:
-            raise ValueError(f"{name} must have shape {shape} (n = len(labels)), got {array.shape}")
-    if labels.min() < 0 or labels.max() >= num_fine or coarse_labels.min() < 0 or coarse_labels.max() >= num_coarse:
-        raise ValueError(f"labels must lie in [0, {num_fine}) and coarse_labels in [0, {num_coarse})")
-    return logits, coarse_logits, labels, coarse_labels
 
 
 def reported_metrics(

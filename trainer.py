@@ -9,14 +9,11 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
-from transformers import (
-    EvalPrediction,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, TrainOutput
 
 import model_card
@@ -28,6 +25,7 @@ from hierarchy_data import HEAD_PREFIXES
 from hierarchy_metrics import compute_hierarchy_metrics
 
 logger = logging.getLogger(__name__)
+CallbackType = TypeVar("CallbackType", bound=TrainerCallback)
 
 
 def parameter_groups(
@@ -114,7 +112,7 @@ class HierarchicalTrainer(Trainer):
 
     @contextlib.contextmanager
     def _options_as_given(self) -> Iterator[None]:
-        """Inside this context `self.args.logging_nan_inf_filter` is the user's (see `train`)."""
+        """Inside this context `self.args.logging_nan_inf_filter` is the user's (see `_train_filtering_on_device`)."""
         if not self._filter_loss_on_device:
             yield
             return
@@ -153,6 +151,10 @@ class HierarchicalTrainer(Trainer):
             bad = next((k for k, v in values.items() if not torch.isfinite(v).all()), "another process's weights")
             raise self._diverged(f"the model holds NaN or infinite values ({bad})")
 
+    def _callback(self, kind: type[CallbackType]) -> CallbackType | None:
+        """This trainer's callback of class `kind`, if it has one."""
+        return next((callback for callback in self.callback_handler.callbacks if isinstance(callback, kind)), None)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Log as the Trainer does; a NaN or infinite training loss stops training (see `--logging_nan_inf_filter`)."""
         for key in ("loss", "train_loss"):
@@ -164,7 +166,7 @@ class HierarchicalTrainer(Trainer):
         """Save a checkpoint, never one with NaN or infinite weights (the last good one stays the newest). The
         weight average is written first, so that `trainer_state.json`, written last, marks a complete checkpoint."""
         self.check_finite_weights()
-        ema = next((c for c in self.callback_handler.callbacks if isinstance(c, EMACallback)), None)
+        ema = self._callback(EMACallback)
         if ema is not None and ema.shadow is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
@@ -210,7 +212,7 @@ class HierarchicalTrainer(Trainer):
         """The `--lr_scheduler_type` schedule over the steps, or with `--schedule_by_time` over the time budget."""
         if not self.args.schedule_by_time or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
-        budget = next((c for c in self.callback_handler.callbacks if isinstance(c, TimeBudgetCallback)), None)
+        budget = self._callback(TimeBudgetCallback)
         if budget is None:  # a Trainer built without main(): the budget callback is part of the schedule
             budget = TimeBudgetCallback(self.args.max_train_minutes)
             self.add_callback(budget)
@@ -242,7 +244,7 @@ class HierarchicalTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """Evaluate; with `--ema_decay`, the averaged weights are evaluated (and so pick the best checkpoint)."""
-        ema = next((c for c in self.callback_handler.callbacks if isinstance(c, EMACallback)), None)
+        ema = self._callback(EMACallback)
         with self._options_as_given(), ema.applied(self.model) if ema is not None else contextlib.nullcontext():
             return super().evaluate(*args, **kwargs)
 
@@ -251,8 +253,15 @@ class HierarchicalTrainer(Trainer):
         if self.is_world_process_zero():
             trained = self.state.epoch if self.state.global_step > 0 else None
             repo_id = (getattr(self, "hub_model_id", None) or self.args.hub_model_id) if self.args.push_to_hub else None
-            write_model_card(
-                self.args.output_dir, self.model, self.args, getattr(self, "dataset_name", None), trained, repo_id
+            source = getattr(self.model.config, "_name_or_path", None) or None  # the model the run started from
+            model_card.write_model_card(
+                self.args.output_dir,
+                self.model.config,
+                self.args,
+                getattr(self, "dataset_name", None),
+                trained,
+                source,
+                repo_id,
             )
 
 
@@ -261,17 +270,3 @@ def compute_metrics(eval_prediction: EvalPrediction, fine_to_coarse: list[int]) 
     logits, coarse_logits = eval_prediction.predictions
     labels, coarse_labels = eval_prediction.label_ids
     return compute_hierarchy_metrics(logits, coarse_logits, labels, coarse_labels, fine_to_coarse)
-
-
-def write_model_card(
-    output_dir: str,
-    model: nn.Module,
-    training_args: TrainingArguments,
-    dataset_name: str | None,
-    trained_epochs: float | None = None,
-    repo_id: str | None = None,
-) -> None:
-    """Write `README.md` in `output_dir`: what the model is, how to load it, its metrics and its training setup
-    (see `model_card.build_model_card`). `trained_epochs` is None for a run that only evaluated the model."""
-    source = getattr(model.config, "_name_or_path", None) or None
-    model_card.write_model_card(output_dir, model.config, training_args, dataset_name, trained_epochs, source, repo_id)

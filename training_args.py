@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -19,20 +17,11 @@ from transformers.utils.import_utils import is_in_notebook
 
 from calibration import CalibrationArguments
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from option_fields import option
+from option_fields import check_finite_options, option
 
 logger = logging.getLogger(__name__)
 
 EVAL_MEMORY_FACTOR = 10  # peak memory of an evaluation batch, measured at 32 and 64 px: 11 to 22 times its input
-
-
-def check_finite_options(arguments: object) -> None:
-    """Raise `ValueError` naming the first floating-point option of a dataclass that is NaN or infinite: such
-    values pass every `< 0` check and would train a model full of NaN."""
-    for declared in dataclasses.fields(arguments):
-        value = getattr(arguments, declared.name, None)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"--{declared.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -206,7 +195,7 @@ class HierarchicalTrainingArguments(TrainingArguments):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_conv", "lr_fc", "weight_decay"):
-            if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
+            if getattr(self, name) < 0:  # NaN and infinity are refused by check_finite_options
                 raise ValueError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.lr_fc == 0:
             raise ValueError("--lr_fc must be > 0, got 0")

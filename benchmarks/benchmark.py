@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput, memory and start-up of the project's training and inference paths, against plain-PyTorch ceilings.
 
-    python benchmarks/benchmark.py                     # 32 px, batch 64: about 3 minutes on 2 cores
+    python benchmarks/benchmark.py                     # 32 px, batch 64: several minutes on 2 cores
     python benchmarks/benchmark.py --image_size 224 --batch_size 32 --steps 10 --warmup_steps 2
     python benchmarks/benchmark.py --tiny              # smoke test on generated data (seconds)
 
@@ -128,9 +128,9 @@ def default_dataset(tiny: bool) -> tuple[str, str]:
     when the Hub dataset is neither cached nor reachable."""
     if tiny:
         return GENERATED, ""
-    from remote_resources import hub_reachable, needed_resources
+    from remote_resources import dataset_is_cached, hub_reachable
 
-    if not (needed_resources(HUB_DATASET)[0].cached or hub_reachable()):
+    if not (dataset_is_cached(HUB_DATASET) or hub_reachable()):
         return GENERATED, f" ({HUB_DATASET} not cached and the Hub does not answer)"
     return HUB_DATASET, ""
 
@@ -163,7 +163,9 @@ def benchmark_data(args: argparse.Namespace, tmp: Path) -> tuple[str, str | None
         rows = math.ceil(1.25 * (args.warmup_steps + args.steps + 2) * args.batch_size) + 64
         write_generated_dataset(tmp / "data", max(rows, args.inference_images))
         return str(tmp / "data"), str(tmp / "cache")
-    if not Path(args.dataset).exists() and args.dataset != HUB_DATASET:
+    from data_sources import is_hub_id
+
+    if not Path(args.dataset).exists() and not is_hub_id(args.dataset):
         raise FileNotFoundError(f"--dataset_name {args.dataset!r}: no such folder")
     return args.dataset, None
 
@@ -234,7 +236,7 @@ def settings_and_machine(
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "other_processes_cpu_share": other_cpu_share(cpu_before, time.perf_counter() - start),
         "benchmark_seconds": time.perf_counter() - start,
-        "dataset": (GENERATED if args.dataset == GENERATED else args.dataset) + args.dataset_note,
+        "dataset": args.dataset + args.dataset_note,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "transformers_version": transformers.__version__,

@@ -14,13 +14,8 @@ from transformers.trainer_utils import PredictionOutput
 
 from calibration import (
     CalibrationArguments,
-    accuracy_lower_bound,
-    binomial_cdf,
     calibrate_and_select,
-    choose_selective_threshold,
     evaluate_calibration,
-    fit_temperatures,
-    hierarchical_nll,
     hierarchical_scores,
     split_rows,
 )
@@ -37,6 +32,8 @@ from hierarchy_metrics import (
 )
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
 from run_classification import main, parse_args
+from selective_threshold import accuracy_lower_bound, binomial_cdf, choose_selective_threshold
+from temperature_scaling import fit_temperatures, hierarchical_nll
 
 
 def overconfident_predictions(

@@ -284,11 +284,10 @@ def test_trainer_keeps_non_finite_losses_out_of_the_logs_on_the_device(tiny_parq
 
     monkeypatch.setattr(Trainer, "training_step", nan_at_step_three)
     monkeypatch.setattr(Trainer, "_save", recording_save)
-    monkeypatch.setattr(run_classification, "HierarchicalTrainer", RecordingTrainer)
     output_dir = tmp_path / "out"
     extra = ["--do_train", "--do_eval", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps"]
     extra += ["--logging_nan_inf_filter", "true"]  # off by default: a non-finite loss then stops the run
-    run_classification.main(tiny_args(tiny_parquet_dir, output_dir, *extra, "--save_steps", "2"))
+    run_classification.main(tiny_args(tiny_parquet_dir, output_dir, *extra, "--save_steps", "2"), RecordingTrainer)
 
     losses = [
         entry["loss"]
