@@ -147,13 +147,13 @@ class HierarchicalTrainingArguments(TrainingArguments):
     label_names: list[str] | None = option(
         help="Label inputs of the model.", default_factory=lambda: ["labels", "coarse_labels"]
     )
-    report_to: None | str | list[str] = option(
-        None, "Integrations to log to; default: TensorBoard when installed, else none."
-    )
     logging_nan_inf_filter: bool = option(
         False,
         "Replace NaN/inf step losses by the average in the logs. Off (the default): a non-finite loss "
         "shows in the log and stops training with an error.",
+    )
+    report_to: None | str | list[str] = option(
+        None, "Integrations to log to; default: TensorBoard when installed, else none."
     )
 
     def __post_init__(self) -> None:
