@@ -6,6 +6,7 @@ import io
 import pickle
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -25,6 +26,17 @@ from configuration_hierarchical import (  # noqa: E402
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor  # noqa: E402
 
 NUM_FINE = len(CIFAR100_FINE_LABELS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def datasets_cache_in_session_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The datasets library caches what the tests load in the session's temporary folder, not the user's cache
+    (in this process and in the scripts the tests start), so the cache goes when the session's folder does."""
+    cache = tmp_path_factory.mktemp("hf-datasets-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_CACHE", str(cache))
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        yield cache
 
 
 def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
