@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import transformers.dynamic_module_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat project modules, whatever the pytest rootdir
 
@@ -29,14 +30,18 @@ NUM_FINE = len(CIFAR100_FINE_LABELS)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def datasets_cache_in_session_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The datasets library caches what the tests load in the session's temporary folder, not the user's cache
-    (in this process and in the scripts the tests start), so the cache goes when the session's folder does."""
-    cache = tmp_path_factory.mktemp("hf-datasets-cache")
+def caches_in_session_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """What the tests load is cached in the session's temporary folder, not the user's ~/.cache (in this process and
+    in the scripts the tests start): the datasets cache, and the code copies of models loaded with
+    `trust_remote_code`. Both go when the session's folder does."""
+    datasets_cache = tmp_path_factory.mktemp("hf-datasets-cache")
+    modules_cache = str(tmp_path_factory.mktemp("hf-modules-cache"))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_DATASETS_CACHE", str(cache))
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-        yield cache
+        patch.setenv("HF_DATASETS_CACHE", str(datasets_cache))
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", datasets_cache)
+        patch.setenv("HF_MODULES_CACHE", modules_cache)
+        patch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", modules_cache)
+        yield
 
 
 def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
