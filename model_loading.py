@@ -8,6 +8,7 @@ import os
 
 from checkpoints import safetensors_problem
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from data_sources import is_hub_id
 from hierarchy_data import Hierarchy, reinitialize_heads
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from training_args import ModelArguments
@@ -66,7 +67,7 @@ def load_saved_model(
     source = model_args.model_name_or_path
     if os.path.isdir(source):
         check_model_folder(source)
-    elif os.path.sep in source and source.count("/") != 1:
+    elif not is_hub_id(source):
         raise ValueError(f"--model_name_or_path {source!r} is neither a folder nor a Hub id (owner/name)")
     try:
         model, info = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(
