@@ -29,15 +29,9 @@ from training_args import HierarchicalTrainingArguments
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-
-
-LOCK_FILE = ".run.lock"
-
-
 RNG_FILE_RE = re.compile(r"^rng_state(_\d+)?\.pth$")
-
-
 RNG_KEYS = ("python", "numpy", "cpu")
+LOCK_FILE = ".run.lock"
 
 
 def safetensors_problem(path: str, shapes: dict[str, tuple[int, ...]] | None = None) -> str | None:

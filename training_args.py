@@ -8,9 +8,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from transformers import (
-    TrainingArguments,
-)
+from transformers import TrainingArguments
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.utils.import_utils import is_in_notebook
