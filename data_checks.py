@@ -3,7 +3,6 @@ image paths, duplicate images across splits, and the held-out validation split."
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import time
@@ -191,19 +190,6 @@ def check_coarse_labels(
             f"and {column}={coarse_labels[row]}, but that class belongs to superclass {expected[row]} "
             f"({config.coarse_label_names[expected[row]]})"
         )
-
-
-def source_folder(args: DataArguments) -> str | None:
-    """The local folder that a dataset's relative image paths are resolved against; `None` for a Hub dataset."""
-    if args.dataset_name == "imagefolder":
-        return None if args.data_dir is None else os.path.abspath(os.path.expanduser(args.data_dir))
-    path = os.path.expanduser(args.dataset_name)
-    if any(char in path for char in "*?["):
-        matches = [os.path.dirname(os.path.abspath(p)) for p in glob.glob(path, recursive=True)]
-        return os.path.commonpath(matches) if matches else None
-    if os.path.isfile(path):
-        return os.path.dirname(os.path.abspath(path))
-    return os.path.abspath(path) if os.path.isdir(path) else None
 
 
 def _image_structs(dataset: Dataset) -> pyarrow.StructArray:

@@ -55,7 +55,7 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict:
         return load_image_folder(_existing_path(args.data_dir, "data_dir"), args)
     path = os.path.expanduser(args.dataset_name)
     if any(char in path for char in "*?["):  # a glob pattern
-        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        files = _glob_files(path)
         if not files:
             raise FileNotFoundError(f"--dataset_name {args.dataset_name!r}: the pattern matches no file")
         return load_data_files(files, os.path.commonpath([os.path.dirname(p) for p in files]), args)
@@ -66,6 +66,25 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict:
     if HUB_ID.fullmatch(args.dataset_name) is None:
         raise FileNotFoundError(f"--dataset_name {args.dataset_name!r}: no such file or folder")
     return load_hub_dataset(args)
+
+
+def _glob_files(pattern: str) -> list[str]:
+    """The files (not folders) that a `--dataset_name` glob pattern matches, sorted."""
+    return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+
+
+def source_folder(args: DataArguments) -> str | None:
+    """The local folder that a dataset's relative image paths are resolved against (the folder
+    [`load_raw_datasets`] loads from); `None` for a Hub dataset."""
+    if args.dataset_name == "imagefolder":
+        return None if args.data_dir is None else os.path.abspath(os.path.expanduser(args.data_dir))
+    path = os.path.expanduser(args.dataset_name)
+    if any(char in path for char in "*?["):
+        files = _glob_files(path)
+        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]) if files else None
+    if os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path))
+    return os.path.abspath(path) if os.path.isdir(path) else None
 
 
 def is_hub_id(name: str | None) -> bool:

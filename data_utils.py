@@ -22,7 +22,6 @@ from augmentation import (
     PolicyAugment,
     RandomCropWithPadding,
     ToNormalizedFloat,
-    TrainAugment,
     build_eval_transform,
     build_train_transform,
     derive_seed,
@@ -33,11 +32,10 @@ from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_checks import (
     check_duplicate_images,
     resolve_image_paths,
-    source_folder,
     split_train_validation,
     standardise_split,
 )
-from data_sources import LOCAL_DATA_HINT, CifarUnpickler, load_raw_datasets
+from data_sources import CifarUnpickler, load_raw_datasets, source_folder
 from device_preprocess import JITTER_ORDERS
 from hierarchy_data import discover_hierarchy
 from image_decoding import DEFAULT_MAX_IMAGE_PIXELS, decode_image, to_rgb
@@ -202,17 +200,14 @@ def apply_transforms(
 __all__ = [
     "BatchedAugment",
     "CifarUnpickler",
-    "DEFAULT_MAX_IMAGE_PIXELS",
     "DataArguments",
     "EpochCallback",
     "HierarchicalCollator",
     "ImageTransform",
     "JITTER_ORDERS",
-    "LOCAL_DATA_HINT",
     "PolicyAugment",
     "RandomCropWithPadding",
     "ToNormalizedFloat",
-    "TrainAugment",
     "apply_transforms",
     "build_eval_transform",
     "build_train_transform",

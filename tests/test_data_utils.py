@@ -17,6 +17,7 @@ from transformers import HfArgumentParser, TrainerControl, TrainerState, Trainin
 
 from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE, HierarchicalEfficientNetV2Config
 from conftest import NUM_FINE, encode_image, make_image_array, make_parquet_dataset, write_cifar_python
+from data_sources import source_folder
 from data_utils import (
     JITTER_ORDERS,
     BatchedAugment,
@@ -91,6 +92,16 @@ def test_parquet_sources_load_into_standard_columns(tiny_parquet_dir, tmp_path, 
         assert_standard(prepared["train"], [label for label in range(NUM_FINE) for _ in range(2)])
     assert_standard(prepared["test"], list(range(NUM_FINE)))
     assert prepared["test"]["labels"][:3] == [0, 1, 2]  # row order kept
+
+
+def test_relative_image_paths_of_a_glob_resolve_in_the_folder_of_its_files(tmp_path):
+    """A pattern that also matches folders (`data/**` matches `data/` itself) resolves relative image paths in the
+    folder of the files it loads, as `load_raw_datasets` does, not in the folder above."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "train.parquet").write_bytes(b"")
+    assert source_folder(data_args(tmp_path, f"{data}/**")) == str(data)
+    assert source_folder(data_args(tmp_path, f"{data}/*")) == str(data)
 
 
 @pytest.mark.parametrize("source", ["save_to_disk", "arrow_glob"])
