@@ -48,7 +48,7 @@ def standardise_split(
     coarse_column = args.coarse_label_column_name
     if coarse_column in dataset.column_names and not from_image_folder and args.hierarchy_file is None:
         _check_coarse_column(dataset, coarse_column, labels, config, split_name)
-    else:
+    elif coarse_column not in dataset.column_names:
         logger.info(f"Split {split_name!r} has no column {coarse_column!r}: superclasses follow config.fine_to_coarse")
     standard = _standard_image_column(dataset, image_column, split_name)
     coarse_labels = config.fine_to_coarse_tensor().numpy()[labels]

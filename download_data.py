@@ -25,6 +25,7 @@ from torchvision.datasets.utils import check_integrity, download_url
 from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
 
+from data_sources import CIFAR_PYTHON_FILES
 from remote_resources import hub_reachable, imagenet_weights_path, url_reachable
 
 logger = logging.get_logger(__name__)
@@ -129,7 +130,7 @@ def download_cifar100_archive(
         shutil.rmtree(folder / "cifar-100-python")
     safe_extract_tar(archive, folder)
     extracted = folder / "cifar-100-python"
-    missing = [name for name in ("train", "test", "meta") if not (extracted / name).is_file()]
+    missing = [name for name in CIFAR_PYTHON_FILES if not (extracted / name).is_file()]
     if missing:
         raise ValueError(f"{archive}: the archive has no cifar-100-python/{', '.join(missing)}")
     return extracted

@@ -33,6 +33,7 @@ from configuration_hierarchical import (
     CIFAR100_FINE_TO_COARSE,
     HierarchicalEfficientNetV2Config,
 )
+from data_checks import LABEL_NAME_ALIASES
 from hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-CIFAR100_NAME_FIXES = {"cra": "crab"}  # the uoft-cs/cifar100 metadata misspells fine class 26
 HEAD_PREFIXES = ("coarse_classifier.", "fine_classifier.")
 
 
@@ -157,8 +157,8 @@ def column_names(dataset: Dataset, column: str, numbers_as_names: bool = False) 
     values = dataset.select_columns([column]).with_format("numpy")[:][column]
     placeholder = isinstance(feature, ClassLabel) and feature.names == [str(i) for i in range(feature.num_classes)]
     if isinstance(feature, ClassLabel) and not placeholder:  # ClassLabel(num_classes=n) names nothing
-        names = [CIFAR100_NAME_FIXES.get(name, name) if _is_cifar100_fine_list(feature.names) else name
-                 for name in feature.names]  # fmt: skip
+        fixes = LABEL_NAME_ALIASES if _is_cifar100_fine_list(feature.names) else {}
+        names = [fixes.get(name, name) for name in feature.names]
         if values.size and (values.min() < 0 or values.max() >= len(names)):
             bad = int(values[(values < 0) | (values >= len(names))][0])
             raise ValueError(f"column {column!r} holds the id {bad}, not one of its {len(names)} ClassLabel names")
@@ -174,7 +174,7 @@ def column_names(dataset: Dataset, column: str, numbers_as_names: bool = False) 
 
 def _is_cifar100_fine_list(names: list[str]) -> bool:
     """Whether `names` is the CIFAR-100 fine table (with or without the uoft-cs/cifar100 misspelling)."""
-    return [CIFAR100_NAME_FIXES.get(name, name) for name in names] == CIFAR100_FINE_LABELS
+    return [LABEL_NAME_ALIASES.get(name, name) for name in names] == CIFAR100_FINE_LABELS
 
 
 def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | None:
