@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from hierarchy_metrics import (
     negative_log_likelihood,
     selective_scores,
 )
+from option_fields import option
 from prediction_hierarchical import hierarchical_log_probabilities
 from selective_threshold import SelectiveThreshold, choose_selective_threshold
 from temperature_scaling import Array, check_predictions, fit_temperatures
@@ -40,30 +41,23 @@ logger = logging.get_logger(__name__)
 class CalibrationArguments:
     """What happens after evaluation on the validation split: temperature scaling and the selective threshold."""
 
-    calibrate: bool = field(
-        default=True,
-        metadata={
-            "help": "With --do_eval: fit one temperature per head on the validation split and choose the selective "
-            "threshold; both are stored in the saved model's config."
-        },
+    calibrate: bool = option(
+        True,
+        "With --do_eval: fit one temperature per head on the validation split and choose the selective "
+        "threshold; both are stored in the saved model's config.",
     )
-    selective_target_accuracy: float | None = field(
-        default=0.9,
-        metadata={
-            "help": "Accuracy that the selective answers (class, else superclass, else 'unknown') must reach on new "
-            "data; the threshold is chosen for it. 0 (or null in a JSON file) skips choosing a threshold."
-        },
+    selective_target_accuracy: float | None = option(
+        0.9,
+        "Accuracy that the selective answers (class, else superclass, else 'unknown') must reach on new "
+        "data; the threshold is chosen for it. 0 (or null in a JSON file) skips choosing a threshold.",
     )
-    selective_confidence: float = field(
-        default=0.9,
-        metadata={"help": "Probability that the chosen threshold meets the target on new data (1 - delta)."},
+    selective_confidence: float = option(
+        0.9, "Probability that the chosen threshold meets the target on new data (1 - delta)."
     )
-    calibration_split_fraction: float = field(
-        default=1.0,
-        metadata={
-            "help": "Share of the validation split used to fit the temperatures and choose the threshold; the other "
-            "images (drawn with --seed) measure them, reported as eval_heldout_* metrics and in eval_report.md."
-        },
+    calibration_split_fraction: float = option(
+        1.0,
+        "Share of the validation split used to fit the temperatures and choose the threshold; the other "
+        "images (drawn with --seed) measure them, reported as eval_heldout_* metrics and in eval_report.md.",
     )
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 from transformers.utils import logging
 
@@ -44,6 +44,9 @@ from option_fields import check_finite_options, option
 logger = logging.get_logger(__name__)
 
 AUGMENTATION_POLICIES = ("original", "trivialaugment", "randaugment", "autoaugment", "none")
+
+# The option that limits the rows of each split.
+SPLIT_LIMITS = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_predict_samples"}
 
 
 @dataclass
@@ -120,7 +123,7 @@ class DataArguments:
             raise ValueError(f"max_image_pixels must be a positive number of pixels, got {self.max_image_pixels!r}")
         if not 0.0 <= self.train_val_split < 1.0:
             raise ValueError(f"train_val_split must be in [0, 1), got {self.train_val_split!r}")
-        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+        for name in SPLIT_LIMITS.values():
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number of rows (or unset for all), got {value!r}")
@@ -165,8 +168,8 @@ def prepare_datasets(
         raise ValueError(f"the data {args.dataset_name!r} does not fit the model's classes: {problem}")
     if "validation" not in splits and "train" in splits and args.train_val_split > 0:
         splits["train"], splits["validation"] = split_train_validation(splits["train"], args.train_val_split, seed)
-    limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_predict_samples}
-    for split, limit in limits.items():
+    for split, option_name in SPLIT_LIMITS.items():
+        limit = getattr(args, option_name)
         if split in splits and limit is not None and limit < len(splits[split]):
             splits[split] = splits[split].select(range(limit))
     splits = check_duplicate_images(splits, drop=args.drop_duplicate_images)
@@ -190,10 +193,17 @@ def apply_transforms(
             transform = ImageTransform(
                 build_train_transform(config, args), seed=seed, split=split, max_image_pixels=args.max_image_pixels
             )
+            transformed[split] = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(transform)
         else:
-            transform = ImageTransform(split=split, max_image_pixels=args.max_image_pixels)
-        transformed[split] = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(transform)
+            transformed[split] = evaluation_inputs(dataset, split, args)
     return DatasetDict(transformed)
+
+
+def evaluation_inputs(dataset: Dataset, split: str, args: DataArguments) -> Dataset:
+    """`dataset` with its images decoded to 8-bit RGB tensors at their source size (refused above
+    `--max_image_pixels`), as the training script feeds every split but "train" to `HierarchicalTrainer`."""
+    transform = ImageTransform(split=split, max_image_pixels=args.max_image_pixels)
+    return dataset.cast_column("image", ImageFeature(decode=False)).with_transform(transform)
 
 
 # The pipeline's entry points, and the names of its parts that other code imports from here.
@@ -206,12 +216,14 @@ __all__ = [
     "ImageTransform",
     "JITTER_ORDERS",
     "PolicyAugment",
+    "SPLIT_LIMITS",
     "RandomCropWithPadding",
     "ToNormalizedFloat",
     "apply_transforms",
     "build_eval_transform",
     "build_train_transform",
     "decode_image",
+    "evaluation_inputs",
     "derive_seed",
     "load_raw_datasets",
     "prepare_datasets",

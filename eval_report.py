@@ -26,14 +26,13 @@ from typing import Any
 import numpy as np
 import PIL.Image
 from datasets import Dataset
-from datasets import Image as ImageFeature
 from transformers import HfArgumentParser
 from transformers.trainer_utils import PredictionOutput
 from transformers.utils import logging
 
 from calibration import evaluate_calibration
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from data_utils import DataArguments, HierarchicalCollator, ImageTransform, prepare_datasets
+from data_utils import SPLIT_LIMITS, DataArguments, HierarchicalCollator, evaluation_inputs, prepare_datasets
 from hierarchy_metrics import compute_hierarchy_metrics
 from model_loading import load_saved_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
@@ -47,7 +46,6 @@ logger = logging.get_logger(__name__)
 
 REPORT_NAME = "eval_report.md"
 MATPLOTLIB_HINT = "`pip install matplotlib`"
-SPLIT_LIMITS = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_predict_samples"}
 
 
 def write_eval_report(
@@ -178,8 +176,7 @@ def predict_split(
     """`HierarchicalTrainer.predict` over a prepared split, with the evaluation path of the training script: images
     decoded to 8 bits at their source size, resized and normalised on the device. Nothing is written to
     `output_dir`; predictions `(logits, coarse_logits)`, label ids `(labels, coarse_labels)`, in row order."""
-    evaluation_transform = ImageTransform(split=split, max_image_pixels=data_args.max_image_pixels)
-    inputs = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(evaluation_transform)
+    inputs = evaluation_inputs(dataset, split, data_args)
     args = HierarchicalTrainingArguments(
         output_dir=str(output_dir),
         do_predict=True,
@@ -197,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         DataArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("model_dir", help="Saved model folder (save_pretrained / run_classification.py output).")
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test"), help="Split to evaluate.")
+    parser.add_argument("--split", default="test", choices=tuple(SPLIT_LIMITS), help="Split to evaluate.")
     parser.add_argument("--output_dir", default=None, help="Where the report goes (default: MODEL_DIR).")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per inference batch.")
     parser.add_argument("--max_samples", type=int, default=None, help="Evaluate only the first N rows of the split.")

@@ -18,6 +18,8 @@ from transformers import PretrainedConfig, TrainingArguments
 
 from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE
 from data_sources import is_hub_dataset
+from report_figures import FIGURE_NAMES
+from report_markdown import FIGURE_TITLES
 from run_summary import OPTIONS_FILE
 
 METRICS = {  # key in all_results.json -> (model-index metric type, readable name; {fine}/{coarse}: head sizes)
@@ -29,7 +31,7 @@ METRICS = {  # key in all_results.json -> (model-index metric type, readable nam
     "both_correct": ("accuracy", "Class and superclass both correct"),
     "mistake_severity": ("mistake_severity", "Mean tree distance of wrong class predictions"),
 }
-SPLITS = {"eval": ("validation", "validation"), "test": ("test", "test")}  # results prefix -> (split, column)
+SPLITS = {"eval": "validation", "test": "test"}  # results prefix -> split
 MAX_SUPERCLASS_TEXT = 2000  # characters of the superclass list in the card's introduction
 
 
@@ -78,7 +80,7 @@ def eval_results(results: dict[str, float], dataset_name: str | None, config: Pr
     title = data_title(config, dataset_name)
     local_type = "cifar100-local" if title == "CIFAR-100" else re.sub(r"[^\w.-]+", "-", title).strip("-") or "local"
     entries = []
-    for prefix, (split, _) in SPLITS.items():
+    for prefix, split in SPLITS.items():
         for key, (metric_type, metric_name) in METRICS.items():
             if f"{prefix}_{key}" in results:
                 entries.append(
@@ -217,13 +219,11 @@ def _results_section(results: dict[str, float], output_dir: str) -> str:
     for key in METRICS:
         values = [f"{results[f'{p}_{key}']:.4f}" if f"{p}_{key}" in results else "-" for p in SPLITS]
         rows.append((key, *values))
-    figure = "superclass_accuracy.png"
-    figure_line = (
-        f"\n![Accuracy per superclass]({figure})\n" if os.path.isfile(os.path.join(output_dir, figure)) else ""
-    )
+    figure, title = FIGURE_NAMES["superclass_accuracy"], FIGURE_TITLES["superclass_accuracy"]
+    figure_line = f"\n![{title}]({figure})\n" if os.path.isfile(os.path.join(output_dir, figure)) else ""
     return f"""## Results
 
-{_table(("metric", "validation", "test"), rows)}
+{_table(("metric", *SPLITS.values()), rows)}
 
 `coarse_from_fine_accuracy`: the fine prediction mapped to its superclass; `consistency`: share of images whose
 fine prediction lies in the predicted superclass; `mistake_severity`: mean tree distance of wrong fine predictions

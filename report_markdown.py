@@ -75,7 +75,7 @@ def figures_section(figures: dict[str, str], note: str) -> list[str]:
         lines.append(note)
     lines += [f"- [{FIGURE_TITLES[key]}]({name})" for key, name in figures.items()]
     if "superclass_accuracy" in figures:
-        lines += ["", f"![Accuracy per superclass]({figures['superclass_accuracy']})"]
+        lines += ["", f"![{FIGURE_TITLES['superclass_accuracy']}]({figures['superclass_accuracy']})"]
     return lines
 
 
