@@ -17,13 +17,14 @@ import difflib
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from functools import partial
 
 import datasets
 import transformers
 from datasets import Dataset, DatasetDict
 from torch import nn
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 
 from calibration import calibrate_and_select, evaluate_calibration, subset_prediction
 from callbacks import EMACallback, TimeBudgetCallback
@@ -110,9 +111,9 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
-def main(argv: list[str] | None = None, trainer_class: type[HierarchicalTrainer] | None = None) -> dict[str, float]:
-    """Parse options, hold the output folder, then [`run`]; return all metrics. `trainer_class` (a subclass of
-    `HierarchicalTrainer`, for instance one that adds callbacks) replaces the trainer."""
+def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
+    """Parse options, hold the output folder, then [`run`]; return all metrics. `callbacks` are added to the
+    Trainer's, after the script's own."""
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
     image_size = model_args.image_size or HierarchicalEfficientNetV2Config().image_size
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None, trainer_class: type[HierarchicalTrainer]
         revision=model_args.model_revision,
     )
     with output_dir_lock(training_args.output_dir) if training_args.should_save else contextlib.nullcontext():
-        return run(model_args, data_args, training_args, trainer_class)
+        return run(model_args, data_args, training_args, callbacks)
 
 
 def check_run_options(model_args: ModelArguments, training_args: HierarchicalTrainingArguments) -> None:
@@ -175,22 +176,22 @@ def load_data_and_model(
 
 
 def build_trainer(
-    trainer_class: type[HierarchicalTrainer],
     model: nn.Module,
     config: HierarchicalEfficientNetV2Config,
     splits: DatasetDict,
     data_args: DataArguments,
     training_args: HierarchicalTrainingArguments,
     checkpoint: str | None,
+    extra_callbacks: Sequence[TrainerCallback] = (),
 ) -> HierarchicalTrainer:
-    """The trainer with its callbacks (epoch for the augmentation seeds, weight average, time budget) and the
-    collator (MixUp/CutMix on both heads' targets)."""
+    """The trainer with its callbacks (epoch for the augmentation seeds, weight average, time budget, then
+    `extra_callbacks`) and the collator (MixUp/CutMix on both heads' targets)."""
     callbacks = [EpochCallback(splits["train"])] if "train" in splits else []
     if training_args.do_train and training_args.ema_decay > 0:
         callbacks.append(EMACallback(training_args.ema_decay, resume_from=checkpoint))
     if training_args.max_train_minutes is not None:
         callbacks.append(TimeBudgetCallback(training_args.max_train_minutes))
-    trainer = trainer_class(
+    trainer = HierarchicalTrainer(
         model=model,
         args=training_args,
         train_dataset=splits.get("train") if training_args.do_train else None,
@@ -205,7 +206,7 @@ def build_trainer(
         ),
         processing_class=build_image_processor(config),
         compute_metrics=partial(compute_metrics, fine_to_coarse=config.fine_to_coarse),
-        callbacks=callbacks,
+        callbacks=[*callbacks, *extra_callbacks],
     )
     trainer.dataset_name = data_args.dataset_name
     return trainer
@@ -271,7 +272,7 @@ def run(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: HierarchicalTrainingArguments,
-    trainer_class: type[HierarchicalTrainer] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, float]:
     """Load data and model, train, evaluate, predict, save; return all metrics."""
     if training_args.keep_freed_memory and keep_freed_memory():
@@ -285,8 +286,7 @@ def run(
     logger.info(
         run_summary(model, model_args.model_name_or_path, data_args.dataset_name, sizes, training_args, checkpoint)
     )
-    trainer_class = trainer_class or HierarchicalTrainer
-    trainer = build_trainer(trainer_class, model, config, splits, data_args, training_args, checkpoint)
+    trainer = build_trainer(model, config, splits, data_args, training_args, checkpoint, callbacks)
 
     metrics: dict[str, float] = {}
     if training_args.do_train:

@@ -69,20 +69,10 @@ class SyncCheckError(RuntimeError):
     """A training step synchronised the host with the device."""
 
 
-def trainer_with(*extra_callbacks: TrainerCallback) -> type[run_classification.HierarchicalTrainer]:
-    """A `HierarchicalTrainer` that runs `extra_callbacks` after the script's own."""
-
-    class TrainerWithCallbacks(run_classification.HierarchicalTrainer):
-        def __init__(self, *args, callbacks=None, **kwargs):
-            super().__init__(*args, callbacks=[*(callbacks or []), *extra_callbacks], **kwargs)
-
-    return TrainerWithCallbacks
-
-
 def train_with(argv: list[str], *callbacks: TrainerCallback) -> dict[str, float]:
     """`run_classification.main(argv)` with `callbacks` added to the Trainer's; its metrics. `ValueError` when the
     run ends with a non-finite training loss."""
-    metrics = run_classification.main(argv, trainer_class=trainer_with(*callbacks))
+    metrics = run_classification.main(argv, callbacks)
     if not math.isfinite(metrics["train_loss"]):
         raise ValueError(f"the Trainer run ended with train_loss {metrics['train_loss']}")
     return metrics

@@ -268,10 +268,6 @@ def test_trainer_keeps_non_finite_losses_out_of_the_logs_on_the_device(tiny_parq
         def on_evaluate(self, args, state, control, **kwargs):
             seen.append(("evaluate", args.logging_nan_inf_filter))
 
-    class RecordingTrainer(run_classification.HierarchicalTrainer):
-        def __init__(self, *args, callbacks=None, **kwargs):
-            super().__init__(*args, callbacks=[*(callbacks or []), Record()], **kwargs)
-
     training_step, save = Trainer.training_step, Trainer._save
 
     def nan_at_step_three(self, model, inputs, num_items_in_batch=None):
@@ -287,7 +283,7 @@ def test_trainer_keeps_non_finite_losses_out_of_the_logs_on_the_device(tiny_parq
     output_dir = tmp_path / "out"
     extra = ["--do_train", "--do_eval", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps"]
     extra += ["--logging_nan_inf_filter", "true"]  # off by default: a non-finite loss then stops the run
-    run_classification.main(tiny_args(tiny_parquet_dir, output_dir, *extra, "--save_steps", "2"), RecordingTrainer)
+    run_classification.main(tiny_args(tiny_parquet_dir, output_dir, *extra, "--save_steps", "2"), [Record()])
 
     losses = [
         entry["loss"]
