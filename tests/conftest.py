@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny datasets in the `uoft-cs/cifar100` schema and in the original cifar-100-python format."""
+"""Shared test parts: tiny datasets in the `uoft-cs/cifar100` schema and in the original cifar-100-python format, a
+small model (`small_config`, `model`, `saved_model_dir`), options for short runs (`tiny_args`, `data_args`), a script
+runner (`run_script`), and the session's caches kept in its temporary folder."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from configuration_hierarchical import (  # noqa: E402
     CIFAR100_FINE_TO_COARSE,
     HierarchicalEfficientNetV2Config,
 )
+from data_utils import DataArguments  # noqa: E402
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor  # noqa: E402
 
 NUM_FINE = len(CIFAR100_FINE_LABELS)
@@ -47,6 +50,11 @@ def caches_in_session_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
     """A 32 px config with random backbone weights (no download)."""
     return HierarchicalEfficientNetV2Config(**{"backbone_weights": None, "image_size": 32, **kwargs})
+
+
+def data_args(tmp_path: Path, dataset_name: str | Path, **kwargs) -> DataArguments:
+    """DataArguments whose datasets cache lives in the test's temporary folder."""
+    return DataArguments(dataset_name=str(dataset_name), cache_dir=str(tmp_path / "hf_cache"), **kwargs)
 
 
 @pytest.fixture(scope="module")

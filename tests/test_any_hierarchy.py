@@ -26,8 +26,10 @@ from hierarchy_data import (
 )
 from hierarchy_files import read_hierarchy_file
 from hierarchy_metrics import compute_hierarchy_metrics
+from model_loading import load_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
-from run_classification import ModelArguments, load_model, main
+from run_classification import main
+from training_args import ModelArguments
 
 # Unbalanced superclasses (3, 1 and 7 classes) with spaces, unicode and a class named like a split.
 TREE = {
@@ -91,7 +93,7 @@ def test_folder_tree_gives_the_hierarchy_and_both_labels(tmp_path, splits):
     hierarchy, args = discover(tmp_path, root)
     assert hierarchy.fine_names == tuple(FINE) and hierarchy.coarse_names == tuple(COARSE)
     assert Counter(hierarchy.fine_to_coarse) == Counter({COARSE.index(c): len(f) for c, f in TREE.items()})
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32, **hierarchy.config_kwargs())
+    config = small_config(**hierarchy.config_kwargs())
     prepared = prepare_datasets(args, config, seed=0)
     assert sorted(prepared) == sorted(splits or ("train",))
     assert all(len(split) == 2 * len(FINE) for split in prepared.values())
@@ -138,7 +140,7 @@ def test_class_label_columns_give_the_hierarchy_in_their_order(tmp_path):
     write_parquet(tmp_path / "data" / "train.parquet", fine, coarse, features)
     hierarchy, args = discover(tmp_path, tmp_path / "data")
     assert hierarchy.fine_names == tuple(fine_names) and hierarchy.coarse_names == tuple(coarse_names)
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32, **hierarchy.config_kwargs())
+    config = small_config(**hierarchy.config_kwargs())
     prepared = prepare_datasets(args, config, seed=0)
     assert_rows_follow_names(prepared, config)
     assert Counter(prepared["train"]["labels"]) == Counter(fine)
@@ -150,7 +152,7 @@ def test_string_columns_across_splits_give_the_hierarchy(tmp_path):
     write_parquet(tmp_path / "data" / "test.parquet", FINE[:3], [PARENT[n] for n in FINE[:3]], seed=2)
     hierarchy, args = discover(tmp_path, tmp_path / "data")
     assert hierarchy.fine_names == tuple(FINE) and dict(hierarchy.parents) == PARENT
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32, **hierarchy.config_kwargs())
+    config = small_config(**hierarchy.config_kwargs())
     assert_rows_follow_names(prepare_datasets(args, config, seed=0), config)
 
 
@@ -170,7 +172,7 @@ def test_integer_labels_with_a_hierarchy_file(tmp_path, form):
     assert read_hierarchy_file(str(file)) == mapping or form == "json_grouped"
     hierarchy, args = discover(tmp_path, tmp_path / "data", hierarchy_file=str(file))
     assert dict(hierarchy.parents) == mapping
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32, **hierarchy.config_kwargs())
+    config = small_config(**hierarchy.config_kwargs())
     columns = prepare_datasets(args, config, seed=0)["train"].with_format("numpy")[:]
     names = [config.id2label[int(i)] for i in columns["labels"]]
     assert names == [str(i) for i in ids]
@@ -211,9 +213,7 @@ def test_cifar100_data_keeps_the_cifar100_config(tiny_parquet_dir, tmp_path):
 @pytest.fixture(scope="module")
 def cifar_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("cifar_model")
-    HierarchicalEfficientNetV2ForImageClassification(
-        HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
-    ).save_pretrained(folder)
+    HierarchicalEfficientNetV2ForImageClassification(small_config()).save_pretrained(folder)
     return folder
 
 
@@ -242,7 +242,7 @@ def test_model_of_another_hierarchy_is_refused_or_gets_new_heads(cifar_model_dir
 
 def test_collator_mixes_soft_targets_of_any_hierarchy():
     hierarchy = Hierarchy.from_pairs(list(PARENT.items()))
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32, **hierarchy.config_kwargs())
+    config = small_config(**hierarchy.config_kwargs())
     examples = [
         {"pixel_values": torch.randn(3, 32, 32), "labels": i % 11, "coarse_labels": config.fine_to_coarse[i % 11],
          "index": i, "epoch": 0}
@@ -282,7 +282,7 @@ def test_metrics_and_report_with_few_classes_and_many_superclasses(tmp_path):
 def test_class_weights_weigh_both_losses_and_are_saved(tmp_path):
     assert balanced_class_weights(np.array([0, 0, 0, 1]), 3) == pytest.approx([4 / 6, 2.0, 1.0])
     hierarchy = Hierarchy.from_pairs(list(PARENT.items()))
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32, **hierarchy.config_kwargs())
+    config = small_config(**hierarchy.config_kwargs())
     model = HierarchicalEfficientNetV2ForImageClassification(config).eval()
     fine_weights, coarse_weights = [float(i + 1) for i in range(11)], [0.5, 1.0, 3.0]
     set_class_weights(model, fine_weights, coarse_weights)
@@ -327,4 +327,4 @@ def test_data_whose_superclasses_differ_from_the_model_is_refused(tmp_path):
     file.write_text(json.dumps({"apple": "trees", "bear": "large_carnivores"}), encoding="utf-8")
     args = DataArguments(dataset_name=str(tmp_path / "data"), hierarchy_file=str(file), train_val_split=0.0)
     with pytest.raises(ValueError, match=r"1 classes belong to another superclass: 'apple' under 'trees' in the data"):
-        prepare_datasets(args, HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32), seed=0)
+        prepare_datasets(args, small_config(), seed=0)

@@ -10,8 +10,7 @@ import sys
 import pytest
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from conftest import PROJECT_DIR, make_parquet_dataset, tiny_args
+from conftest import HANG_TIMEOUT_S, PROJECT_DIR, make_parquet_dataset, small_config, tiny_args
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
 from run_classification import main, parse_args
 
@@ -20,7 +19,7 @@ from run_classification import main, parse_args
 def saved_model(tmp_path_factory):
     """A freshly initialised 32 px model saved as a model folder (weights, config, image processor)."""
     folder = tmp_path_factory.mktemp("saved") / "model"
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
+    config = small_config()
     HierarchicalEfficientNetV2ForImageClassification(config).save_pretrained(folder)
     build_image_processor(config).save_pretrained(folder)
     return folder
@@ -93,7 +92,7 @@ def test_log_opens_with_a_summary_and_the_options_go_to_a_file(tiny_parquet_dir,
     command = [sys.executable, str(PROJECT_DIR / "run_classification.py"), *argv, "--lr_conv", "0.0002"]
     command += ["--max_train_samples", "32"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-3000:]
 

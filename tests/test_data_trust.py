@@ -23,9 +23,16 @@ from configuration_hierarchical import (
     CIFAR100_COARSE_LABELS,
     CIFAR100_FINE_LABELS,
     CIFAR100_FINE_TO_COARSE,
-    HierarchicalEfficientNetV2Config,
 )
-from conftest import NUM_FINE, encode_image, make_image_array, make_parquet_dataset, write_cifar_python
+from conftest import (
+    NUM_FINE,
+    data_args,
+    encode_image,
+    make_image_array,
+    make_parquet_dataset,
+    small_config,
+    write_cifar_python,
+)
 from data_utils import (
     DataArguments,
     apply_transforms,
@@ -41,15 +48,6 @@ except ImportError:  # numpy 1.x
 
 
 IMAGE_STRUCT = [("bytes", pyarrow.binary()), ("path", pyarrow.string())]
-
-
-def make_config() -> HierarchicalEfficientNetV2Config:
-    return HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
-
-
-def data_args(tmp_path: Path, dataset_name: str | Path, **kwargs) -> DataArguments:
-    """DataArguments whose datasets cache lives in the test's temporary folder."""
-    return DataArguments(dataset_name=str(dataset_name), cache_dir=str(tmp_path / "hf_cache"), **kwargs)
 
 
 def column(split: datasets.Dataset, name: str) -> np.ndarray:
@@ -104,7 +102,7 @@ def test_permuted_class_label_names_are_mapped_by_name(tmp_path, source):
     if source == "save_to_disk":
         name = tmp_path / "saved"
         datasets.DatasetDict({"train": datasets.Dataset.from_parquet(str(file))}).save_to_disk(str(name))
-    train = prepare_datasets(data_args(tmp_path, name, train_val_split=0.0), make_config(), seed=0)["train"]
+    train = prepare_datasets(data_args(tmp_path, name, train_val_split=0.0), small_config(), seed=0)["train"]
     np.testing.assert_array_equal(column(train, "labels"), np.arange(NUM_FINE))  # class i of the model is row i
     np.testing.assert_array_equal(column(train, "coarse_labels"), CIFAR100_FINE_TO_COARSE)
 
@@ -120,7 +118,7 @@ def test_cifar_python_meta_names_are_mapped_by_name(tmp_path):
         content = pickle.loads((folder / split).read_bytes())
         content[b"fine_labels"] = [file_id[label] for label in content[b"fine_labels"]]
         (folder / split).write_bytes(pickle.dumps(content, protocol=4))
-    train = prepare_datasets(data_args(tmp_path, folder, train_val_split=0.0), make_config(), seed=0)["train"]
+    train = prepare_datasets(data_args(tmp_path, folder, train_val_split=0.0), small_config(), seed=0)["train"]
     np.testing.assert_array_equal(column(train, "labels"), np.arange(NUM_FINE))
 
 
@@ -132,7 +130,7 @@ def test_unknown_class_label_name_is_refused(tmp_path, column, index, unknown):
     names[column][index] = unknown
     write_named_parquet(tmp_path / "data", names["fine_label"], names["coarse_label"], names["fine_label"])
     with pytest.raises(ValueError, match=rf"1 class names in '{column}' .* \['{unknown}'\]"):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data"), make_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, tmp_path / "data"), small_config(), seed=0)
 
 
 def test_coarse_ids_are_checked_by_name(tmp_path):
@@ -153,14 +151,14 @@ def test_coarse_ids_are_checked_by_name(tmp_path):
     (tmp_path / "data").mkdir()
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / "train.parquet"))
     with pytest.raises(ValueError, match=r"100 of 100 rows .* disagrees with config.fine_to_coarse"):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data"), make_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, tmp_path / "data"), small_config(), seed=0)
 
 
 def test_hub_misspelling_cra_is_read_as_crab(tmp_path):
     fine_names = list(CIFAR100_FINE_LABELS)
     fine_names[26] = "cra"  # as in the uoft-cs/cifar100 metadata
     write_named_parquet(tmp_path / "data", fine_names, CIFAR100_COARSE_LABELS, fine_names)
-    train = prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.0), make_config(), seed=0)[
+    train = prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.0), small_config(), seed=0)[
         "train"
     ]
     np.testing.assert_array_equal(column(train, "labels"), np.arange(NUM_FINE))
@@ -173,7 +171,7 @@ def test_placeholder_class_label_names_keep_integer_meaning(tmp_path):
     rows = {"img": [{"bytes": content, "path": None} for content in png_images(NUM_FINE)], "fine_label": labels}
     (tmp_path / "data").mkdir()
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / "train.parquet"))
-    train = prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.0), make_config(), seed=0)[
+    train = prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.0), small_config(), seed=0)[
         "train"
     ]
     np.testing.assert_array_equal(column(train, "labels"), labels)
@@ -215,14 +213,14 @@ def test_images_shared_by_train_and_test_are_refused(tmp_path):
     _leaky_dataset(tmp_path / "data")
     message = r"2 of 100 test images are exact copies .* test row index=5 equals train row index=7.*--drop_duplicate"
     with pytest.raises(ValueError, match=message):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.0), make_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.0), small_config(), seed=0)
 
 
 def test_drop_duplicate_images_drops_them_from_evaluation(tmp_path, caplog):
     _leaky_dataset(tmp_path / "data")
     args = data_args(tmp_path, tmp_path / "data", train_val_split=0.0, drop_duplicate_images=True)
     with caplog.at_level(logging.INFO, logger="data_utils"):
-        prepared = prepare_datasets(args, make_config(), seed=0)
+        prepared = prepare_datasets(args, small_config(), seed=0)
     assert len(prepared["train"]) == NUM_FINE
     assert column(prepared["test"], "index").tolist() == [i for i in range(NUM_FINE) if i not in (5, 60)]
     assert "Dropped 2 of 100 test images" in caplog.text and "Duplicate-image check: 200 images hashed" in caplog.text
@@ -234,7 +232,7 @@ def test_duplicates_carved_into_validation_are_found(tmp_path):
         images[2 * label + 1] = images[2 * label]
     make_parquet_dataset(tmp_path / "data", rows_per_class=2, image_bytes=dict(enumerate(images)))
     with pytest.raises(ValueError, match="10 of 100 validation images are exact copies"):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.5), make_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.5), small_config(), seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,7 +324,7 @@ def test_huge_image_is_refused_from_its_header():
 
 def test_max_image_pixels_reaches_the_transforms(tiny_parquet_dir, tmp_path):
     args = data_args(tmp_path, tiny_parquet_dir, train_val_split=0.0, max_image_pixels=32 * 32 - 1)
-    config = make_config()
+    config = small_config()
     transformed = apply_transforms(prepare_datasets(args, config, seed=0), config, args, seed=0)
     for split in ("train", "test"):
         with pytest.raises(ValueError, match=rf"row index=0 of split '{split}' is 32x32 = 1,024 pixels.*1,023"):
@@ -374,7 +372,7 @@ def test_relative_image_paths_resolve_against_the_dataset_folder(tmp_path, monke
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     args = data_args(tmp_path, tmp_path / "data", train_val_split=0.0)
-    config = make_config()
+    config = small_config()
     transformed = apply_transforms(prepare_datasets(args, config, seed=0), config, args, seed=0)
     assert transformed["train"][2]["pixel_values"].shape == (3, 32, 32)
 
@@ -393,7 +391,7 @@ def test_image_paths_that_are_not_regular_files_are_refused(tmp_path, kind):
         bad.mkdir()
     _write_path_rows(tmp_path / "data", [str(good), str(bad)])
     with pytest.raises(ValueError, match=r"row index=1 of split 'train' is the path .*bad.png"):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.0), make_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.0), small_config(), seed=0)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
@@ -450,7 +448,7 @@ def test_parquet_without_datasets_metadata_loads(tmp_path, writer):
         pyarrow.parquet.write_table(pyarrow.table({"img": img, "fine_label": labels, "coarse_label": coarse}), file)
     assert b"huggingface" not in (pyarrow.parquet.read_schema(file).metadata or {})
     args = data_args(tmp_path, tmp_path / "data", train_val_split=0.0)
-    config = make_config()
+    config = small_config()
     prepared = prepare_datasets(args, config, seed=0)
     np.testing.assert_array_equal(column(prepared["train"], "labels"), labels)
     transformed = apply_transforms(prepared, config, args, seed=0)
@@ -475,7 +473,7 @@ def _image_folder(root: Path, class_names: list[str], per_class: int = 2, seed: 
 @pytest.mark.parametrize("class_names", [["apple", "train", "crab"], ["train"]])
 def test_image_folder_class_named_train_is_a_class(tmp_path, class_names):
     root = _image_folder(tmp_path / "images", class_names)
-    prepared = prepare_datasets(data_args(tmp_path, root, train_val_split=0.0), make_config(), seed=0)
+    prepared = prepare_datasets(data_args(tmp_path, root, train_val_split=0.0), small_config(), seed=0)
     assert list(prepared) == ["train"]
     expected = sorted(CIFAR100_FINE_LABELS.index(name) for name in class_names for _ in range(2))
     assert sorted(column(prepared["train"], "labels").tolist()) == expected
@@ -484,7 +482,7 @@ def test_image_folder_class_named_train_is_a_class(tmp_path, class_names):
 def test_image_folder_split_folders_hold_classes_named_like_splits(tmp_path):
     _image_folder(tmp_path / "images" / "train", ["train", "apple"])
     _image_folder(tmp_path / "images" / "test", ["train", "apple"], per_class=1, seed=1)
-    prepared = prepare_datasets(data_args(tmp_path, tmp_path / "images", train_val_split=0.0), make_config(), seed=0)
+    prepared = prepare_datasets(data_args(tmp_path, tmp_path / "images", train_val_split=0.0), small_config(), seed=0)
     assert {split: len(dataset) for split, dataset in prepared.items()} == {"train": 4, "test": 2}
     train_class = CIFAR100_FINE_LABELS.index("train")
     assert sorted(column(prepared["test"], "labels").tolist()) == sorted([train_class, 0])

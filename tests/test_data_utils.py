@@ -16,7 +16,15 @@ import torch
 from transformers import HfArgumentParser, TrainerControl, TrainerState, TrainingArguments, ViTImageProcessor
 
 from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE, HierarchicalEfficientNetV2Config
-from conftest import NUM_FINE, encode_image, make_image_array, make_parquet_dataset, write_cifar_python
+from conftest import (
+    NUM_FINE,
+    data_args,
+    encode_image,
+    make_image_array,
+    make_parquet_dataset,
+    small_config,
+    write_cifar_python,
+)
 from data_sources import source_folder
 from data_utils import (
     JITTER_ORDERS,
@@ -37,15 +45,6 @@ from data_utils import (
 from device_preprocess import DevicePreprocessor
 
 STANDARD_COLUMNS = ["image", "labels", "coarse_labels", "index"]
-
-
-def make_config(image_size: int = 32) -> HierarchicalEfficientNetV2Config:
-    return HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=image_size)
-
-
-def data_args(tmp_path: Path, dataset_name: str | Path, **kwargs) -> DataArguments:
-    """DataArguments whose datasets cache lives in the test's temporary folder."""
-    return DataArguments(dataset_name=str(dataset_name), cache_dir=str(tmp_path / "hf_cache"), **kwargs)
 
 
 def make_image_folder(root: Path, class_names: list[str], per_class: int = 2) -> Path:
@@ -84,7 +83,7 @@ def test_parquet_sources_load_into_standard_columns(tiny_parquet_dir, tmp_path, 
         "glob": f"{tiny_parquet_dir}/*.parquet",
         "single_file": tiny_parquet_dir / "test-00000-of-00001.parquet",
     }[source]
-    prepared = prepare_datasets(data_args(tmp_path, name, train_val_split=0.0), make_config(), seed=0)
+    prepared = prepare_datasets(data_args(tmp_path, name, train_val_split=0.0), small_config(), seed=0)
     if source == "single_file":
         assert list(prepared) == ["test"]
     else:
@@ -112,7 +111,7 @@ def test_arrow_sources_load_into_standard_columns(tiny_parquet_dir, tmp_path, so
         str(saved)
     )
     name = saved if source == "save_to_disk" else f"{saved}/*/*.arrow"
-    prepared = prepare_datasets(data_args(tmp_path, name, train_val_split=0.0), make_config(), seed=0)
+    prepared = prepare_datasets(data_args(tmp_path, name, train_val_split=0.0), small_config(), seed=0)
     assert list(prepared) == ["train", "test"]
     assert_standard(prepared["train"], [label for label in range(NUM_FINE) for _ in range(2)])
     assert_standard(prepared["test"], list(range(NUM_FINE)))
@@ -141,7 +140,7 @@ def test_image_folder_maps_class_names_onto_the_config(tmp_path, by_option):
         if by_option
         else data_args(tmp_path, root, train_val_split=0.0)
     )
-    prepared = prepare_datasets(args, make_config(), seed=0)
+    prepared = prepare_datasets(args, small_config(), seed=0)
     expected = [CIFAR100_FINE_LABELS.index(name) for name in names for _ in range(2)]
     assert_standard(prepared["train"], expected)
     assert_standard(prepared["test"], expected)
@@ -150,13 +149,13 @@ def test_image_folder_maps_class_names_onto_the_config(tmp_path, by_option):
 def test_image_folder_with_unknown_class_names_is_refused(tmp_path):
     root = make_image_folder(tmp_path / "images", ["apple", "dragon", "unicorn"], per_class=1)
     with pytest.raises(ValueError, match=r"2 class names .* \['dragon', 'unicorn'\]"):
-        prepare_datasets(data_args(tmp_path, root), make_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, root), small_config(), seed=0)
 
 
 @pytest.mark.parametrize("name", ["cifar-100-python", "parent"])
 def test_cifar_python_folder_loads_into_standard_columns(tiny_cifar_python_dir, tmp_path, name):
     folder = tiny_cifar_python_dir if name == "cifar-100-python" else tiny_cifar_python_dir.parent
-    prepared = prepare_datasets(data_args(tmp_path, folder, train_val_split=0.0), make_config(), seed=0)
+    prepared = prepare_datasets(data_args(tmp_path, folder, train_val_split=0.0), small_config(), seed=0)
     assert list(prepared) == ["train", "test"]
     assert_standard(prepared["train"], list(range(NUM_FINE)))
     assert_standard(prepared["test"], list(range(0, NUM_FINE, 2)))
@@ -231,7 +230,7 @@ def test_missing_column_lists_the_existing_ones(tmp_path):
     make_parquet_dataset(tmp_path / "data", rename={"img": "picture"})
     existing = r"\['picture', 'fine_label', 'coarse_label'\]"
     with pytest.raises(ValueError, match=rf"no column \['img'\].*{existing}.*--image_column_name"):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data"), make_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, tmp_path / "data"), small_config(), seed=0)
 
 
 def test_renamed_columns_work_through_the_options(tmp_path):
@@ -244,12 +243,12 @@ def test_renamed_columns_work_through_the_options(tmp_path):
         coarse_label_column_name="super",
         train_val_split=0.0,
     )
-    assert_standard(prepare_datasets(args, make_config(), seed=0)["train"], list(range(NUM_FINE)))
+    assert_standard(prepare_datasets(args, small_config(), seed=0)["train"], list(range(NUM_FINE)))
 
 
 def test_missing_coarse_column_is_derived_from_the_config(tmp_path):
     make_parquet_dataset(tmp_path / "data", drop_columns=("coarse_label",))
-    prepared = prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.0), make_config(), seed=0)
+    prepared = prepare_datasets(data_args(tmp_path, tmp_path / "data", train_val_split=0.0), small_config(), seed=0)
     assert_standard(prepared["train"], list(range(NUM_FINE)))
 
 
@@ -259,7 +258,7 @@ def test_labels_out_of_range_name_the_count_and_a_row(tmp_path):
     make_parquet_dataset(tmp_path / "data", fine_labels=labels, coarse_labels=[0] * NUM_FINE)
     message = r"3 of 100 rows .* 'fine_label' outside \[0, 100\); first: row 7 has fine_label=100"
     with pytest.raises(ValueError, match=message):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data"), make_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, tmp_path / "data"), small_config(), seed=0)
 
 
 def test_coarse_labels_disagreeing_with_the_config_are_counted(tmp_path):
@@ -268,21 +267,21 @@ def test_coarse_labels_disagreeing_with_the_config_are_counted(tmp_path):
     coarse[90] = (coarse[90] + 1) % 20
     make_parquet_dataset(tmp_path / "data", fine_labels=list(range(NUM_FINE)), coarse_labels=coarse)
     with pytest.raises(ValueError, match=r"2 of 100 rows .* disagrees with config.fine_to_coarse; first: row 3 .*bear"):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data"), make_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, tmp_path / "data"), small_config(), seed=0)
 
 
 def test_empty_split_is_refused(tmp_path):
     make_parquet_dataset(tmp_path / "data", split="train")
     make_parquet_dataset(tmp_path / "data", split="test", rows_per_class=0)
     with pytest.raises(ValueError, match="split 'test' .* is empty"):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data"), make_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, tmp_path / "data"), small_config(), seed=0)
 
 
 def test_validation_split_is_reproducible_and_disjoint(tiny_parquet_dir, tmp_path):
     args = data_args(tmp_path, tiny_parquet_dir, train_val_split=0.25)
 
     def split_indices(seed):
-        prepared = prepare_datasets(args, make_config(), seed=seed)
+        prepared = prepare_datasets(args, small_config(), seed=seed)
         return prepared["train"]["index"][:], prepared["validation"]["index"][:]
 
     train, validation = split_indices(seed=3)
@@ -294,7 +293,7 @@ def test_validation_split_is_reproducible_and_disjoint(tiny_parquet_dir, tmp_pat
 
 def test_max_samples_limit_each_split(tiny_parquet_dir, tmp_path):
     args = data_args(tmp_path, tiny_parquet_dir, max_train_samples=10, max_eval_samples=5, max_predict_samples=7)
-    prepared = prepare_datasets(args, make_config(), seed=0)
+    prepared = prepare_datasets(args, small_config(), seed=0)
     assert {split: len(dataset) for split, dataset in prepared.items()} == {"train": 10, "validation": 5, "test": 7}
 
 
@@ -335,7 +334,7 @@ def test_data_arguments_parse_next_to_training_arguments(tmp_path):
 @pytest.mark.parametrize("image_size", [32, 64])
 @pytest.mark.parametrize("policy", ["original", "trivialaugment", "randaugment", "autoaugment", "none", "eval"])
 def test_transform_output_shape_and_dtype(image_size, policy):
-    config = make_config(image_size)
+    config = small_config(image_size=image_size)
     if policy == "eval":
         transform = build_eval_transform(config)
     else:
@@ -358,7 +357,7 @@ def test_transforms_accept_any_mode_and_size(mode):
         image.info["transparency"] = 0
     elif mode not in ("large", "non-square"):
         image = image.convert(mode)
-    config = make_config(64)
+    config = small_config(image_size=64)
     for transform in (build_eval_transform(config), build_train_transform(config, DataArguments())):
         output = transform(image)
         assert output.shape == (3, 64, 64) and output.dtype == torch.float32
@@ -366,14 +365,14 @@ def test_transforms_accept_any_mode_and_size(mode):
 
 def test_sixteen_bit_images_are_scaled_to_eight_bits():
     grey = np.full((32, 32), 40000, dtype=np.uint16)
-    output = build_eval_transform(make_config(32))(PIL.Image.fromarray(grey))
+    output = build_eval_transform(small_config(image_size=32))(PIL.Image.fromarray(grey))
     expected = (round(40000 / 257) / 255 - 0.485) / 0.229
     assert output[0, 0, 0].item() == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("source_size, image_size", [(32, 32), (32, 64), (32, 224), (96, 32)])
 def test_eval_transform_matches_vit_image_processor(source_size, image_size):
-    config = make_config(image_size)
+    config = small_config(image_size=image_size)
     rng = np.random.default_rng(2)
     images = [PIL.Image.fromarray(make_image_array(label, rng, source_size)) for label in range(4)]
     processor = ViTImageProcessor(
@@ -386,7 +385,7 @@ def test_eval_transform_matches_vit_image_processor(source_size, image_size):
 
 
 def _augment(image_size: int = 32, **kwargs) -> BatchedAugment:
-    return BatchedAugment(make_config(image_size), DataArguments(**kwargs))
+    return BatchedAugment(small_config(image_size=image_size), DataArguments(**kwargs))
 
 
 def _unnormalise(pixels: torch.Tensor, config: HierarchicalEfficientNetV2Config) -> torch.Tensor:
@@ -394,7 +393,7 @@ def _unnormalise(pixels: torch.Tensor, config: HierarchicalEfficientNetV2Config)
 
 
 def test_batched_augment_crop_and_flip_shift_pixels_exactly():
-    config, rng = make_config(32), np.random.default_rng(5)
+    config, rng = small_config(image_size=32), np.random.default_rng(5)
     images = [torch.from_numpy(make_image_array(i, rng)).permute(2, 0, 1) for i in range(16)]
     seeds = list(range(100, 116))
     outputs = _augment(rotation_degrees=0, color_jitter=0).batch(images, seeds)
@@ -412,7 +411,7 @@ def test_batched_augment_crop_and_flip_shift_pixels_exactly():
 def test_batched_augment_rotation_matches_torchvision(seed):
     from torchvision.transforms.v2 import functional as F
 
-    config = make_config(32)
+    config = small_config(image_size=32)
     image = torch.from_numpy(make_image_array(3, np.random.default_rng(6))).permute(2, 0, 1)
     augment = _augment(random_crop=False, horizontal_flip=False, rotation_degrees=30, color_jitter=0)
     angle = float((2 * uniform_draws([seed], 8)[0, 3] - 1) * 30)
@@ -426,7 +425,7 @@ def test_batched_augment_rotation_matches_torchvision(seed):
 def test_batched_augment_jitter_matches_torchvision():
     from torchvision.transforms.v2 import functional as F
 
-    config, rng = make_config(32), np.random.default_rng(7)
+    config, rng = small_config(image_size=32), np.random.default_rng(7)
     augment = _augment(random_crop=False, horizontal_flip=False, rotation_degrees=0, color_jitter=0.4)
     images = [torch.from_numpy(make_image_array(i, rng)).permute(2, 0, 1) for i in range(12)]
     seeds = list(range(12))
@@ -453,7 +452,9 @@ def test_batched_augment_handles_sizes_and_modes_per_image():
         alone = augment.batch([image], [position + 1])[0]
         assert together[position].shape == (3, 64, 64)
         torch.testing.assert_close(together[position], alone, atol=1e-6, rtol=0)
-    assert isinstance(build_train_transform(make_config(32), DataArguments(augmentation="none")), BatchedAugment)
+    assert isinstance(
+        build_train_transform(small_config(image_size=32), DataArguments(augmentation="none")), BatchedAugment
+    )
 
 
 def test_uniform_draws_are_a_function_of_the_seed():
@@ -465,7 +466,7 @@ def test_uniform_draws_are_a_function_of_the_seed():
 
 
 def _train_transform(seed: int = 7, **kwargs) -> ImageTransform:
-    return ImageTransform(build_train_transform(make_config(32), DataArguments(**kwargs)), seed=seed)
+    return ImageTransform(build_train_transform(small_config(image_size=32), DataArguments(**kwargs)), seed=seed)
 
 
 def _encoded_batch(indices: list[int]) -> dict[str, list]:
@@ -482,12 +483,12 @@ def _split_examples(output: dict[str, list]) -> list[dict]:
 
 def _model_inputs(output: dict[str, list], image_size: int = 32) -> list[torch.Tensor]:
     """Each image of a batch transform's output as the model gets it: collated, then preprocessed."""
-    batch = HierarchicalCollator(make_config(image_size))(_split_examples(output))
-    return list(DevicePreprocessor(make_config(image_size))(batch)["pixel_values"])
+    batch = HierarchicalCollator(small_config(image_size=image_size))(_split_examples(output))
+    return list(DevicePreprocessor(small_config(image_size=image_size))(batch)["pixel_values"])
 
 
 def test_image_transform_output_keys():
-    output = ImageTransform(build_eval_transform(make_config(32)))(_encoded_batch([0, 1, 2]))
+    output = ImageTransform(build_eval_transform(small_config(image_size=32)))(_encoded_batch([0, 1, 2]))
     assert sorted(output) == ["coarse_labels", "index", "labels", "pixel_values"]
     assert len(output["pixel_values"]) == 3 and output["labels"] == [0, 1, 2]
     assert "epoch" in _train_transform()(_encoded_batch([0]))
@@ -534,7 +535,7 @@ def test_undecodable_image_names_the_row(tmp_path, bad):
     payload = {"truncated": png[: len(png) // 2], "not_an_image": b"hello, not a picture", "empty": b""}[bad]
     make_parquet_dataset(tmp_path / "data", image_bytes={42: payload})
     args = data_args(tmp_path, tmp_path / "data", train_val_split=0.0)
-    config = make_config(32)
+    config = small_config(image_size=32)
     transformed = apply_transforms(prepare_datasets(args, config, seed=0), config, args, seed=0)
     assert transformed["train"][41]["pixel_values"].shape == (3, 32, 32)
     with pytest.raises(ValueError, match="row index=42 of split 'train'"):
@@ -548,7 +549,7 @@ def test_decode_image_passes_pil_images_through():
 
 def test_apply_transforms_and_epoch_callback(tiny_parquet_dir, tmp_path):
     args = data_args(tmp_path, tiny_parquet_dir, max_train_samples=8)
-    config = make_config(32)
+    config = small_config(image_size=32)
     transformed = apply_transforms(prepare_datasets(args, config, seed=0), config, args, seed=0)
     train, test = transformed["train"], transformed["test"]
     assert sorted(train[0]) == ["augmentation", "coarse_labels", "epoch", "index", "labels", "pixel_values"]
@@ -565,7 +566,7 @@ def test_apply_transforms_and_epoch_callback(tiny_parquet_dir, tmp_path):
 
 def test_dataloader_workers_see_the_same_augmentations(tiny_parquet_dir, tmp_path):
     args = data_args(tmp_path, tiny_parquet_dir, max_train_samples=12, mixup_alpha=0.5, cutmix_alpha=1.0)
-    config = make_config(32)
+    config = small_config(image_size=32)
     train = apply_transforms(prepare_datasets(args, config, seed=0), config, args, seed=0)["train"]
     EpochCallback(train).on_epoch_begin(TrainingArguments(output_dir=str(tmp_path)), TrainerState(epoch=2.0), None)
     collator = HierarchicalCollator(config, args.mixup_alpha, args.cutmix_alpha, seed=0)
@@ -617,7 +618,7 @@ def test_collator_stacks_hard_labels():
 
 @pytest.mark.parametrize("mixup_alpha, cutmix_alpha", [(0.2, 0.0), (0.0, 1.0), (0.4, 1.0)])
 def test_collator_mixes_fine_and_coarse_targets_alike(mixup_alpha, cutmix_alpha):
-    config = make_config(32)
+    config = small_config(image_size=32)
     collator = HierarchicalCollator(config, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, seed=1)
     preprocess = DevicePreprocessor(config)
     examples = _examples(batch_size=16)
@@ -637,15 +638,15 @@ def test_collator_mixes_fine_and_coarse_targets_alike(mixup_alpha, cutmix_alpha)
 
 
 def test_collator_never_mixes_evaluation_examples():
-    collator = HierarchicalCollator(make_config(32), mixup_alpha=1.0, cutmix_alpha=1.0)
+    collator = HierarchicalCollator(small_config(image_size=32), mixup_alpha=1.0, cutmix_alpha=1.0)
     examples = _examples(epoch=None)
-    batch = DevicePreprocessor(make_config(32))(collator(examples))
+    batch = DevicePreprocessor(small_config(image_size=32))(collator(examples))
     assert batch["labels"].dtype == torch.int64 and batch["labels"].shape == (8,)
     assert torch.equal(batch["pixel_values"], torch.stack([e["pixel_values"] for e in examples]))
 
 
 def test_collator_with_mix_prob_zero_gives_one_hot_targets():
-    config = make_config(32)
+    config = small_config(image_size=32)
     examples = _examples()
     batch = DevicePreprocessor(config)(HierarchicalCollator(config, mixup_alpha=1.0, mix_prob=0.0)(examples))
     labels = torch.tensor([e["labels"] for e in examples])
@@ -656,4 +657,7 @@ def test_collator_with_mix_prob_zero_gives_one_hot_targets():
 def test_collator_needs_the_config_to_mix():
     with pytest.raises(ValueError, match="config"):
         HierarchicalCollator(mixup_alpha=0.2)
-    assert pickle.loads(pickle.dumps(HierarchicalCollator(make_config(32), cutmix_alpha=1.0))).cutmix_alpha == 1.0
+    assert (
+        pickle.loads(pickle.dumps(HierarchicalCollator(small_config(image_size=32), cutmix_alpha=1.0))).cutmix_alpha
+        == 1.0
+    )

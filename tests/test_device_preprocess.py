@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 
 import run_classification
 from configuration_hierarchical import CIFAR100_FINE_TO_COARSE, HierarchicalEfficientNetV2Config
-from conftest import encode_image, make_image_array, tiny_args
+from conftest import encode_image, make_image_array, small_config, tiny_args
 from data_utils import (
     DataArguments,
     HierarchicalCollator,
@@ -34,10 +34,6 @@ from device_preprocess import DevicePreprocessor, box_mask
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 
 SEED = 11
-
-
-def make_config(image_size: int = 32) -> HierarchicalEfficientNetV2Config:
-    return HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=image_size)
 
 
 def encoded_batch(sizes: list[int | tuple[int, int]], mode: str = "RGB") -> dict[str, list]:
@@ -69,7 +65,7 @@ def decoded(batch: dict[str, list]) -> list[PIL.Image.Image]:
 
 @pytest.mark.parametrize("policy", ["trivialaugment", "original"])
 def test_collator_ships_8_bit_images_at_the_source_size(policy):
-    config = make_config(224)
+    config = small_config(image_size=224)
     args = DataArguments(augmentation=policy, random_erasing=0.25, mixup_alpha=0.2, cutmix_alpha=1.0)
     transform = ImageTransform(build_train_transform(config, args), seed=SEED)
     collator = HierarchicalCollator(config, args.mixup_alpha, args.cutmix_alpha, seed=SEED)
@@ -87,14 +83,14 @@ def test_collator_ships_8_bit_images_at_the_source_size(policy):
 
 
 def test_evaluation_batches_are_8_bit_and_never_augmented():
-    config = make_config(64)
+    config = small_config(image_size=64)
     batch = collate(ImageTransform()(encoded_batch([32, 32, 32])), HierarchicalCollator(config, mixup_alpha=1.0))
     assert sorted(batch) == ["coarse_labels", "labels", "pixel_values"]
     assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (3, 3, 32, 32)
 
 
 def test_collator_refuses_labels_outside_the_classes():
-    config = make_config(32)
+    config = small_config(image_size=32)
     output = ImageTransform()(encoded_batch([32, 32, 32]))
     output["labels"][1] = 100
     with pytest.raises(ValueError, match=r"labels must be in \[0, 100\), got 100 for the example with index=11"):
@@ -115,7 +111,7 @@ def test_collator_refuses_labels_outside_the_classes():
 )
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
 def test_evaluation_on_the_device_equals_build_eval_transform(sizes, image_size, mode):
-    config = make_config(image_size)
+    config = small_config(image_size=image_size)
     batch = encoded_batch(sizes, mode)
     expected = torch.stack([build_eval_transform(config)(image) for image in decoded(batch)])
     collated = collate(ImageTransform()(batch), HierarchicalCollator(config))
@@ -149,7 +145,7 @@ def per_image_policy_transform(config: HierarchicalEfficientNetV2Config, args: D
 @pytest.mark.parametrize("policy", ["trivialaugment", "randaugment", "autoaugment"])
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_policy_training_on_the_device_equals_the_per_image_transform(policy, image_size):
-    config = make_config(image_size)
+    config = small_config(image_size=image_size)
     args = DataArguments(augmentation=policy, random_erasing=0.5)
     batch = encoded_batch([32] * 12)
     reference = per_image_policy_transform(config, args)
@@ -192,7 +188,7 @@ def reference_mix(collator: HierarchicalCollator, pixel_values: torch.Tensor, la
 
 @pytest.mark.parametrize("mixup_alpha, cutmix_alpha, mix_prob", [(0.2, 0.0, 1.0), (0.0, 1.0, 1.0), (0.4, 1.0, 0.8)])
 def test_mixing_on_the_device_equals_mixing_on_the_cpu(mixup_alpha, cutmix_alpha, mix_prob):
-    config = make_config(64)
+    config = small_config(image_size=64)
     args = DataArguments(augmentation="trivialaugment", mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
     collator = HierarchicalCollator(config, mixup_alpha, cutmix_alpha, mix_prob=mix_prob, seed=SEED)
     transform, preprocess = ImageTransform(build_train_transform(config, args), seed=SEED), DevicePreprocessor(config)
@@ -228,7 +224,7 @@ def test_box_mask_matches_torchvision_erase():
 def test_training_batch_preprocesses_and_trains_without_reading_values(policy):
     """On the meta device tensors have no values, so any read-back (`.item()`, `bool()`, `nonzero`, a host copy)
     fails: the device step and the model's forward and backward must run there, as on a GPU without a sync."""
-    config = make_config(64)
+    config = small_config(image_size=64)
     args = DataArguments(augmentation=policy, random_erasing=1.0, mixup_alpha=0.2, cutmix_alpha=1.0)
     transform = ImageTransform(build_train_transform(config, args), seed=SEED)
     batch = collate(transform(encoded_batch([32] * 4)), HierarchicalCollator(config, 0.2, 1.0, seed=SEED))
@@ -242,7 +238,7 @@ def test_training_batch_preprocesses_and_trains_without_reading_values(policy):
 
 
 def test_forward_still_checks_label_range_on_the_cpu():
-    model = HierarchicalEfficientNetV2ForImageClassification(make_config(32)).eval()
+    model = HierarchicalEfficientNetV2ForImageClassification(small_config(image_size=32)).eval()
     with pytest.raises(ValueError, match=r"labels must be in \[0, 100\), got values from 0 to 250"):
         model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 250]))
 
@@ -303,7 +299,7 @@ def test_torch_compile_traces_the_whole_training_forward_as_one_graph():
     every stochastic-depth rate until its limit, after which the blocks run eagerly."""
     from torch._dynamo.utils import counters
 
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32, num_frozen_stages=0)
+    config = small_config(num_frozen_stages=0)
     model = HierarchicalEfficientNetV2ForImageClassification(config).train()
     torch._dynamo.reset()
     counters.clear()

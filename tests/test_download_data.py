@@ -9,8 +9,6 @@ check, the safe extraction, and that `--dataset_name DEST` reads the result.
 import hashlib
 import io
 import shutil
-import subprocess
-import sys
 import tarfile
 
 import datasets
@@ -18,8 +16,7 @@ import pytest
 import torch
 
 import download_data
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from conftest import PROJECT_DIR, make_parquet_dataset, write_cifar_python
+from conftest import make_parquet_dataset, run_script, small_config, write_cifar_python
 from data_utils import DataArguments, prepare_datasets
 
 
@@ -31,7 +28,7 @@ def hub_copy(tiny_parquet_dir):
 
 
 def read_back(folder):
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
+    config = small_config()
     return prepare_datasets(DataArguments(dataset_name=str(folder), train_val_split=0.0), config, seed=0)
 
 
@@ -138,9 +135,7 @@ def test_download_weights_fetches_into_the_torch_hub_cache_and_copies(tmp_path, 
 
 
 def test_help_lists_the_commands():
-    completed = subprocess.run(
-        [sys.executable, "data_utils.py", "--help"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120
-    )
+    completed = run_script("data_utils.py", "--help")
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "download" in completed.stdout and "download-weights" in completed.stdout
     assert "cifar100-local" in completed.stdout

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from callbacks import EMA_FILE
-from conftest import METRIC_NAMES, PROJECT_DIR, tiny_args
+from conftest import HANG_TIMEOUT_S, METRIC_NAMES, PROJECT_DIR, tiny_args
 from run_classification import main
 
 SCRIPT = str(PROJECT_DIR / "run_classification.py")
@@ -57,7 +57,10 @@ def test_sigkill_then_same_command_matches_an_uninterrupted_run(tiny_parquet_dir
     env = {**os.environ, **OFFLINE}
     reference = tmp_path / "reference"
     done = subprocess.run(
-        [sys.executable, SCRIPT, *checkpoint_args(tiny_parquet_dir, reference)], env=env, cwd=tmp_path
+        [sys.executable, SCRIPT, *checkpoint_args(tiny_parquet_dir, reference)],
+        env=env,
+        cwd=tmp_path,
+        timeout=HANG_TIMEOUT_S,
     )
     assert done.returncode == 0
 
@@ -76,15 +79,17 @@ def test_sigkill_then_same_command_matches_an_uninterrupted_run(tiny_parquet_dir
     command = [sys.executable, SCRIPT, *checkpoint_args(tiny_parquet_dir, crashed)]
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(command, env=paused_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + HANG_TIMEOUT_S  # only stops a hung run
         while not marker.exists():
             assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run neither reached checkpoint-6 nor ended"
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert (crashed / "checkpoint-6" / "model.safetensors").is_file()
     assert (crashed / "checkpoint-6" / EMA_FILE).is_file(), "the weight average is written before the state"
 
-    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"Checkpoint {crashed / 'checkpoint-6'} is incomplete" in rerun.stdout + rerun.stderr
     assert f"continuing from the last complete one, {crashed / 'checkpoint-3'}" in rerun.stdout + rerun.stderr
@@ -180,7 +185,7 @@ def test_two_process_training_on_cpu(tiny_parquet_dir, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     command += [SCRIPT, *tiny_args(tiny_parquet_dir, output_dir, "--do_train", "--do_eval", "--max_eval_samples", "19")]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
     rank0 = (tmp_path / "writes.rank0").read_text()

@@ -8,6 +8,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from conftest import small_config
 from model_card import build_model_card, write_model_card
 from run_classification import parse_args
 
@@ -29,7 +30,7 @@ def output_dir(tmp_path):
 
 def card_for(output_dir, *options, **kwargs) -> ModelCard:
     _, _, args = parse_args(["--output_dir", str(output_dir), "--do_train", *options])
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
+    config = small_config()
     write_model_card(str(output_dir), config, args, kwargs.pop("dataset_name", "uoft-cs/cifar100"), **kwargs)
     return ModelCard.load(output_dir / "README.md")
 
@@ -82,7 +83,7 @@ def test_evaluation_only_card_says_so_and_takes_the_setup_from_the_model_folder(
 
 def test_build_model_card_does_not_write(output_dir):
     _, _, args = parse_args(["--output_dir", str(output_dir), "--do_train"])
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
+    config = small_config()
     card = build_model_card(str(output_dir), config, args, "uoft-cs/cifar100", trained_epochs=1.0)
     assert isinstance(card, ModelCard) and not (output_dir / "README.md").exists()
 

@@ -18,7 +18,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 
 import modeling_hierarchical
 from configuration_hierarchical import CIFAR100_FINE_LABELS, HierarchicalEfficientNetV2Config
-from conftest import PROJECT_DIR, small_config
+from conftest import HANG_TIMEOUT_S, PROJECT_DIR, small_config
 from modeling_hierarchical import (
     HierarchicalEfficientNetV2ForImageClassification,
     hierarchical_probabilities,
@@ -282,7 +282,9 @@ with torch.no_grad():
     torch.save(model(torch.load({str(tmp_path / "x.pt")!r})).logits, {str(tmp_path / "y.pt")!r})
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "y.pt"), model(pixel_values).logits)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from callbacks import EMA_FILE, EMACallback
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from conftest import small_config
 from data_utils import HierarchicalCollator
 from device_preprocess import DevicePreprocessor
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
@@ -62,7 +62,7 @@ def test_recipe_files_parse(recipe):
 
 
 def test_mixed_batches_train_both_heads_with_consistent_soft_targets():
-    config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
+    config = small_config()
     collator = HierarchicalCollator(config, mixup_alpha=0.4, cutmix_alpha=1.0, seed=3)
     examples = [
         {"pixel_values": torch.randn(3, 32, 32), "labels": label, "coarse_labels": config.fine_to_coarse[label],

@@ -19,7 +19,7 @@ from transformers import TrainerControl, TrainerState
 from callbacks import NonFiniteTrainingError, ResumeCheckCallback
 from checkpoints import LOCK_FILE, checkpoint_problem, output_dir_lock, resolve_checkpoint
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from conftest import METRIC_NAMES, PROJECT_DIR, tiny_args
+from conftest import HANG_TIMEOUT_S, METRIC_NAMES, PROJECT_DIR, small_config, tiny_args
 from model_loading import load_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from run_classification import main, parse_args
@@ -29,9 +29,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def fresh_model() -> HierarchicalEfficientNetV2ForImageClassification:
-    return HierarchicalEfficientNetV2ForImageClassification(
-        HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
-    )
+    return HierarchicalEfficientNetV2ForImageClassification(small_config())
 
 
 def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -274,7 +272,7 @@ def test_two_process_epoch_end_and_final_evaluations_agree(tiny_parquet_dir, tmp
     command += [str(PROJECT_DIR / "run_classification.py")]
     command += tiny_args(tiny_parquet_dir, output_dir, "--do_train", "--do_eval", "--max_eval_samples", "19")
     command += ["--ema_decay", "0.5", "--save_total_limit", "1"]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     final = json.loads((output_dir / "eval_results.json").read_text())
     state = json.loads((output_dir / "trainer_state.json").read_text())

@@ -17,7 +17,7 @@ from transformers import pipeline
 
 from calibration import hierarchical_scores
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from conftest import PROJECT_DIR, small_config
+from conftest import HANG_TIMEOUT_S, PROJECT_DIR, small_config
 from hierarchy_metrics import selective_scores
 from modeling_hierarchical import (
     HierarchicalEfficientNetV2ForImageClassification,
@@ -228,7 +228,9 @@ results = {{
 json.dump(results, open("results.json", "w"))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     reloaded = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(calibrated_model_dir).eval()

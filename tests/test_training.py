@@ -18,8 +18,7 @@ import callbacks
 import run_classification
 from callbacks import TimeBudgetCallback, time_schedule_factor
 from checkpoints import checkpoint_problem
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from conftest import METRIC_NAMES, PROJECT_DIR, make_parquet_dataset, tiny_args
+from conftest import HANG_TIMEOUT_S, METRIC_NAMES, PROJECT_DIR, make_parquet_dataset, small_config, tiny_args
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from run_classification import main, parse_args
 from trainer import HierarchicalTrainer, parameter_groups
@@ -56,7 +55,9 @@ def test_card_usage_snippet_runs_as_written(trained_run, tmp_path):
     output_dir, _ = trained_run
     snippet = (output_dir / "README.md").read_text().split("```python\n")[1].split("```")[0]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    completed = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True)
+    completed = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "'score'" in completed.stdout and "[" in completed.stdout.splitlines()[-1]
 
@@ -89,9 +90,7 @@ def test_evaluating_a_saved_model_needs_no_training(trained_run, tiny_parquet_di
 def test_optimizer_groups_hold_the_expected_parameters(tiny_parquet_dir, tmp_path):
     extra = ["--lr_conv", "2e-4", "--lr_fc", "3e-3", "--eval_strategy", "no", "--load_best_model_at_end", "false"]
     _, _, args = parse_args(tiny_args(tiny_parquet_dir, tmp_path, *extra))
-    model = HierarchicalEfficientNetV2ForImageClassification(
-        HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
-    )
+    model = HierarchicalEfficientNetV2ForImageClassification(small_config())
     trainer = HierarchicalTrainer(model=model, args=args)
     optimizer = trainer.create_optimizer()
     names = {id(p): n for n, p in model.named_parameters()}
@@ -115,9 +114,7 @@ def test_optimizer_groups_hold_the_expected_parameters(tiny_parquet_dir, tmp_pat
 
 
 def test_layer_decay_scales_the_backbone_stages():
-    model = HierarchicalEfficientNetV2ForImageClassification(
-        HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
-    )
+    model = HierarchicalEfficientNetV2ForImageClassification(small_config())
     groups = parameter_groups(model, lr_conv=1.0, lr_fc=10.0, weight_decay=0.1, layer_decay=0.5)
     lr_of = {group["name"]: group["lr"] for group in groups}
     assert lr_of == {"stage4": 0.125, "stage5": 0.25, "stage6": 0.5, "stage7": 1.0, "head": 10.0}
@@ -130,11 +127,13 @@ def test_script_runs_as_a_subprocess_and_resumes(tiny_parquet_dir, tmp_path):
     command = [sys.executable, str(PROJECT_DIR / "run_classification.py"), "--do_train", "--do_eval"]
     command += tiny_args(tiny_parquet_dir, output_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert (output_dir / "checkpoint-4").is_dir()
 
-    second = subprocess.run(command + ["--epochs", "2"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    second = subprocess.run(
+        command + ["--epochs", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "continuing from the last complete one" in second.stdout + second.stderr
     state = json.loads((output_dir / "trainer_state.json").read_text())
@@ -183,9 +182,7 @@ def test_contradictory_options_are_rejected_before_any_work(tiny_parquet_dir, tm
 @pytest.mark.parametrize("missing", ["config.json", "model.safetensors"])
 def test_saved_model_folder_missing_files(tmp_path, tiny_parquet_dir, missing):
     folder = tmp_path / "model"
-    HierarchicalEfficientNetV2ForImageClassification(
-        HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=32)
-    ).save_pretrained(folder)
+    HierarchicalEfficientNetV2ForImageClassification(small_config()).save_pretrained(folder)
     (folder / missing).unlink()
     with pytest.raises(ValueError, match=f"is not a saved model: it has no {missing}"):
         main(tiny_args(tiny_parquet_dir, tmp_path / "out", "--model_name_or_path", str(folder), "--do_eval"))
