@@ -310,9 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dataset, cache_dir = benchmark_data(args, Path(tmp))
         # The data measurements come first: they also build the datasets cache the Trainer's process then reads.
         splits, data_args = prepare_splits(dataset, cache_dir)
-        data_path = measure_recipe_data_path(
-            splits, dataset, cache_dir, args.batch_size, args.loader_batches, args.repeats
-        )
+        data_path = measure_recipe_data_path(splits, args.batch_size, args.loader_batches, args.repeats)
         if args.data_path_only:
             return report_data_path_only(args, data_path)
         loader = measure_loaders(args, splits, data_args)

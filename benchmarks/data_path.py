@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from measuring import SEED, endless, one_thread, target_met
 from workloads import RECIPE, recipe_options
+
+if TYPE_CHECKING:
+    from data_utils import DataArguments
 
 DATA_PATH_SIZES = (224, 384)
 # Bytes per CIFAR sample crossing the DataLoader, and how many times less worker CPU time per sample it takes at
@@ -17,11 +20,11 @@ DATA_PATH_SIZES = (224, 384)
 DATA_PATH_TARGETS = {"after_bytes_per_sample": ("<=", 4096.0), "worker_cpu_reduction_384": (">=", 10.0)}
 
 
-def recipe_data_args(dataset: str, cache_dir: str | None):
-    """`DataArguments` with the augmentation options of the GPU recipe."""
+def recipe_data_args() -> DataArguments:
+    """`DataArguments` with the augmentation options of the GPU recipe (all the data path reads)."""
     from data_utils import DataArguments
 
-    return DataArguments(dataset_name=dataset, cache_dir=cache_dir, **recipe_options())
+    return DataArguments(**recipe_options())
 
 
 def previous_train_transform(config, data_args):
@@ -151,12 +154,10 @@ def measure_data_path(splits, data_args, image_size: int, batch_size: int, batch
     }
 
 
-def measure_recipe_data_path(
-    splits, dataset: str, cache_dir: str | None, batch_size: int, batches: int, repeats: int
-) -> dict:
+def measure_recipe_data_path(splits, batch_size: int, batches: int, repeats: int) -> dict:
     """`measure_data_path` at 224 and 384 px, best of `repeats` (the least CPU time of each figure), flattened
     into `<figure>_<size>` keys, with `after_bytes_per_sample` the largest of the sizes."""
-    data_args = recipe_data_args(dataset, cache_dir)
+    data_args = recipe_data_args()
     results: dict[str, Any] = {"data_path_sizes": list(DATA_PATH_SIZES), "data_path_recipe": RECIPE.name}
     for size in DATA_PATH_SIZES:
         runs = [measure_data_path(splits, data_args, size, batch_size, batches) for _ in range(repeats)]

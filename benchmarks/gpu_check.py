@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the modules beside this script
-from measuring import SEED, check_at_least, fill_defaults, reset_device, step_figures  # noqa: E402
+from measuring import SEED, check_at_least, fill_defaults, reset_device, step_figures, target_met  # noqa: E402
 from throughput import measure_worker_loader  # noqa: E402
 from workloads import (  # noqa: E402
     AUGMENTATION_OPTIONS,
@@ -71,7 +71,7 @@ from workloads import (  # noqa: E402
     write_generated_dataset,
 )
 
-TARGETS = {"trainer_ratio": 0.95, "loader_headroom": 2.0}
+TARGETS = {"trainer_ratio": (">=", 0.95), "loader_headroom": (">=", 2.0)}
 RECIPE_MODEL_OPTIONS = (
     "dropout", "drop_path_rate", "label_smoothing", "coarse_loss_weight", "num_frozen_stages", "lr_conv", "lr_fc",
     "layer_decay", "weight_decay", "max_grad_norm", "ema_decay",
@@ -281,11 +281,9 @@ def print_table(r: dict[str, Any]) -> None:
         )  # fmt: skip
     for name, value, note in rows:
         print(f"{name:<44} {value:>22}  {note}")
-    for name, threshold in TARGETS.items():
-        value = r[name]
-        verdict = "not measured" if value is None else ("met" if value >= threshold else "MISSED")
-        shown = "-" if value is None else f"{value:.3f}"
-        print(f"{name:<44} {shown:>22}  target >= {threshold:g}: {verdict}")
+    for name, (direction, threshold) in TARGETS.items():
+        verdict = "met" if target_met(r[name], direction, threshold) else "MISSED"
+        print(f"{name:<44} {r[name]:>22.3f}  target {direction} {threshold:g}: {verdict}")
     print()
 
 
