@@ -16,21 +16,20 @@ from torchvision.transforms import v2
 from transformers import Trainer, TrainerCallback
 
 import run_classification
-from configuration_hierarchical import CIFAR100_FINE_TO_COARSE, HierarchicalEfficientNetV2Config
-from conftest import encode_image, make_image_array, small_config, tiny_args
-from data_utils import (
-    DataArguments,
-    HierarchicalCollator,
-    ImageTransform,
+from augmentation import (
     PolicyAugment,
     RandomCropWithPadding,
     ToNormalizedFloat,
     build_eval_transform,
     build_train_transform,
     derive_seed,
-    to_rgb,
 )
+from collation import HierarchicalCollator, ImageTransform
+from configuration_hierarchical import CIFAR100_FINE_TO_COARSE, HierarchicalEfficientNetV2Config
+from conftest import encode_image, make_image_array, small_config, tiny_args
+from data_utils import DataArguments
 from device_preprocess import DevicePreprocessor, box_mask
+from image_decoding import to_rgb
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 
 SEED = 11
