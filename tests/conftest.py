@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import hypothesis
 import numpy as np
 import PIL.Image
 import pytest
@@ -30,6 +31,17 @@ from data_utils import DataArguments  # noqa: E402
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor  # noqa: E402
 
 NUM_FINE = len(CIFAR100_FINE_LABELS)
+
+# Property-based tests: the same examples on every run (a CI failure reproduces), no per-example deadline (the
+# machine's speed varies), and a small example count so that all of them together stay within a minute.
+hypothesis.settings.register_profile(
+    "project",
+    derandomize=True,
+    deadline=None,
+    max_examples=25,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.function_scoped_fixture],
+)
+hypothesis.settings.load_profile("project")
 
 
 @pytest.fixture(scope="session", autouse=True)
