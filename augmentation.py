@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from device_preprocess import JITTER_ORDERS, DevicePreprocessor
 from image_decoding import to_rgb
+from image_processing_hierarchical import build_model_input_transform
 
 if TYPE_CHECKING:  # only in annotations: data_utils imports this module
     from data_utils import DataArguments
@@ -230,33 +231,10 @@ class BatchedAugment(TrainAugment):
         return theta.float()
 
 
-class ToNormalizedFloat(torch.nn.Module):
-    """uint8 (3, H, W) tensor -> float32 `(x / 255 - mean) / std`: `v2.ToDtype(scale=True)` + `v2.Normalize`, fused.
-
-    One multiply-add instead of four passes with their per-call dispatch, which dominate at 32 px: 32 against 212
-    microseconds per 32 px image on one CPU thread.
-    """
-
-    def __init__(self, mean: list[float], std: list[float]):
-        super().__init__()
-        std_tensor = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.scale = 1.0 / (255.0 * std_tensor)
-        self.shift = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_tensor
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, image, self.scale)  # float32 by type promotion
-
-
 def build_eval_transform(config: HierarchicalEfficientNetV2Config) -> v2.Compose:
-    """PIL image of any mode -> normalised (3, S, S) float tensor, as `ViTImageProcessor` with size S does."""
-    return v2.Compose(
-        [
-            to_rgb,
-            v2.PILToTensor(),
-            v2.Resize((config.image_size, config.image_size), antialias=True),  # bilinear; no-op at the model size
-            ToNormalizedFloat(config.image_mean, config.image_std),
-        ]
-    )
+    """An image (PIL of any mode, file path or bytes) -> normalised (3, S, S) float tensor: the model's own
+    `build_model_input_transform`, which its saved image processor and the pipelines run too."""
+    return build_model_input_transform(config.image_size, config.image_mean, config.image_std)
 
 
 def build_train_transform(config: HierarchicalEfficientNetV2Config, args: DataArguments) -> TrainAugment:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
@@ -41,6 +42,9 @@ class ImageTransform:
             Split name used in error messages.
         max_image_pixels (`int`, *optional*, defaults to 50,000,000):
             Images larger than this (width x height) are refused from their header, before decoding.
+        image_size (`int`, *optional*):
+            The model's image size: image sides above twice this are reduced while decoding (see
+            `image_processing_hierarchical.decode_rgb`), so a decoded image holds under (4 x image_size)^2 pixels.
 
     Example:
 
@@ -59,16 +63,22 @@ class ImageTransform:
         seed: int | None = None,
         split: str = "train",
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        image_size: int | None = None,
     ):
         self.transform = transform
         self.seed = seed
         self.split = split
         self.max_image_pixels = max_image_pixels
+        self.image_size = image_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that seeds the next draws."""
         self.epoch = int(epoch)
+
+    def decode(self, value: Any, index: int) -> PIL.Image.Image:
+        """One stored image as an 8-bit RGB PIL image (`image_decoding.decode_image`)."""
+        return decode_image(value, index, self.split, self.max_image_pixels, self.image_size)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         indices = batch["index"]
@@ -76,14 +86,13 @@ class ImageTransform:
         output = {}
         if self.transform is None:
             pixel_values = [
-                decode_to_tensor(value, index, self.split, self.max_image_pixels) for value, index in values
+                decode_to_tensor(value, index, self.split, self.max_image_pixels, self.image_size)
+                for value, index in values
             ]
         elif self.seed is None:
-            pixel_values = [
-                self.transform(decode_image(value, index, self.split, self.max_image_pixels)) for value, index in values
-            ]
+            pixel_values = [self.transform(self.decode(value, index)) for value, index in values]
         elif isinstance(self.transform, TrainAugment):
-            images = [decode_image(value, index, self.split, self.max_image_pixels) for value, index in values]
+            images = [self.decode(value, index) for value, index in values]
             seeds = [derive_seed(self.seed, self.epoch, index) for index in indices]
             pixel_values, parameters = self.transform.sample(images, seeds)
             if parameters:
@@ -92,7 +101,7 @@ class ImageTransform:
             with torch.random.fork_rng(devices=[]):
                 pixel_values = []
                 for value, index in values:
-                    image = decode_image(value, index, self.split, self.max_image_pixels)
+                    image = self.decode(value, index)
                     torch.default_generator.manual_seed(derive_seed(self.seed, self.epoch, index))
                     pixel_values.append(self.transform(image))
         output.update(pixel_values=pixel_values, index=indices)

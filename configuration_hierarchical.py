@@ -43,10 +43,16 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 # torchvision's efficientnet_v2_s().features has 8 stages: 0 stem, 1-3 FusedMBConv, 4-6 MBConv, 7 head conv.
 NUM_BACKBONE_STAGES = 8
-# The pipeline saved with every model (`pipeline_hierarchical.py`), found by `pipeline(..., trust_remote_code=True)`.
+# The pipelines saved with every model (`pipeline_hierarchical.py`), found by `pipeline(..., trust_remote_code=True)`:
+# the hierarchical task, and the standard image-classification task decoding images with the model's own decoder.
 HIERARCHICAL_PIPELINE_TASK = "hierarchical-image-classification"
 HIERARCHICAL_PIPELINE = {
     "impl": "pipeline_hierarchical.HierarchicalImageClassificationPipeline",
+    "pt": ["AutoModelForImageClassification"],
+    "type": "image",
+}
+DECODING_PIPELINE = {
+    "impl": "pipeline_hierarchical.DecodingImageClassificationPipeline",
     "pt": ["AutoModelForImageClassification"],
     "type": "image",
 }
@@ -314,7 +320,10 @@ def _pretrained_config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     if kwargs.get("id2label") is not None:
         kwargs["label2id"] = {name: int(i) for i, name in kwargs["id2label"].items()}
     if kwargs.get("custom_pipelines") is None:
-        kwargs["custom_pipelines"] = {HIERARCHICAL_PIPELINE_TASK: dict(HIERARCHICAL_PIPELINE)}
+        kwargs["custom_pipelines"] = {
+            HIERARCHICAL_PIPELINE_TASK: dict(HIERARCHICAL_PIPELINE),
+            "image-classification": dict(DECODING_PIPELINE),
+        }
     return kwargs
 
 

@@ -21,7 +21,6 @@ from augmentation import (
     BatchedAugment,
     PolicyAugment,
     RandomCropWithPadding,
-    ToNormalizedFloat,
     build_eval_transform,
     build_train_transform,
     derive_seed,
@@ -39,6 +38,7 @@ from data_sources import CifarUnpickler, load_raw_datasets, source_folder
 from device_preprocess import JITTER_ORDERS
 from hierarchy_data import discover_hierarchy
 from image_decoding import DEFAULT_MAX_IMAGE_PIXELS, decode_image, to_rgb
+from image_processing_hierarchical import ToNormalizedFloat
 from option_fields import check_finite_options, option
 
 logger = logging.get_logger(__name__)
@@ -191,18 +191,23 @@ def apply_transforms(
     for split, dataset in datasets.items():
         if split == "train":
             transform = ImageTransform(
-                build_train_transform(config, args), seed=seed, split=split, max_image_pixels=args.max_image_pixels
+                build_train_transform(config, args),
+                seed=seed,
+                split=split,
+                max_image_pixels=args.max_image_pixels,
+                image_size=config.image_size,
             )
             transformed[split] = dataset.cast_column("image", ImageFeature(decode=False)).with_transform(transform)
         else:
-            transformed[split] = evaluation_inputs(dataset, split, args)
+            transformed[split] = evaluation_inputs(dataset, split, args, config.image_size)
     return DatasetDict(transformed)
 
 
-def evaluation_inputs(dataset: Dataset, split: str, args: DataArguments) -> Dataset:
-    """`dataset` with its images decoded to 8-bit RGB tensors at their source size (refused above
-    `--max_image_pixels`), as the training script feeds every split but "train" to `HierarchicalTrainer`."""
-    transform = ImageTransform(split=split, max_image_pixels=args.max_image_pixels)
+def evaluation_inputs(dataset: Dataset, split: str, args: DataArguments, image_size: int | None = None) -> Dataset:
+    """`dataset` with its images decoded to 8-bit RGB tensors (refused above `--max_image_pixels`; with the model's
+    `image_size`, reduced as `decode_rgb` reduces them), as the training script feeds every split but "train" to
+    `HierarchicalTrainer`."""
+    transform = ImageTransform(split=split, max_image_pixels=args.max_image_pixels, image_size=image_size)
     return dataset.cast_column("image", ImageFeature(decode=False)).with_transform(transform)
 
 

@@ -174,9 +174,10 @@ def predict_split(
     output_dir: str | os.PathLike,
 ) -> PredictionOutput:
     """`HierarchicalTrainer.predict` over a prepared split, with the evaluation path of the training script: images
-    decoded to 8 bits at their source size, resized and normalised on the device. Nothing is written to
-    `output_dir`; predictions `(logits, coarse_logits)`, label ids `(labels, coarse_labels)`, in row order."""
-    inputs = evaluation_inputs(dataset, split, data_args)
+    decoded to 8-bit RGB by the model's decoder (reduced for its image size), resized and normalised on the device.
+    Nothing is written to `output_dir`; predictions `(logits, coarse_logits)`, label ids `(labels, coarse_labels)`,
+    in row order."""
+    inputs = evaluation_inputs(dataset, split, data_args, model.config.image_size)
     args = HierarchicalTrainingArguments(
         output_dir=str(output_dir),
         do_predict=True,

@@ -248,7 +248,7 @@ hierarchical = pipeline("hierarchical-image-classification", model="{model_path}
 print(hierarchical(image, min_confidence=0.5))
 
 model = AutoModelForImageClassification.from_pretrained("{model_path}", trust_remote_code=True)
-processor = AutoImageProcessor.from_pretrained("{model_path}")
+processor = AutoImageProcessor.from_pretrained("{model_path}", trust_remote_code=True)
 prediction = model.predict_hierarchical(processor(image, return_tensors="pt")["pixel_values"])
 print(prediction.coarse_labels, prediction.fine_labels)  # superclass and class, consistent with the hierarchy
 

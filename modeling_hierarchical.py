@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import EfficientNet_V2_S_Weights, efficientnet_v2_s
-from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel, ViTImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 try:  # loaded as a Hub module (trust_remote_code) or inside a package
     from .configuration_hierarchical import HierarchicalEfficientNetV2Config
+    from .image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, HierarchicalImageProcessor
     from .prediction_hierarchical import (
         HierarchicalPrediction,
         check_min_confidence,
@@ -32,6 +33,7 @@ try:  # loaded as a Hub module (trust_remote_code) or inside a package
     )
 except ImportError:  # imported from the project folder
     from configuration_hierarchical import HierarchicalEfficientNetV2Config
+    from image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, HierarchicalImageProcessor
     from prediction_hierarchical import (
         HierarchicalPrediction,
         check_min_confidence,
@@ -355,18 +357,17 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
         return prediction
 
 
-def build_image_processor(config: HierarchicalEfficientNetV2Config) -> ViTImageProcessor:
-    """The image processor that prepares images for `config`: RGB, resize to `image_size` (bilinear), rescale to
-    [0, 1] and normalise with `image_mean`/`image_std`. Saved beside the model for pipelines."""
-    return ViTImageProcessor(
-        do_resize=True,
+def build_image_processor(
+    config: HierarchicalEfficientNetV2Config, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> HierarchicalImageProcessor:
+    """The image processor that prepares images for `config`, saved beside the model for pipelines: the model's own
+    decoder (every PIL mode, images above `max_image_pixels` refused from their header, large ones reduced), resize
+    to `image_size` and normalisation with `image_mean`/`image_std`, as the training script evaluates."""
+    return HierarchicalImageProcessor(
+        max_image_pixels=max_image_pixels,
         size={"height": config.image_size, "width": config.image_size},
-        resample=2,  # PIL.Image.BILINEAR
-        do_rescale=True,
-        do_normalize=True,
         image_mean=config.image_mean,
         image_std=config.image_std,
-        do_convert_rgb=True,
     )
 
 
@@ -382,6 +383,9 @@ HierarchicalEfficientNetV2ForImageClassification.register_for_auto_class("AutoMo
 AutoConfig.register(HierarchicalEfficientNetV2Config.model_type, HierarchicalEfficientNetV2Config, exist_ok=True)
 AutoModelForImageClassification.register(
     HierarchicalEfficientNetV2Config, HierarchicalEfficientNetV2ForImageClassification, exist_ok=True
+)
+AutoImageProcessor.register(
+    HierarchicalEfficientNetV2Config, fast_image_processor_class=HierarchicalImageProcessor, exist_ok=True
 )
 
 __all__ = [

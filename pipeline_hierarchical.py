@@ -12,25 +12,70 @@ Every saved model carries this file and names it in `config.json` (`custom_pipel
 
 from __future__ import annotations
 
+import base64
+import binascii
+import os
+import urllib.request
 from typing import Any
 
+import PIL.Image
 from transformers import AutoModelForImageClassification, ImageClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
 try:  # loaded as a Hub module (trust_remote_code) or inside a package
     from .configuration_hierarchical import HIERARCHICAL_PIPELINE_TASK
+    from .image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, as_decodable, decode_rgb
 except ImportError:  # imported from the project folder
     from configuration_hierarchical import HIERARCHICAL_PIPELINE_TASK
+    from image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, as_decodable, decode_rgb
 
 logger = logging.get_logger(__name__)
 
 
-class HierarchicalImageClassificationPipeline(ImageClassificationPipeline):
+class DecodingImageClassificationPipeline(ImageClassificationPipeline):
+    r"""
+    `pipeline("image-classification")` for the hierarchical models (named in `config.json`'s `custom_pipelines`):
+    the standard pipeline, whose images are decoded by the model's own decoder ([`decode_rgb`]) instead of
+    `load_image`, which clips 16-bit and float images. Images above the image processor's `max_image_pixels` are
+    refused from their header, large ones are reduced while decoded, and a file that is not an image is refused
+    naming it: the pixels are those the training script evaluated.
+
+    Images may be file paths, `http(s)://` URLs, base64 strings, encoded bytes, PIL images of any mode, uint8 arrays
+    or tensors.
+    """
+
+    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, Any]:
+        image = decode_rgb(
+            _encoded_image(image, timeout),
+            getattr(self.model.config, "image_size", None),
+            getattr(self.image_processor, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+            where="the pipeline input",
+        )
+        return self.image_processor(images=image, return_tensors="pt").to(self.dtype)
+
+
+def _encoded_image(image: Any, timeout: float | None) -> str | os.PathLike | bytes | PIL.Image.Image:
+    """A pipeline input as `decode_rgb` takes it: a local path, URL content or base64 bytes, a PIL image (arrays
+    and tensors become one, as `as_decodable` makes them)."""
+    if not isinstance(image, str):
+        return as_decodable(image)
+    if image.startswith(("http://", "https://")):
+        with urllib.request.urlopen(image, timeout=timeout) as response:
+            return response.read()
+    if os.path.exists(image):
+        return image
+    try:
+        return base64.b64decode(image.split(",", 1)[1] if image.startswith("data:image/") else image, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"the image {image!r} is neither a file, a URL nor base64 image data") from None
+
+
+class HierarchicalImageClassificationPipeline(DecodingImageClassificationPipeline):
     r"""
     Image classification at both levels of the hierarchy with a hierarchical model
     (`HierarchicalEfficientNetV2ForImageClassification`): the model's `predict_from_logits` with its calibrated
-    temperatures and consistent probabilities.
+    temperatures and consistent probabilities. Images are decoded as by [`DecodingImageClassificationPipeline`].
 
     Call arguments (besides the images and `timeout`):
         min_confidence (`float`, *optional*, defaults to `config.selective_threshold`):
@@ -101,4 +146,4 @@ if _registered is None or _registered["impl"].__name__ != HierarchicalImageClass
         type="image",
     )
 
-__all__ = ["HierarchicalImageClassificationPipeline"]
+__all__ = ["DecodingImageClassificationPipeline", "HierarchicalImageClassificationPipeline"]

@@ -15,6 +15,7 @@ from datasets import Image as ImageFeature
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchy_metrics import ECE_BINS
+from image_decoding import decode_image
 from report_data import MAX_CONFUSION_SUPERCLASSES, ReportData
 
 FIGURE_NAMES = {
@@ -205,14 +206,14 @@ def plot_misclassified(
     if wrong.size == 0:
         return None
     rows = wrong[np.argsort(-data.fine_confidence[wrong], kind="stable")][:MAX_MISCLASSIFIED]
-    pictures = _images_at(images, rows.tolist())
+    pictures = _images_at(images, rows.tolist(), config.image_size)
     columns = min(4, len(rows))
     grid_rows = -(-len(rows) // columns)
     figure = new_figure(figsize=(2.6 * columns, 2.9 * grid_rows))
     names, coarse_names = config.id2label, config.coarse_label_names
     for position, (row, picture) in enumerate(zip(rows, pictures, strict=True)):
         axes = figure.add_subplot(grid_rows, columns, position + 1)
-        axes.imshow(np.asarray(picture.convert("RGB")), interpolation="nearest")
+        axes.imshow(np.asarray(picture), interpolation="nearest")
         axes.set_axis_off()
         fine, coarse = data.fine_predictions[row], data.coarse_predictions[row]
         axes.set_title(
@@ -309,19 +310,19 @@ def plot_risk_coverage(new_figure: Any, data: ReportData, config: HierarchicalEf
     return _save(figure, path)
 
 
-def _images_at(images: Sequence[PIL.Image.Image] | Dataset, rows: list[int]) -> list[PIL.Image.Image]:
-    """PIL images at `rows` of a sequence of images or of a `Dataset` with an `image` column (any format)."""
+def _images_at(images: Sequence[PIL.Image.Image] | Dataset, rows: list[int], image_size: int) -> list[PIL.Image.Image]:
+    """8-bit RGB PIL images at `rows` of a sequence of images or of a `Dataset` with an `image` column (any format),
+    decoded by the model's decoder as evaluation decoded them (reduced for `image_size`)."""
     if isinstance(images, Dataset):
         if "image" not in images.column_names:
             raise ValueError(f"images must have an 'image' column, got the columns {images.column_names}")
-        values = list(images.with_format(None).select(rows)["image"])  # drops an attached transform
+        # without an attached transform, and undecoded: the decoder reads the header first
+        values = list(images.with_format(None).select(rows).cast_column("image", ImageFeature(decode=False))["image"])
     else:
         values = [images[row] for row in rows]
     decoded = []
-    for value in values:
-        if isinstance(value, dict):  # an Image(decode=False) value: {"bytes": ..., "path": ...}
-            value = ImageFeature().decode_example(value)
-        if not isinstance(value, PIL.Image.Image):
+    for row, value in zip(rows, values, strict=True):
+        if not isinstance(value, PIL.Image.Image | dict):
             raise TypeError(f"images must hold PIL images, got {type(value).__name__}")
-        decoded.append(value)
+        decoded.append(decode_image(value, row, "evaluated", image_size=image_size))
     return decoded

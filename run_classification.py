@@ -204,7 +204,7 @@ def build_trainer(
             cutmix_switch_prob=data_args.cutmix_switch_prob,
             seed=training_args.seed,
         ),
-        processing_class=build_image_processor(config),
+        processing_class=build_image_processor(config, data_args.max_image_pixels),
         compute_metrics=partial(compute_metrics, fine_to_coarse=config.fine_to_coarse),
         callbacks=[*callbacks, *extra_callbacks],
     )

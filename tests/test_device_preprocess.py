@@ -19,7 +19,6 @@ import run_classification
 from augmentation import (
     PolicyAugment,
     RandomCropWithPadding,
-    ToNormalizedFloat,
     build_eval_transform,
     build_train_transform,
     derive_seed,
@@ -30,6 +29,7 @@ from conftest import encode_image, make_image_array, small_config, tiny_args
 from data_utils import DataArguments
 from device_preprocess import DevicePreprocessor, box_mask
 from image_decoding import to_rgb
+from image_processing_hierarchical import ToNormalizedFloat
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 
 SEED = 11

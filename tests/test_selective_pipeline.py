@@ -82,13 +82,19 @@ def test_config_rejects_bad_calibration_values(kwargs, message):
 
 def test_saved_config_carries_the_calibration_and_the_pipeline(calibrated_model_dir):
     assert (calibrated_model_dir / "pipeline_hierarchical.py").is_file()
+    assert (calibrated_model_dir / "image_processing_hierarchical.py").is_file()
     saved = json.loads((calibrated_model_dir / "config.json").read_text())
     assert saved["custom_pipelines"] == {
         "hierarchical-image-classification": {
             "impl": "pipeline_hierarchical.HierarchicalImageClassificationPipeline",
             "pt": ["AutoModelForImageClassification"],
             "type": "image",
-        }
+        },
+        "image-classification": {
+            "impl": "pipeline_hierarchical.DecodingImageClassificationPipeline",
+            "pt": ["AutoModelForImageClassification"],
+            "type": "image",
+        },
     }
     assert (saved["fine_temperature"], saved["coarse_temperature"], saved["selective_threshold"]) == (0.5, 0.25, 0.04)
     reloaded = HierarchicalEfficientNetV2Config.from_pretrained(calibrated_model_dir)
@@ -218,12 +224,12 @@ from transformers import pipeline
 assert not any(p and "{PROJECT_DIR}" in p for p in sys.path)
 classifier = pipeline("hierarchical-image-classification", model={str(calibrated_model_dir)!r}, trust_remote_code=True)
 assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
-inferred = pipeline(model={str(calibrated_model_dir)!r}, trust_remote_code=True)  # the task from config.json
+standard = pipeline("image-classification", model={str(calibrated_model_dir)!r}, trust_remote_code=True)
 results = {{
     "stored": classifier(["0.png", "1.png"]),
     "strict": classifier("0.png", min_confidence=0.99),
-    "inferred": inferred("0.png"),
-    "inferred_type": type(inferred).__name__,
+    "standard": standard("0.png", top_k=1),
+    "standard_type": type(standard).__name__,
 }}
 json.dump(results, open("results.json", "w"))
 """
@@ -246,8 +252,9 @@ json.dump(results, open("results.json", "w"))
         assert output["answer_label"] == expected.answer_labels[index]
         assert output["min_confidence"] == 0.04  # from config.json
     assert results["strict"]["answer_level"] == "abstain" and results["strict"]["answer_label"] == "unknown"
-    assert results["inferred_type"] == "HierarchicalImageClassificationPipeline"
-    assert results["inferred"] == results["stored"][0]
+    assert results["standard_type"] == "DecodingImageClassificationPipeline"  # the model's decoder, standard output
+    logits = reloaded(processor(images[:1], return_tensors="pt")["pixel_values"]).logits
+    assert results["standard"][0]["label"] == reloaded.config.id2label[int(logits.argmax())]
 
 
 def test_pipeline_without_a_stored_threshold(tmp_path, model):

@@ -1,0 +1,140 @@
+"""One decoder for training, evaluation and serving: every accepted PIL mode gives the same model input through
+training's evaluation transform, the evaluation batches, the saved image processor and both pipelines; the pixel
+limit is read from the header everywhere; large images are reduced while decoded."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import AutoImageProcessor, pipeline
+
+import eval_report
+from augmentation import build_eval_transform
+from conftest import encode_image, make_parquet_dataset, small_config
+from device_preprocess import DevicePreprocessor
+from image_decoding import decode_image, decode_to_tensor
+from image_processing_hierarchical import decode_rgb, decoded_side_bound
+
+CONFIG = small_config()  # 32 px: images above 64 px on a side are reduced while decoded
+# Every mode the project reads: PIL's image modes that an image file can hold.
+MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "LAB", "LA", "PA", "YCbCr", "HSV", "RGBX")
+
+
+@pytest.fixture(scope="module")
+def serving(saved_model_dir: Path) -> dict:
+    """The saved model's image processor and both pipelines, loaded as a user loads them."""
+    directory = str(saved_model_dir)
+    return {
+        "image processor": AutoImageProcessor.from_pretrained(directory, trust_remote_code=True),
+        "image-classification": pipeline("image-classification", model=directory, trust_remote_code=True),
+        "hierarchical-image-classification": pipeline(
+            "hierarchical-image-classification", model=directory, trust_remote_code=True
+        ),
+    }
+
+
+@st.composite
+def images(draw: st.DrawFn) -> PIL.Image.Image:
+    """A small image in any accepted mode, with values over the whole range its mode stands for (16-bit data in
+    "I", [0, 1] or [0, 255] in "F"), sometimes larger than twice the model size."""
+    mode = draw(st.sampled_from(MODES))
+    size = (draw(st.integers(1, 80)), draw(st.integers(1, 80)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    shape = size[::-1]
+    if mode == "I;16":
+        return PIL.Image.fromarray(rng.integers(0, 65536, shape, dtype=np.uint16))
+    if mode == "I":
+        return PIL.Image.fromarray(rng.integers(0, draw(st.sampled_from([256, 65536])), shape).astype(np.int32))
+    if mode == "F":
+        return PIL.Image.fromarray((rng.random(shape) * draw(st.sampled_from([1.0, 255.0]))).astype(np.float32))
+    if mode == "1":
+        return PIL.Image.fromarray(rng.random(shape) < 0.5)
+    image = PIL.Image.new(mode, size)
+    image.frombytes(rng.integers(0, 256, size[0] * size[1] * len(image.getbands()), dtype=np.uint8).tobytes())
+    if mode in ("P", "PA"):
+        image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+    return image
+
+
+@given(image=images())
+def test_every_path_gives_the_model_the_same_pixels(serving, image):
+    expected = build_eval_transform(CONFIG)(image)  # training's evaluation transform, (3, 32, 32)
+    batch = {"pixel_values": decode_to_tensor(image, 0, "test", image_size=CONFIG.image_size)[None]}
+    paths = {"evaluation batches": DevicePreprocessor(CONFIG)(batch)["pixel_values"][0]}
+    paths["image processor"] = serving["image processor"](image, return_tensors="pt")["pixel_values"][0]
+    for task in ("image-classification", "hierarchical-image-classification"):
+        paths[task] = serving[task].preprocess(image)["pixel_values"][0]
+    for name, pixels in paths.items():
+        assert torch.equal(pixels, expected), f"{image.mode} {image.size}: {name} differs from the evaluation transform"
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped(serving):
+    grey = PIL.Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32))  # mid-grey in [0, 1]
+    deep = PIL.Image.fromarray(np.full((32, 32), 32896, dtype=np.uint16))  # 128 x 257
+    for image in (grey, deep):
+        pixels = serving["image-classification"].preprocess(image)["pixel_values"][0]
+        torch.testing.assert_close(pixels, build_eval_transform(CONFIG)(PIL.Image.new("RGB", (32, 32), (128,) * 3)))
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 12,000 x 12,000 1-bit PNG of a few KB: 144 megapixels, above the default limit of 50 million."""
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    PIL.Image.new("1", (12_000, 12_000)).save(path)
+    assert path.stat().st_size < 100_000
+    return path
+
+
+HUGE_MESSAGE = r"12000x12000 = 144,000,000 pixels, above the limit of 50,000,000 \(--max_image_pixels\)"
+
+
+@pytest.mark.parametrize("task", ["image-classification", "hierarchical-image-classification"])
+def test_pipelines_refuse_an_image_above_the_limit_from_its_header(serving, huge_png, task):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=HUGE_MESSAGE):
+        serving[task](str(huge_png))
+    assert time.perf_counter() - start < 1.0  # decoding it would take seconds and 576 MB as RGB
+
+
+def test_image_processor_refuses_an_image_above_the_limit_from_its_header(serving, huge_png):
+    with pytest.raises(ValueError, match=HUGE_MESSAGE):
+        serving["image processor"](str(huge_png))
+
+
+def test_eval_report_refuses_an_image_above_the_limit_from_its_header(saved_model_dir, huge_png, tmp_path):
+    data = tmp_path / "data"
+    make_parquet_dataset(data, split="test", image_bytes={1: huge_png.read_bytes()})
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="row index=1 of split 'test' is " + HUGE_MESSAGE):
+        eval_report.evaluate_saved_model(saved_model_dir, str(data), split="test", output_dir=tmp_path / "report")
+    assert time.perf_counter() - start < 30.0
+    assert not (tmp_path / "report" / "eval_report.md").exists()
+
+
+@pytest.mark.parametrize("task", ["image-classification", "hierarchical-image-classification"])
+def test_pipelines_name_a_file_that_is_not_an_image(serving, tmp_path, task):
+    path = tmp_path / "notes.png"
+    path.write_text("not a picture\n")
+    with pytest.raises(ValueError, match=f"the file '{path}' is not an image"):
+        serving[task](str(path))
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG"])
+def test_large_images_are_reduced_while_decoded(format):
+    rng = np.random.default_rng(0)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (3000, 3000, 3), dtype=np.uint8))
+    encoded = encode_image(image, format)
+    bound = decoded_side_bound(CONFIG.image_size)  # 4 x 32 - 1 = 127 px a side
+    decoded = decode_image({"bytes": encoded, "path": None}, 0, "train", image_size=CONFIG.image_size)
+    assert decoded.mode == "RGB" and max(decoded.size) <= bound and min(decoded.size) >= 2 * CONFIG.image_size
+    tall = decode_rgb(encode_image(PIL.Image.new("L", (70, 3000)), format), CONFIG.image_size)
+    assert tall.size[0] == 70 and 64 <= tall.size[1] <= bound  # each side on its own
+    assert decode_rgb(io.BytesIO(encoded).getvalue()).size == (3000, 3000)  # no model size: the source size
