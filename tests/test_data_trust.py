@@ -273,7 +273,11 @@ def test_nan_on_the_command_line_names_the_option():
 
 
 def _decoded(image: PIL.Image.Image, format: str) -> np.ndarray:
-    return np.asarray(decode_image({"bytes": encode_image(image, format), "path": None}, index=3, split="test"))
+    """The grey level of `image` saved in `format` and decoded (to RGB, three equal channels)."""
+    decoded = decode_image({"bytes": encode_image(image, format), "path": None}, index=3, split="test")
+    pixels = np.asarray(decoded)
+    assert decoded.mode == "RGB" and (pixels == pixels[..., :1]).all()
+    return pixels[..., 0]
 
 
 def test_float_images_in_unit_range_are_scaled_not_black():
