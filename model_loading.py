@@ -100,4 +100,19 @@ def load_saved_model(
         )
     if problems:
         logger.warning("Loaded %s with --allow_missing_weights: %s", source, "; ".join(problems))
+    check_finite_weights(model, source)
     return model
+
+
+def check_finite_weights(model: HierarchicalEfficientNetV2ForImageClassification, source: str) -> None:
+    """`ValueError` naming the weights and buffers of `model` (loaded from `source`) that hold NaN or infinite
+    values: such a model would train or evaluate to meaningless numbers."""
+    bad = [
+        name for name, value in model.state_dict().items() if value.is_floating_point() and not value.isfinite().all()
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"--model_name_or_path {source!r} holds NaN or infinite values in {len(bad)} tensors: {shown}; it cannot "
+            "be trained or evaluated"
+        )
