@@ -24,6 +24,8 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from callbacks import EMA_FILE
+from hierarchy_data import Hierarchy
+from provenance import folder_tables, tables_difference
 from training_args import HierarchicalTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,26 @@ def safetensors_problem(path: str, shapes: dict[str, tuple[int, ...]] | None = N
         if names:
             return f"{name} {what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} ({len(names)})"
     return None
+
+
+def nonfinite_tensors(path: str) -> list[str]:
+    """Names of the floating-point tensors of the safetensors file `path` that hold NaN or infinite values."""
+    bad = []
+    with safe_open(path, framework="pt") as file:
+        for key in file.keys():  # noqa: SIM118
+            value = file.get_tensor(key)
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                bad.append(key)
+    return bad
+
+
+def nonfinite_problem(path: str) -> str | None:
+    """Why the weights in `path` cannot be used: the tensors that hold NaN or infinite values; None if all finite."""
+    bad = nonfinite_tensors(path)
+    if not bad:
+        return None
+    shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+    return f"{os.path.basename(path)} holds NaN or infinite values in {len(bad)} tensors: {shown}"
 
 
 def _torch_file_problem(path: str, keys: tuple[str, ...]) -> str | None:
@@ -122,7 +144,7 @@ def checkpoint_problem(
     checkpoint and metric agree with its evaluation log (with `metric_for_best_model`); `model.safetensors` (and,
     with `needs_ema`, `ema.safetensors`) complete, with the tensor names and shapes of `shapes` when given; the
     optimizer, scheduler and RNG states load as tensors and plain containers (nothing else is unpickled) and hold
-    what resuming reads. Only files the Trainer writes are judged: anything else in the folder is ignored."""
+    what resuming reads; every weight finite. Only files the Trainer writes are judged: anything else in the folder is ignored."""
     try:
         with open(os.path.join(path, TRAINER_STATE_NAME)) as file:
             state = json.load(file)
@@ -134,7 +156,7 @@ def checkpoint_problem(
     if shapes is not None:
         float_shapes = {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
     for name, expected in [("model.safetensors", shapes)] + ([(EMA_FILE, float_shapes)] if needs_ema else []):
-        problem = safetensors_problem(os.path.join(path, name), expected)
+        problem = safetensors_problem(os.path.join(path, name), expected) or nonfinite_problem(os.path.join(path, name))
         if problem:
             return problem
     rng_files = [name for name in os.listdir(path) if RNG_FILE_RE.match(name)]
@@ -155,6 +177,36 @@ def checkpoint_problem(
     return None
 
 
+def _optimizer_group_count(path: str) -> int | None:
+    """The number of parameter groups in the optimizer state of checkpoint `path`, or None when it has none."""
+    try:
+        content = torch.load(os.path.join(path, OPTIMIZER_NAME), map_location="cpu", weights_only=True, mmap=True)
+        return len(content["param_groups"])
+    except Exception:  # a missing or broken file is judged by checkpoint_problem
+        return None
+
+
+def other_run_problem(path: str, tables: Hierarchy | None = None, num_param_groups: int | None = None) -> str | None:
+    """Why checkpoint `path` belongs to another run than the one resuming it, or None: label tables (classes,
+    their order, superclasses, mapping) other than `tables` ([`tables_difference`]), or an optimizer state with
+    another number of parameter groups than `num_param_groups`."""
+    if tables is not None:
+        try:
+            recorded = folder_tables(path)
+        except (OSError, ValueError):  # an unreadable config.json: the Trainer's loading names it
+            recorded = None
+        if recorded is not None and (difference := tables_difference(recorded, tables, "the checkpoint", "this run")):
+            return f"it was trained for other label tables: {difference}"
+    if num_param_groups is not None:
+        groups = _optimizer_group_count(path)
+        if groups is not None and groups != num_param_groups:
+            return (
+                f"its optimizer state ({OPTIMIZER_NAME}) holds {groups} parameter groups, this run's optimizer "
+                f"{num_param_groups} (--layer_decay, --weight_decay and the frozen stages decide the groups)"
+            )
+    return None
+
+
 # Not transformers' get_last_checkpoint: it gives only the newest, and resuming falls back past incomplete ones.
 def find_checkpoints(output_dir: str) -> list[str]:
     """Checkpoint folders in `output_dir`, oldest first."""
@@ -164,12 +216,25 @@ def find_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
-def resolve_checkpoint(training_args: HierarchicalTrainingArguments, model: nn.Module | None = None) -> str | None:
+def resolve_checkpoint(
+    training_args: HierarchicalTrainingArguments, model: nn.Module | None = None, num_param_groups: int | None = None
+) -> str | None:
     """The checkpoint to resume from: the one asked for (it must be complete) or, by default, the newest complete
     checkpoint in `output_dir` ([`checkpoint_problem`], with the tensor shapes of `model` when given). Incomplete
     ones are named in a warning and moved aside to `incomplete-<name>` (never deleted). With checkpoints present but
-    none usable, stop unless `--restart_from_scratch`."""
+    none usable, stop unless `--restart_from_scratch`. A checkpoint of another run (other label tables than
+    `model`'s config, another number of optimizer parameter groups than `num_param_groups`: [`other_run_problem`])
+    stops the run with `ValueError` naming the difference, before any training."""
     shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()} if model is not None else None
+    tables = Hierarchy.from_config(model.config) if model is not None and hasattr(model, "config") else None
+
+    def refuse_other_run(path: str) -> None:
+        if problem := other_run_problem(path, tables, num_param_groups):
+            raise ValueError(
+                f"cannot resume from {path!r}: {problem}. Resume with the data and options of the run that wrote "
+                "it, or pass another --output_dir"
+            )
+
     metric = training_args.metric_for_best_model if training_args.load_best_model_at_end else None
     greater = training_args.greater_is_better if training_args.greater_is_better is not None else True
     problem_of = partial(
@@ -180,6 +245,7 @@ def resolve_checkpoint(training_args: HierarchicalTrainingArguments, model: nn.M
         greater_is_better=greater,
     )
     if training_args.resume_from_checkpoint is not None:
+        refuse_other_run(training_args.resume_from_checkpoint)
         problem = problem_of(training_args.resume_from_checkpoint)
         if problem:
             raise ValueError(f"cannot resume from {training_args.resume_from_checkpoint!r}: {problem}")
@@ -187,6 +253,7 @@ def resolve_checkpoint(training_args: HierarchicalTrainingArguments, model: nn.M
         return training_args.resume_from_checkpoint
     checkpoints = find_checkpoints(training_args.output_dir)
     for path in reversed(checkpoints):
+        refuse_other_run(path)
         problem = problem_of(path)
         if problem is None:
             logger.info("output_dir holds checkpoints: continuing from the last complete one, %s", path)

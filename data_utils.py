@@ -31,7 +31,6 @@ from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_checks import (
     check_duplicate_images,
     resolve_image_paths,
-    split_train_validation,
     standardise_split,
 )
 from data_sources import CifarUnpickler, load_raw_datasets, source_folder
@@ -40,6 +39,7 @@ from hierarchy_data import discover_hierarchy
 from image_decoding import DEFAULT_MAX_IMAGE_PIXELS, decode_image, to_rgb
 from image_processing_hierarchical import ToNormalizedFloat
 from option_fields import check_finite_options, option
+from provenance import DataRecord, split_with_record
 
 logger = logging.get_logger(__name__)
 
@@ -116,6 +116,13 @@ class DataArguments:
         "Images of the validation or test split whose encoded bytes equal those of a training image are "
         "refused by default; true drops them from the evaluation splits instead, and logs how many.",
     )
+    allow_data_mismatch: bool = option(
+        False,
+        "Evaluating a saved model's validation split uses the rows recorded with the model (provenance.json), "
+        "and is refused when the training data differ from the recorded ones or the rows would include rows the "
+        "model trained on; a resumed run is refused when its data differ from its checkpoint's. True evaluates or "
+        "resumes anyway, with a warning.",
+    )
 
     def __post_init__(self) -> None:
         check_finite_options(self)
@@ -140,12 +147,26 @@ class DataArguments:
 def prepare_datasets(
     args: DataArguments, config: HierarchicalEfficientNetV2Config, seed: int, raw: DatasetDict | None = None
 ) -> DatasetDict:
+    """The splits of [`prepare_datasets_with_record`], without the record."""
+    return prepare_datasets_with_record(args, config, seed, raw)[0]
+
+
+def prepare_datasets_with_record(
+    args: DataArguments,
+    config: HierarchicalEfficientNetV2Config,
+    seed: int,
+    raw: DatasetDict | None = None,
+    recorded: DataRecord | None = None,
+    recorded_in: str = "the model",
+) -> tuple[DatasetDict, DataRecord | None]:
     """Load (unless `raw` is given: the output of `load_raw_datasets`), validate and standardise the source; carve
-    a validation split if needed; apply `max_*_samples`. The data's hierarchy (`discover_hierarchy`) must fit
+    a validation split if needed (with `recorded`, a saved model's [`DataRecord`] read from `recorded_in`: the one
+    recorded, see [`split_with_record`]); apply `max_*_samples`. The data's hierarchy (`discover_hierarchy`) must fit
     `config`: every class of the data a class of the config, under the same superclass.
 
     Returns the available splits among "train", "validation" and "test", each with the columns `image` (`Image`),
-    `labels` and `coarse_labels` (`ClassLabel`) and `index` (the row's position in its source split).
+    `labels` and `coarse_labels` (`ClassLabel`) and `index` (the row's position in its source split), and the
+    record of the training data (None without a training split).
     """
     raw = load_raw_datasets(args) if raw is None else raw
     source_names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
@@ -166,15 +187,16 @@ def prepare_datasets(
     hierarchy = discover_hierarchy(raw, args)  # rows checked above; now the superclasses of a hierarchy file too
     if hierarchy is not None and (problem := hierarchy.mismatch(config)):
         raise ValueError(f"the data {args.dataset_name!r} does not fit the model's classes: {problem}")
-    if "validation" not in splits and "train" in splits and args.train_val_split > 0:
-        splits["train"], splits["validation"] = split_train_validation(splits["train"], args.train_val_split, seed)
+    splits, record = split_with_record(
+        splits, args.train_val_split, seed, recorded, recorded_in, allow_data_mismatch=args.allow_data_mismatch
+    )
     for split, option_name in SPLIT_LIMITS.items():
         limit = getattr(args, option_name)
         if split in splits and limit is not None and limit < len(splits[split]):
             splits[split] = splits[split].select(range(limit))
     splits = check_duplicate_images(splits, drop=args.drop_duplicate_images)
     logger.info(f"Prepared splits: { {split: len(dataset) for split, dataset in splits.items()} }")
-    return DatasetDict(splits)
+    return DatasetDict(splits), record
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,6 +254,7 @@ __all__ = [
     "derive_seed",
     "load_raw_datasets",
     "prepare_datasets",
+    "prepare_datasets_with_record",
     "to_rgb",
     "uniform_draws",
 ]

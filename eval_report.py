@@ -32,10 +32,17 @@ from transformers.utils import logging
 
 from calibration import evaluate_calibration
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from data_utils import SPLIT_LIMITS, DataArguments, HierarchicalCollator, evaluation_inputs, prepare_datasets
+from data_utils import (
+    SPLIT_LIMITS,
+    DataArguments,
+    HierarchicalCollator,
+    evaluation_inputs,
+    prepare_datasets_with_record,
+)
 from hierarchy_metrics import compute_hierarchy_metrics
 from model_loading import load_saved_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+from provenance import PROVENANCE_NAME, read_record
 from report_data import compute_report_data
 from report_figures import FIGURE_NAMES, draw_figures
 from report_markdown import render_markdown
@@ -129,11 +136,13 @@ def evaluate_saved_model(
     Args:
         model_dir: a folder written by `save_pretrained` (e.g. by `run_classification.py`).
         dataset_name: any source `DataArguments.dataset_name` accepts (Hub id, parquet folder, ...).
-        split: "train", "validation" (carved from "train" with `seed` and `train_val_split` when the source has
-            none, as in training) or "test".
+        split: "train", "validation" or "test". The validation split of a model that records its training data
+            (`provenance.json`) is the one recorded, whatever `seed` and `train_val_split` say; data other than the
+            recorded ones, or a validation split that would hold rows the model trained on, are refused unless
+            `allow_data_mismatch=True`. Without a record it is carved as in training, with `seed`.
         batch_size: images per inference batch (`per_device_eval_batch_size`).
         max_samples: evaluate only the first N rows of the split.
-        seed: the training seed, which decides a carved validation split.
+        seed: the training seed, which decides a carved validation split when the model records none.
         data_options: other `DataArguments` fields (column and split names, `train_val_split`, ...).
 
     Returns the hierarchy metrics (`fine_accuracy`, `coarse_accuracy`, ...) and the calibration and selective ones
@@ -149,7 +158,15 @@ def evaluate_saved_model(
     model = load_saved_model(ModelArguments(model_name_or_path=str(model_dir)), cache_dir=None, overrides={})
     config = model.config
     data_args = DataArguments(dataset_name=dataset_name, **data_options)
-    splits = prepare_datasets(data_args, config, seed=seed)
+    recorded = read_record(str(model_dir)) if split == "validation" and os.path.isdir(model_dir) else None
+    if split == "validation" and recorded is None:
+        logger.warning(
+            f"{model_dir} records no training data ({PROVENANCE_NAME}): the validation split is carved with seed "
+            f"{seed} and may hold rows it trained on"
+        )
+    splits, _ = prepare_datasets_with_record(
+        data_args, config, seed=seed, recorded=recorded, recorded_in=f"the model folder {str(model_dir)!r}"
+    )
     if split not in splits:
         raise ValueError(f"the dataset {dataset_name!r} has no {split!r} split; it has {list(splits)}")
     report_dir = model_dir if output_dir is None else output_dir
@@ -199,7 +216,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--output_dir", default=None, help="Where the report goes (default: MODEL_DIR).")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per inference batch.")
     parser.add_argument("--max_samples", type=int, default=None, help="Evaluate only the first N rows of the split.")
-    parser.add_argument("--seed", type=int, default=42, help="Training seed (decides a carved validation split).")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="Training seed: carves the validation split of a model that records none (provenance.json).",
+    )
     data_args, options = parser.parse_args_into_dataclasses(args=argv)
     data_options = dataclasses.asdict(data_args)
     metrics = evaluate_saved_model(

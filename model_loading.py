@@ -100,4 +100,28 @@ def load_saved_model(
         )
     if problems:
         logger.warning("Loaded %s with --allow_missing_weights: %s", source, "; ".join(problems))
+    not_loaded = {  # mismatched keys come as (name, shape in the file, shape in the model)
+        key[0] if isinstance(key, tuple) else key
+        for kind in ("missing_keys", "mismatched_keys")
+        for key in info.get(kind) or ()
+    }
+    check_finite_weights(model, source, not_loaded)
     return model
+
+
+def check_finite_weights(
+    model: HierarchicalEfficientNetV2ForImageClassification, source: str, not_loaded: set[str] = frozenset()
+) -> None:
+    """`ValueError` naming the weights and buffers of `model` loaded from `source` (all but `not_loaded`) that hold
+    NaN or infinite values: such a model would train or evaluate to meaningless numbers."""
+    bad = [
+        name
+        for name, value in model.state_dict().items()
+        if name not in not_loaded and value.is_floating_point() and not value.isfinite().all()
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"--model_name_or_path {source!r} holds NaN or infinite values in {len(bad)} tensors: {shown}; it cannot "
+            "be trained or evaluated"
+        )

@@ -32,14 +32,15 @@ from checkpoints import output_dir_lock, resolve_checkpoint
 from collation import EpochCallback, HierarchicalCollator
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_sources import load_raw_datasets
-from data_utils import DataArguments, apply_transforms, prepare_datasets
+from data_utils import DataArguments, apply_transforms, prepare_datasets_with_record
 from eval_report import write_prediction_report
 from hierarchy_data import balanced_class_weights, discover_hierarchy, set_class_weights
 from model_loading import load_model
 from modeling_hierarchical import build_image_processor
+from provenance import PROVENANCE_NAME, DataRecord, check_resumed_data, read_record
 from remote_resources import check_remote_resources
 from run_summary import quiet_transformers, run_summary, write_run_options
-from trainer import HierarchicalTrainer, compute_metrics
+from trainer import HierarchicalTrainer, compute_metrics, parameter_groups
 from training_args import HierarchicalTrainingArguments, ModelArguments, check_batch_fits
 
 logger = logging.getLogger(__name__)
@@ -141,9 +142,13 @@ def check_run_options(model_args: ModelArguments, training_args: HierarchicalTra
 
 def load_data_and_model(
     model_args: ModelArguments, data_args: DataArguments, training_args: HierarchicalTrainingArguments
-) -> tuple[nn.Module, DatasetDict, str | None]:
+) -> tuple[nn.Module, DatasetDict, str | None, DataRecord | None]:
     """Load the data, the model whose heads fit its classes and the checkpoint to resume from; return the model,
-    the splits with their transforms attached and the checkpoint (None for a fresh start)."""
+    the splits with their transforms attached, the checkpoint (None for a fresh start) and the record of the data
+    the model is trained on (`provenance.py`: this run's when it trains, else the one saved with the model).
+
+    A checkpoint of another run (other label tables, optimizer groups or data) is refused before any training. An
+    evaluation of a saved model's validation split evaluates the rows recorded with it, whatever `--seed` says."""
     with training_args.main_process_first(desc="dataset loading"):
         raw = load_raw_datasets(data_args)
     hierarchy = discover_hierarchy(raw, data_args)  # the classes of the data decide the heads
@@ -153,11 +158,33 @@ def load_data_and_model(
         model = load_model(model_args, data_args.cache_dir, hierarchy)
     checkpoint = None
     if training_args.do_train:
+        args = training_args
+        groups = len(parameter_groups(model, args.lr_conv, args.lr_fc, args.weight_decay, args.layer_decay))
         with training_args.main_process_first(desc="checkpoint scan"):
-            checkpoint = resolve_checkpoint(training_args, model)
+            checkpoint = resolve_checkpoint(training_args, model, num_param_groups=groups)
     config = model.config
+    source = model_args.model_name_or_path
+    recorded = None  # an evaluation of a saved model: the data it recorded decide its validation split
+    if not training_args.do_train and source is not None and os.path.isdir(source):
+        recorded = read_record(source)
+        if recorded is None and training_args.do_eval:
+            logger.warning(
+                "%s records no training data (%s): its validation split is carved with --seed and may hold rows it "
+                "trained on",
+                source,
+                PROVENANCE_NAME,
+            )
     with training_args.main_process_first(desc="dataset preparation"):
-        splits = prepare_datasets(data_args, config, seed=training_args.seed, raw=raw)
+        splits, record = prepare_datasets_with_record(
+            data_args,
+            config,
+            seed=training_args.seed,
+            raw=raw,
+            recorded=recorded if training_args.do_eval else None,
+            recorded_in=f"--model_name_or_path {source!r}",
+        )
+    if checkpoint is not None:
+        check_resumed_data(checkpoint, record, data_args.allow_data_mismatch)
     if model_args.class_weights == "balanced" and "train" in splits:
         train_columns = splits["train"].select_columns(["labels", "coarse_labels"]).with_format("numpy")[:]
         set_class_weights(
@@ -172,7 +199,7 @@ def load_data_and_model(
         raise ValueError("--do_eval needs a validation split: set --train_val_split > 0 or provide one")
     if training_args.do_predict and "test" not in splits:
         raise ValueError(f"--do_predict needs a test split ({data_args.test_split_name!r} not found)")
-    return model, splits, checkpoint
+    return model, splits, checkpoint, record if training_args.do_train else recorded
 
 
 def build_trainer(
@@ -183,9 +210,11 @@ def build_trainer(
     training_args: HierarchicalTrainingArguments,
     checkpoint: str | None,
     extra_callbacks: Sequence[TrainerCallback] = (),
+    data_record: DataRecord | None = None,
 ) -> HierarchicalTrainer:
     """The trainer with its callbacks (epoch for the augmentation seeds, weight average, time budget, then
-    `extra_callbacks`) and the collator (MixUp/CutMix on both heads' targets)."""
+    `extra_callbacks`), the collator (MixUp/CutMix on both heads' targets) and the record of the model's data,
+    saved with every checkpoint and the model."""
     callbacks = [EpochCallback(splits["train"])] if "train" in splits else []
     if training_args.do_train and training_args.ema_decay > 0:
         callbacks.append(EMACallback(training_args.ema_decay, resume_from=checkpoint))
@@ -207,6 +236,7 @@ def build_trainer(
         processing_class=build_image_processor(config, data_args.max_image_pixels),
         compute_metrics=partial(compute_metrics, fine_to_coarse=config.fine_to_coarse),
         callbacks=[*callbacks, *extra_callbacks],
+        data_record=data_record,
     )
     trainer.dataset_name = data_args.dataset_name
     return trainer
@@ -278,7 +308,7 @@ def run(
     if training_args.keep_freed_memory and keep_freed_memory():
         logger.debug("glibc allocator keeps freed memory for reuse (--keep_freed_memory)")
     set_seed(training_args.seed)
-    model, splits, checkpoint = load_data_and_model(model_args, data_args, training_args)
+    model, splits, checkpoint, data_record = load_data_and_model(model_args, data_args, training_args)
     config = model.config
     if training_args.should_save:
         write_run_options(training_args.output_dir, model_args, data_args, training_args)
@@ -286,7 +316,7 @@ def run(
     logger.info(
         run_summary(model, model_args.model_name_or_path, data_args.dataset_name, sizes, training_args, checkpoint)
     )
-    trainer = build_trainer(model, config, splits, data_args, training_args, checkpoint, callbacks)
+    trainer = build_trainer(model, config, splits, data_args, training_args, checkpoint, callbacks, data_record)
 
     metrics: dict[str, float] = {}
     if training_args.do_train:

@@ -23,6 +23,7 @@ from configuration_hierarchical import NUM_BACKBONE_STAGES
 from device_preprocess import DevicePreprocessor
 from hierarchy_data import HEAD_PREFIXES
 from hierarchy_metrics import compute_hierarchy_metrics
+from provenance import DataRecord, write_record
 
 logger = logging.getLogger(__name__)
 CallbackType = TypeVar("CallbackType", bound=TrainerCallback)
@@ -65,11 +66,21 @@ class HierarchicalTrainer(Trainer):
 
     Args:
         device_preprocessor (`DevicePreprocessor`, *optional*):
-            Defaults to one built from the model's config. Every other argument is the `Trainer`'s.
+            Defaults to one built from the model's config.
+        data_record (`DataRecord`, *optional*):
+            The data the model is trained on, written as `provenance.json` with every checkpoint and saved model.
+            Every other argument is the `Trainer`'s.
     """
 
-    def __init__(self, *args, device_preprocessor: DevicePreprocessor | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        device_preprocessor: DevicePreprocessor | None = None,
+        data_record: DataRecord | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.data_record = data_record
         preprocessor = device_preprocessor or DevicePreprocessor(self.model.config)
         self.device_preprocessor = preprocessor.to(self.args.device)
         self._filter_loss_on_device = False
@@ -122,10 +133,12 @@ class HierarchicalTrainer(Trainer):
         finally:
             self.args.logging_nan_inf_filter = False
 
-    def _save(self, *args, **kwargs) -> None:
-        """Save the model, with the options as given (they are saved too)."""
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the model, with the options as given (they are saved too) and the record of its data."""
         with self._options_as_given():
-            super()._save(*args, **kwargs)
+            super()._save(output_dir, state_dict)
+        if self.data_record is not None and self.args.should_save:
+            write_record(output_dir or self.args.output_dir, self.data_record)
 
     def _push_from_checkpoint(self, *args, **kwargs) -> None:
         """Push a checkpoint, with the options as given (they are pushed too)."""
