@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import DatasetDict
 from transformers.utils import logging
 
 from configuration_hierarchical import (
@@ -33,8 +33,8 @@ from configuration_hierarchical import (
     CIFAR100_FINE_TO_COARSE,
     HierarchicalEfficientNetV2Config,
 )
-from data_checks import LABEL_NAME_ALIASES
 from hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
+from label_columns import column_names
 
 if TYPE_CHECKING:
     from data_utils import DataArguments
@@ -146,37 +146,6 @@ class Hierarchy:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def column_names(dataset: Dataset, column: str, numbers_as_names: bool = False) -> tuple[np.ndarray, list[str] | None]:
-    """The values of a label column as names: `(per-row names, the ClassLabel's names or None)`.
-
-    `ClassLabel` ids become their names (CIFAR-100's misspelt "cra" becomes "crab"), strings stay as they are,
-    plain integers (and a `ClassLabel(num_classes=n)`, whose names are only "0", "1", ...) become their decimal
-    strings when `numbers_as_names`. Returns `(None, None)` for plain integers otherwise.
-    """
-    feature = dataset.features[column]
-    values = dataset.select_columns([column]).with_format("numpy")[:][column]
-    placeholder = isinstance(feature, ClassLabel) and feature.names == [str(i) for i in range(feature.num_classes)]
-    if isinstance(feature, ClassLabel) and not placeholder:  # ClassLabel(num_classes=n) names nothing
-        fixes = LABEL_NAME_ALIASES if _is_cifar100_fine_list(feature.names) else {}
-        names = [fixes.get(name, name) for name in feature.names]
-        if values.size and (values.min() < 0 or values.max() >= len(names)):
-            bad = int(values[(values < 0) | (values >= len(names))][0])
-            raise ValueError(f"column {column!r} holds the id {bad}, not one of its {len(names)} ClassLabel names")
-        return np.asarray(names, dtype=object)[values], names
-    if values.dtype.kind in "OUS":
-        return values.astype(str).astype(object), None
-    if values.dtype.kind in "iu" and numbers_as_names:
-        return values.astype(str).astype(object), None
-    if values.dtype.kind not in "iu":
-        raise ValueError(f"column {column!r} must hold class ids or class names, got {feature}")
-    return None, None
-
-
-def _is_cifar100_fine_list(names: list[str]) -> bool:
-    """Whether `names` is the CIFAR-100 fine table (with or without the uoft-cs/cifar100 misspelling)."""
-    return [LABEL_NAME_ALIASES.get(name, name) for name in names] == CIFAR100_FINE_LABELS
-
-
 def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | None:
     """The hierarchy of the splits of `raw` that `args` uses (see the module docstring); None when the data names
     none (plain integer labels without a hierarchy file, or class names without superclasses)."""
@@ -192,8 +161,14 @@ def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | Non
         fine_column = "label" if from_image_folder else args.label_column_name
         if fine_column not in dataset.column_names or len(dataset) == 0:
             return None  # standardise_split names the problem
-        fine, class_names = column_names(dataset, fine_column, numbers_as_names=from_file is not None)
+        fine, class_names = column_names(dataset, fine_column, split, numbers_as_names=from_file is not None)
         if fine is None:
+            distinct = np.unique(dataset.select_columns([fine_column]).with_format("numpy")[:][fine_column]).size
+            logger.warning(
+                f"column {fine_column!r} of split {split!r} holds plain integers ({distinct} distinct) that name no "
+                "classes: they are read as CIFAR-100 class ids, under CIFAR-100's superclasses (a fresh model gets "
+                "100 classes). For classes of your own, give them names (a ClassLabel or strings) or a --hierarchy_file"
+            )
             return None
         fine_order = fine_order or class_names
         coarse_column = args.coarse_label_column_name
@@ -209,7 +184,7 @@ def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | Non
                     f"Superclasses come from --hierarchy_file; the column {coarse_column!r} of split {split!r} is not read"
                 )
         elif coarse_column in dataset.column_names and not from_image_folder:
-            coarse, coarse_class_names = column_names(dataset, coarse_column, numbers_as_names=True)
+            coarse, coarse_class_names = column_names(dataset, coarse_column, split, numbers_as_names=True)
             coarse_order = coarse_order or coarse_class_names
             pairs.update(zip(fine.tolist(), coarse.tolist(), strict=True))
         else:
@@ -323,7 +298,6 @@ __all__ = [
     "Hierarchy",
     "balanced_class_weights",
     "check_one_parent",
-    "column_names",
     "config_with_hierarchy",
     "discover_hierarchy",
     "reinitialize_heads",
