@@ -3,14 +3,19 @@ split-named folders) and a hierarchy file (JSON or CSV, fine name -> coarse name
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from transformers.utils import logging
+
+from label_columns import normalise_name
 
 if TYPE_CHECKING:
     from data_utils import DataArguments
@@ -88,51 +93,24 @@ def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_hierarchy_file(path: str) -> dict[str, str]:
-    """Read a hierarchy file into `{fine name: coarse name}`, in the file's order.
+def read_hierarchy_file(path: str, data_classes: Collection[str]) -> dict[str, str]:
+    """Read a hierarchy file into `{fine name: coarse name}`, in the file's order, names normalised (NFC).
 
-    JSON: an object `{"fine": "coarse", ...}` or `{"coarse": ["fine", ...], ...}`. CSV: two columns, fine name
-    then coarse name, one row per class; a first row `fine,coarse` is a header.
+    The file is UTF-8 text (a byte-order mark is ignored); another encoding is refused. JSON: an object
+    `{"fine": "coarse", ...}` or `{"coarse": ["fine", ...], ...}`, each key once. CSV: two columns, fine name then
+    coarse name, one row per class (cells stripped of surrounding spaces); the first row is a header, whatever its
+    two names, when its first cell is not a class of the data (`data_classes`). Every refusal names the file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--hierarchy_file {path!r}: no such file")
     extension = os.path.splitext(path)[1].lower()
-    if extension == ".json":
-        with open(path, encoding="utf-8") as file:
-            try:
-                content = json.load(file)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--hierarchy_file {path!r} is not valid JSON: {error}") from None
-        if not isinstance(content, dict) or not content:
-            raise ValueError(
-                f"--hierarchy_file {path!r} must hold a non-empty JSON object, got {type(content).__name__}"
-            )
-        if all(isinstance(value, str) for value in content.values()):
-            pairs = list(content.items())
-        elif all(isinstance(value, list) and all(isinstance(v, str) for v in value) for value in content.values()):
-            pairs = [(fine, coarse) for coarse, fines in content.items() for fine in fines]
-        else:
-            raise ValueError(
-                f"--hierarchy_file {path!r}: the values must all be superclass names (fine -> coarse) or all lists of "
-                "class names (coarse -> [fine, ...])"
-            )
-    elif extension == ".csv":
-        with open(path, encoding="utf-8", newline="") as file:
-            rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
-        if rows and [cell.strip().lower() for cell in rows[0]] == ["fine", "coarse"]:
-            rows = rows[1:]
-        for number, row in enumerate(rows, start=1):
-            if len(row) != 2:
-                raise ValueError(
-                    f"--hierarchy_file {path!r}: row {number} has {len(row)} cells {row}; expected 2 (fine,coarse)"
-                )
-        pairs = [(fine.strip(), coarse.strip()) for fine, coarse in rows]
-        if not pairs:
-            raise ValueError(f"--hierarchy_file {path!r} holds no rows")
-    else:
+    if extension not in (".json", ".csv"):
         raise ValueError(f"--hierarchy_file {path!r} must be a .json or .csv file")
+    text = _utf8_text(path)
+    pairs = _json_pairs(text, path) if extension == ".json" else _csv_pairs(text, path, data_classes)
     mapping: dict[str, str] = {}
     for fine, coarse in pairs:
+        fine, coarse = normalise_name(fine), normalise_name(coarse)
         if mapping.get(fine, coarse) != coarse:
             raise ValueError(
                 f"--hierarchy_file {path!r} puts the class {fine!r} under two superclasses: {mapping[fine]!r} and "
@@ -140,6 +118,75 @@ def read_hierarchy_file(path: str) -> dict[str, str]:
             )
         mapping[fine] = coarse
     return mapping
+
+
+def _utf8_text(path: str) -> str:
+    """The text of `path` read as UTF-8, without a byte-order mark; `ValueError` naming the file otherwise."""
+    with open(path, "rb") as file:
+        content = file.read()
+    for mark, encoding in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                           (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):  # fmt: skip
+        if content.startswith(mark):
+            raise ValueError(f"--hierarchy_file {path!r} is {encoding} text; save it as UTF-8")
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"--hierarchy_file {path!r} is not UTF-8 text (byte {content[error.start]:#04x} at offset "
+            f"{error.start}); save it as UTF-8"
+        ) from None
+
+
+def _json_pairs(text: str, path: str) -> list[tuple[str, str]]:
+    """`(fine, coarse)` pairs of a JSON hierarchy file, in either shape; duplicate keys refused."""
+
+    def unique_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, str] = {}
+        for key, _ in items:
+            normal = normalise_name(key)
+            if normal in seen:
+                raise ValueError(
+                    f"--hierarchy_file {path!r} has the key {key!r} twice in one object"
+                    + ("" if key == seen[normal] else " (in two Unicode forms)")
+                    + "; JSON readers keep only one of them"
+                )
+            seen[normal] = key
+        return dict(items)
+
+    try:
+        content = json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--hierarchy_file {path!r} is not valid JSON: {error}") from None
+    if not isinstance(content, dict) or not content:
+        raise ValueError(f"--hierarchy_file {path!r} must hold a non-empty JSON object, got {type(content).__name__}")
+    if all(isinstance(value, str) for value in content.values()):
+        return list(content.items())
+    if all(isinstance(value, list) and all(isinstance(v, str) for v in value) for value in content.values()):
+        return [(fine, coarse) for coarse, fines in content.items() for fine in fines]
+    raise ValueError(
+        f"--hierarchy_file {path!r}: the values must all be superclass names (fine -> coarse) or all lists of "
+        "class names (coarse -> [fine, ...])"
+    )
+
+
+def _csv_pairs(text: str, path: str, data_classes: Collection[str]) -> list[tuple[str, str]]:
+    """`(fine, coarse)` rows of a CSV hierarchy file; a first row naming no class of the data is its header."""
+    try:
+        rows = [row for row in csv.reader(io.StringIO(text, newline="")) if any(cell.strip() for cell in row)]
+    except csv.Error as error:
+        raise ValueError(f"--hierarchy_file {path!r} is not valid CSV: {error}") from None
+    for number, row in enumerate(rows, start=1):
+        if len(row) != 2:
+            raise ValueError(
+                f"--hierarchy_file {path!r}: row {number} has {len(row)} cells {row}; expected 2 (class,superclass)"
+            )
+    classes = {normalise_name(name) for name in data_classes}
+    if rows and normalise_name(rows[0][0].strip()) not in classes:
+        logger.info(f"--hierarchy_file {path!r}: the first row {rows[0]} is its header (no class of the data)")
+        rows = rows[1:]
+    if not rows:
+        raise ValueError(f"--hierarchy_file {path!r} holds no rows")
+    return [(fine.strip(), coarse.strip()) for fine, coarse in rows]
 
 
 __all__ = ["load_hierarchy_tree", "read_hierarchy_file", "shorten_names"]

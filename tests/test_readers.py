@@ -3,17 +3,24 @@ written, or are refused with a message naming the file (or column) and the probl
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import unicodedata
 from pathlib import Path
 
 import datasets
 import PIL.Image
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from conftest import small_config
 from data_checks import standardise_split
 from data_utils import DataArguments, load_raw_datasets
 from hierarchy_data import discover_hierarchy
+from hierarchy_files import read_hierarchy_file
+from label_columns import normalise_name
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")
 CAFE_NFD = unicodedata.normalize("NFD", "café")
@@ -122,3 +129,97 @@ def test_plain_integer_labels_without_superclasses_say_they_are_read_as_cifar100
         assert discover_hierarchy(load_raw_datasets(args), args) is None
     assert "column 'label' of split 'train' holds plain integers (3 distinct)" in caplog.text
     assert "CIFAR-100 class ids" in caplog.text and "--hierarchy_file" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hierarchy files
+# ----------------------------------------------------------------------------------------------------------------
+
+SPLIT_FOLDERS = ("train", "validation", "test")
+
+# Names as users write them: any letters, digits, punctuation (commas, quotes), spaces inside, emoji; no control
+# characters, no surrounding spaces (CSV cells are stripped), never a hidden-file or path-like name.
+NAME = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="/\\\x00"),
+    min_size=1,
+    max_size=6,
+).filter(lambda name: name == name.strip() and not name.startswith(".") and name not in SPLIT_FOLDERS)
+
+
+@st.composite
+def hierarchies(draw: st.DrawFn) -> dict[str, str]:
+    """`{class: superclass}` with 1-5 classes in 1-3 superclasses; names distinct after NFC, classes and
+    superclasses apart (a folder tree cannot tell them apart otherwise)."""
+    names = draw(st.lists(NAME, min_size=2, max_size=8, unique_by=normalise_name))
+    split = draw(st.integers(1, min(3, len(names) - 1)))
+    coarse, fine = names[:split], names[split:]
+    return {name: draw(st.sampled_from(coarse)) for name in fine}
+
+
+def normal(mapping: dict[str, str]) -> dict[str, str]:
+    return {normalise_name(fine): normalise_name(coarse) for fine, coarse in mapping.items()}
+
+
+def csv_text(mapping: dict[str, str], header: tuple[str, str] | None, line_end: str) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=line_end)
+    writer.writerows(([header] if header else []) + list(mapping.items()))
+    return buffer.getvalue()
+
+
+@given(
+    mapping=hierarchies(),
+    shape=st.sampled_from(["csv", "json_flat", "json_grouped"]),
+    bom=st.booleans(),
+    header=st.one_of(st.none(), st.tuples(NAME, NAME)),
+    line_end=st.sampled_from(["\n", "\r\n"]),
+)
+def test_hierarchy_file_loads_the_same_every_way_it_is_written(tmp_path_factory, mapping, shape, bom, header, line_end):
+    assume(header is None or normalise_name(header[0]) not in normal(mapping))
+    folder = tmp_path_factory.mktemp("hierarchy")
+    if shape == "csv":
+        text = csv_text(mapping, header, line_end)
+    elif shape == "json_flat":
+        text = json.dumps(mapping, ensure_ascii=False)
+    else:
+        grouped: dict[str, list[str]] = {}
+        for fine, coarse in mapping.items():
+            grouped.setdefault(coarse, []).append(fine)
+        text = json.dumps(grouped, ensure_ascii=False)
+    path = folder / f"h.{shape.split('_')[0]}"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    assert read_hierarchy_file(str(path), set(normal(mapping))) == normal(mapping)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "latin-1"])
+def test_hierarchy_file_in_another_encoding_is_refused_naming_it(tmp_path, encoding):
+    path = tmp_path / "hierarchy.csv"
+    path.write_bytes("class,superclass\ncafé,drinks\n".encode(encoding))
+    expected = "is UTF-16 text" if encoding == "utf-16" else "is not UTF-8 text"
+    with pytest.raises(ValueError, match=rf"--hierarchy_file '{path}' {expected}.*save it as UTF-8"):
+        read_hierarchy_file(str(path), {"café"})
+
+
+@pytest.mark.parametrize("text", ['{"a": "x", "b": "y", "a": "z"}', '{"x": ["a"], "x": ["b"]}'])
+def test_hierarchy_json_with_a_duplicate_key_is_refused(tmp_path, text):
+    path = tmp_path / "hierarchy.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"--hierarchy_file '{path}' has the key '[ax]' twice"):
+        read_hierarchy_file(str(path), {"a", "b"})
+
+
+def test_hierarchy_csv_header_of_any_names_is_not_a_class(tmp_path):
+    path = tmp_path / "hierarchy.csv"
+    path.write_bytes(b"\xef\xbb\xbfproduct,department\r\nmug,kitchen\r\npan,kitchen\r\n")
+    assert read_hierarchy_file(str(path), {"mug", "pan"}) == {"mug": "kitchen", "pan": "kitchen"}
+
+
+def test_hierarchy_file_classes_absent_from_the_data_are_named(tmp_path, caplog):
+    source = write_label_parquet(tmp_path / "data", {"label": ["mug", "pan"]}, {"label": datasets.Value("string")})
+    path = tmp_path / "hierarchy.json"
+    path.write_text(json.dumps({"mug": "kitchen", "pan": "kitchen", "sofa": "living"}), encoding="utf-8")
+    args = arguments(tmp_path, source, label_column_name="label", hierarchy_file=str(path))
+    with caplog.at_level("WARNING"):
+        hierarchy = discover_hierarchy(load_raw_datasets(args), args)
+    assert hierarchy.fine_names == ("mug", "pan", "sofa")
+    assert f"1 classes of --hierarchy_file {str(path)!r} have no rows in the data: 'sofa'" in caplog.text
