@@ -20,7 +20,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from transformers.utils import logging
 
-from hierarchy_files import IMAGE_EXTENSIONS, load_hierarchy_tree
+from hierarchy_files import HIDDEN_PREFIXES, IMAGE_EXTENSIONS, image_folder_layout, load_hierarchy_tree, walk_files
 
 if TYPE_CHECKING:  # only in annotations: data_utils imports this module
     from data_utils import DataArguments
@@ -165,22 +165,12 @@ def load_local_folder(path: str, args: DataArguments) -> DatasetDict:
 def _visible_files(folder: str) -> list[str]:
     """The regular, non-hidden files directly in `folder`, sorted."""
     with os.scandir(folder) as entries:
-        return sorted(e.path for e in entries if not e.name.startswith((".", "__")) and e.is_file())
-
-
-def _visible_subfolders(folder: str) -> list[str]:
-    """The names of the non-hidden subfolders of `folder`, sorted."""
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if not e.name.startswith((".", "__")) and e.is_dir())
+        return sorted(e.path for e in entries if not e.name.startswith(HIDDEN_PREFIXES) and e.is_file())
 
 
 def _list_files(root: str) -> list[str]:
-    """Every file under `root`, sorted, skipping hidden files and folders."""
-    found = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith((".", "__")))
-        found.extend(os.path.join(folder, n) for n in sorted(names) if not n.startswith((".", "__")))
-    return found
+    """Every file under `root` (links to folders followed, hidden names skipped: `walk_files`), sorted."""
+    return [os.path.join(root, *parts) for parts in walk_files(root)]
 
 
 def load_data_files(files: list[str], root: str, args: DataArguments) -> DatasetDict:
@@ -261,36 +251,21 @@ def _split_of(relative_path: str, split_names: tuple[str, ...]) -> str | None:
 def load_image_folder(path: str, args: DataArguments) -> DatasetDict:
     """Load an image folder: one subfolder per class, whatever the class names, labelled by the folder name.
 
-    Only a folder whose every subfolder is named after a split (`train`, `validation`, `test`, per the split
-    options) and holds class subfolders is read as split folders (`train/<class>/...`); otherwise every top-level
-    subfolder is a class (CIFAR-100 has a class named `train`). Images directly in a class folder are read.
-    A tree nested as `superclass/class/image` (optionally under split folders) is read by `load_hierarchy_tree`.
+    Split folders (`train/<class>/...`, per the split options) are read as splits only when every top folder is
+    named after a split; otherwise every top-level subfolder is a class (CIFAR-100 has a class named `train`).
+    A tree nested as `superclass/class/image` is read by `load_hierarchy_tree`; both layouts come from one walk
+    of the folder ([`image_folder_layout`]), which follows links to folders and skips hidden files.
     """
     tree = load_hierarchy_tree(path, args)
     if tree is not None:
         return tree
     split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
-    subfolders = _visible_subfolders(path)
-    split_layout = bool(subfolders) and all(
-        name in split_names and _visible_subfolders(os.path.join(path, name)) for name in subfolders
-    )
-    roots = {name: os.path.join(path, name) for name in subfolders} if split_layout else {args.train_split_name: path}
+    _, by_split = image_folder_layout(path, split_names)
     data_files = {}
-    for split, root in roots.items():
-        class_names = _visible_subfolders(root)
-        files = [
-            file
-            for name in class_names
-            for file in _visible_files(os.path.join(root, name))
-            if file.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-        loose = [f for f in _visible_files(root) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if loose:
-            logger.warning(f"Not reading {len(loose)} images of {root!r} that are in no class folder, e.g. {loose[0]}")
-        if not files:
-            raise ValueError(f"image folder {root!r} has no images in class subfolders (found {class_names})")
-        logger.info(f"Reading {len(files)} images in {len(class_names)} class folders of {root!r} as split {split!r}")
-        data_files[split] = files
+    for split, images in by_split.items():
+        classes = {parts[-2] for parts in images}
+        logger.info(f"Reading {len(images)} images in {len(classes)} class folders of {path!r} as split {split!r}")
+        data_files[split] = [os.path.join(path, *parts) for parts in images]
     return datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=False, cache_dir=args.cache_dir)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import PIL.Image
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import small_config
@@ -223,3 +223,95 @@ def test_hierarchy_file_classes_absent_from_the_data_are_named(tmp_path, caplog)
         hierarchy = discover_hierarchy(load_raw_datasets(args), args)
     assert hierarchy.fine_names == ("mug", "pan", "sofa")
     assert f"1 classes of --hierarchy_file {str(path)!r} have no rows in the data: 'sofa'" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folder trees
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_folder_tree(
+    root: Path, mapping: dict[str, str], linked: set[str] = frozenset(), hidden: bool = False
+) -> None:
+    """`root/superclass/class/0.png` for every class of `mapping`; the folders of `linked` classes live outside
+    `root` and are reached through a link; `hidden` adds `.DS_Store`, an AppleDouble `._0.png` and `__MACOSX/`."""
+    for index, (fine, coarse) in enumerate(mapping.items()):
+        folder = root / coarse / fine
+        if fine in linked:
+            target = root.parent / f"elsewhere-{index}"
+            tiny_png(target / "0.png")
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.symlink_to(target, target_is_directory=True)
+        else:
+            tiny_png(folder / "0.png")
+        if hidden:
+            (folder / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+            (root / coarse / ".DS_Store").write_bytes(b"\x00")
+    if hidden:
+        tiny_png(root / "__MACOSX" / next(iter(mapping.values())) / "._x.png")
+
+
+def tree_pairs(root: Path, tmp_path: Path) -> set[tuple[str, str]]:
+    """The (class, superclass) pairs of the rows that reading `root` as a dataset gives."""
+    args = arguments(tmp_path, root)
+    train = load_raw_datasets(args)["train"]
+    return set(zip(train["fine_label"], train["coarse_label"], strict=True))
+
+
+@given(mapping=hierarchies(), data=st.data())
+@settings(max_examples=15)
+def test_folder_tree_loads_its_hierarchy_with_links_and_hidden_files(tmp_path_factory, mapping, data):
+    linked = set(data.draw(st.lists(st.sampled_from(sorted(mapping)), unique=True, max_size=2)))
+    hidden = data.draw(st.booleans())
+    base = tmp_path_factory.mktemp("tree")
+    write_folder_tree(base / "root", mapping, linked, hidden)
+    assert tree_pairs(base / "root", base) == set(normal(mapping).items())
+
+
+def test_hidden_and_appledouble_files_are_skipped_at_load_with_a_count(tmp_path, caplog):
+    write_folder_tree(tmp_path / "root", {"cat": "animal", "car": "vehicle"}, hidden=True)
+    with caplog.at_level("INFO"):
+        train = load_raw_datasets(arguments(tmp_path, tmp_path / "root"))["train"]
+    assert len(train) == 2 and all(image.size == (2, 2) for image in train["img"])
+    assert "Skipped 5 hidden files and folders" in caplog.text and "'._*'" in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["tree", "classes"])
+def test_linked_class_folder_is_read_by_every_reader(tmp_path, layout):
+    root = tmp_path / "root"
+    prefix = ("animal",) if layout == "tree" else ()
+    tiny_png(root.joinpath(*prefix, "cat", "0.png"))
+    tiny_png(tmp_path / "dogs" / "0.png")
+    tiny_png(tmp_path / "dogs" / "1.png")
+    root.joinpath(*prefix, "dog").symlink_to(tmp_path / "dogs", target_is_directory=True)
+    train = load_raw_datasets(arguments(tmp_path, root))["train"]
+    column = "fine_label" if layout == "tree" else "label"
+    names = train[column] if layout == "tree" else [train.features["label"].int2str(i) for i in train["label"]]
+    assert sorted(names) == ["cat", "dog", "dog"]
+
+
+def test_link_to_a_containing_folder_is_refused_naming_it(tmp_path):
+    root = tmp_path / "root"
+    tiny_png(root / "animal" / "cat" / "0.png")
+    (root / "animal" / "cat" / "again").symlink_to(root, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"'.*cat/again' is a link to .* a folder that contains it"):
+        load_raw_datasets(arguments(tmp_path, root))
+
+
+def test_images_in_a_subfolder_of_a_class_folder_are_refused_naming_one(tmp_path):
+    root = tmp_path / "root"
+    for name in ("cat", "dog", "owl"):
+        tiny_png(root / name / "0.png")
+    tiny_png(root / "cat" / "kittens" / "1.png")
+    message = r"the image 'cat/kittens/1.png' is in a subfolder of the class folder 'cat'"
+    with pytest.raises(ValueError, match=message):
+        load_raw_datasets(arguments(tmp_path, root))
+
+
+def test_image_directly_inside_a_superclass_folder_is_named(tmp_path):
+    root = tmp_path / "root"
+    for fine, coarse in (("cat", "animal"), ("dog", "animal"), ("car", "vehicle")):
+        tiny_png(root / coarse / fine / "0.png")
+    tiny_png(root / "animal" / "stray.png")
+    with pytest.raises(ValueError, match=r"the image 'animal/stray.png' is directly inside the superclass folder"):
+        load_raw_datasets(arguments(tmp_path, root))
