@@ -269,6 +269,9 @@ def load_image_folder(path: str, args: DataArguments) -> DatasetDict:
     return datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=False, cache_dir=args.cache_dir)
 
 
+REFUSED_GLOBAL = "refused to load the global"
+
+
 # The one hand-written loader: no `datasets` builder reads the cifar-100-python pickles without unpickling them.
 class CifarUnpickler(pickle.Unpickler):
     """Unpickler for the original CIFAR-100 python files that refuses every global but numpy array reconstruction.
@@ -288,18 +291,33 @@ class CifarUnpickler(pickle.Unpickler):
         """Return an allowed numpy global; refuse anything else."""
         if (module, name) not in self.ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(
-                f"refused to load the global {module}.{name}: CIFAR-100 python files only need numpy arrays"
+                f"{REFUSED_GLOBAL} {module}.{name}: CIFAR-100 python files only need numpy arrays"
             )
         return self.ALLOWED_GLOBALS[(module, name)]
 
 
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of a file written by numpy.save
+
+
 def read_cifar_pickle(path: str) -> dict[bytes, Any]:
-    """Read one file of the original cifar-100-python folder (a dict with bytes keys) with `CifarUnpickler`."""
+    """Read one file of the original cifar-100-python folder (a dict with bytes keys) with `CifarUnpickler`.
+
+    Every refusal names the file: a `.npy` file written with `numpy.save`, a file that is no pickle, a pickle of
+    another shape; a global other than numpy's array reconstruction raises `pickle.UnpicklingError`.
+    """
     with open(path, "rb") as file:
+        if file.read(len(NPY_MAGIC)) == NPY_MAGIC:
+            raise ValueError(
+                f"{path}: a numpy .npy file (written with numpy.save), not a pickle as in the cifar-100-python "
+                "archive; write the dict with pickle.dump, or use the files of the original archive"
+            )
+        file.seek(0)
         try:
             content = CifarUnpickler(file, encoding="bytes").load()
-        except pickle.UnpicklingError:
-            raise
+        except pickle.UnpicklingError as error:
+            if str(error).startswith(REFUSED_GLOBAL):
+                raise pickle.UnpicklingError(f"{path}: {error}") from None
+            raise ValueError(f"{path}: not a valid cifar-100-python file (not a pickle: {error})") from None
         except Exception as error:  # numpy refuses inconsistent arrays with ValueError, truncation gives EOFError
             raise ValueError(f"{path}: not a valid cifar-100-python file ({type(error).__name__}: {error})") from None
     if not isinstance(content, dict):

@@ -10,12 +10,13 @@ import unicodedata
 from pathlib import Path
 
 import datasets
+import numpy as np
 import PIL.Image
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import small_config
+from conftest import small_config, write_cifar_python
 from data_checks import standardise_split
 from data_utils import DataArguments, load_raw_datasets
 from hierarchy_data import discover_hierarchy
@@ -315,3 +316,23 @@ def test_image_directly_inside_a_superclass_folder_is_named(tmp_path):
     tiny_png(root / "animal" / "stray.png")
     with pytest.raises(ValueError, match=r"the image 'animal/stray.png' is directly inside the superclass folder"):
         load_raw_datasets(arguments(tmp_path, root))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cifar-100-python files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["np.save", "text"])
+def test_cifar_python_file_that_is_no_pickle_is_named(tmp_path, how):
+    folder = write_cifar_python(tmp_path / "cifar-100-python", train_labels=[0, 1], test_labels=[2])
+    content = {b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [2], b"coarse_labels": [4]}
+    if how == "np.save":
+        with open(folder / "test", "wb") as file:  # np.save would append .npy to a path without it
+            np.save(file, content, allow_pickle=True)
+        message = r"cifar-100-python/test: a numpy .npy file \(written with numpy.save\), not a pickle"
+    else:
+        (folder / "test").write_text("fine_labels,coarse_labels\n2,4\n")
+        message = r"cifar-100-python/test: not a valid cifar-100-python file \(not a pickle"
+    with pytest.raises(ValueError, match=message):
+        load_raw_datasets(arguments(tmp_path, folder))
