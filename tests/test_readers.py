@@ -226,6 +226,34 @@ def test_hierarchy_file_classes_absent_from_the_data_are_named(tmp_path, caplog)
     assert f"1 classes of --hierarchy_file {str(path)!r} have no rows in the data: 'sofa'" in caplog.text
 
 
+@given(mapping=hierarchies(), form=st.sampled_from(["strings", "class_labels", "strings_nfd"]), data=st.data())
+@settings(max_examples=12)
+def test_label_columns_load_to_their_hierarchy(tmp_path_factory, mapping, form, data):
+    rows = data.draw(st.lists(st.sampled_from(sorted(mapping)), min_size=len(mapping), max_size=12))
+    rows = sorted(mapping) + rows[len(mapping) :]  # every class at least once
+    fines, coarses = sorted(mapping), sorted(set(mapping.values()))
+    if form == "class_labels":
+        assume(fines != [str(i) for i in range(len(fines))])  # ClassLabel(num_classes=n)'s names: plain ids
+        columns = {
+            "fine_label": [fines.index(n) for n in rows],
+            "coarse_label": [coarses.index(mapping[n]) for n in rows],
+        }
+        features = {"fine_label": datasets.ClassLabel(names=fines), "coarse_label": datasets.ClassLabel(names=coarses)}
+    else:
+        form_of = (lambda name: unicodedata.normalize("NFD", name)) if form == "strings_nfd" else (lambda name: name)
+        columns = {"fine_label": [form_of(n) for n in rows], "coarse_label": [mapping[n] for n in rows]}
+        features = {"fine_label": datasets.Value("string"), "coarse_label": datasets.Value("string")}
+    features = datasets.Features({"img": datasets.Image(), **features})
+    raw = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"img": [png_struct()] * len(rows), **columns}, features=features)}
+    )
+    args = arguments(tmp_path_factory.getbasetemp(), Path("unused"))
+    hierarchy = discover_hierarchy(raw, args)
+    assert hierarchy.parents == normal(mapping)
+    train = standardise_split(raw["train"], args, small_config(**hierarchy.config_kwargs()), "train")
+    assert [hierarchy.fine_names[i] for i in train["labels"]] == [normalise_name(n) for n in rows]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Folder trees
 # ----------------------------------------------------------------------------------------------------------------
