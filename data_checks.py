@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow
@@ -17,15 +17,13 @@ from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from image_decoding import check_regular_file
+from label_columns import check_label_range, column_names, column_values, ids_from_names
 
 if TYPE_CHECKING:  # only in annotations: data_utils imports this module
     from data_utils import DataArguments
 
 # The data pipeline's parts log under `data_utils`, so that one logger setting covers them all.
 logger = logging.get_logger(f"data_utils.{__name__}")
-
-# Known misspellings of class names in published dataset metadata (uoft-cs/cifar100 spells "crab" as "cra").
-LABEL_NAME_ALIASES = {"cra": "crab"}
 
 
 def standardise_split(
@@ -55,7 +53,7 @@ def standardise_split(
     standard = standard.add_column("labels", labels.astype(np.int64))
     standard = standard.add_column("coarse_labels", coarse_labels.astype(np.int64))
     standard = standard.add_column("index", np.arange(len(standard), dtype=np.int64))
-    standard = standard.cast_column("labels", ClassLabel(names=[config.id2label[i] for i in range(config.num_labels)]))
+    standard = standard.cast_column("labels", ClassLabel(names=_fine_names(config)))
     return standard.cast_column("coarse_labels", ClassLabel(names=config.coarse_label_names))
 
 
@@ -64,38 +62,35 @@ def _fine_labels(
 ) -> np.ndarray:
     """The fine labels of a split as ids of `config`: integers checked against their range, class names (or
     `ClassLabel` ids with names) mapped through `config.label2id`."""
-    labels = _column_to_numpy(dataset, label_column)
-    label_feature = dataset.features[label_column]
-    class_names = _class_names(label_feature)
-    if class_names is not None:
-        check_label_range(labels, len(class_names), label_column, split_name)
-    by_name = labels.dtype.kind in "OUS" or (args.hierarchy_file is not None and labels.dtype.kind in "iu")
-    if class_names is not None or by_name:  # plain integers with a hierarchy file: named by their decimal strings
-        try:
-            labels = labels_from_names(labels, class_names, config, f"{label_column!r} of split {split_name!r}")
-        except ValueError as error:
-            raise ValueError(
-                f"{error}; give the superclasses in a column (--coarse_label_column_name, now "
-                f"{args.coarse_label_column_name!r}) or a --hierarchy_file, or use superclass/class image folders"
-            ) from None
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"column {label_column!r} of split {split_name!r} must hold integers, got {label_feature}")
-    check_label_range(labels, config.num_labels, label_column, split_name)
-    return labels
+    names, _ = column_names(dataset, label_column, split_name, numbers_as_names=args.hierarchy_file is not None)
+    if names is None:  # plain integers: ids of the config
+        labels = column_values(dataset, label_column, f"column {label_column!r} of split {split_name!r}")
+        check_label_range(labels, config.num_labels, label_column, split_name)
+        return labels
+    try:
+        return ids_from_names(names, _fine_names(config), f"{label_column!r} of split {split_name!r}")
+    except ValueError as error:
+        raise ValueError(
+            f"{error}; give the superclasses in a column (--coarse_label_column_name, now "
+            f"{args.coarse_label_column_name!r}) or a --hierarchy_file, or use superclass/class image folders"
+        ) from None
+
+
+def _fine_names(config: HierarchicalEfficientNetV2Config) -> list[str]:
+    """The config's class names in id order."""
+    return [config.id2label[i] for i in range(config.num_labels)]
 
 
 def _check_coarse_column(
     dataset: Dataset, coarse_column: str, labels: np.ndarray, config: HierarchicalEfficientNetV2Config, split_name: str
 ) -> None:
     """Check the superclass column of a split (ids, or names) against the superclasses of its fine `labels`."""
-    given = _column_to_numpy(dataset, coarse_column)
-    coarse_names = _class_names(dataset.features[coarse_column])
-    if coarse_names is not None:
-        check_label_range(given, len(coarse_names), coarse_column, split_name)
     numbered = all(name.lstrip("-").isdigit() for name in config.coarse_label_names)  # read from integer labels
-    if coarse_names is not None or given.dtype.kind in "OUS" or numbered:
-        where = f"{coarse_column!r} of split {split_name!r}"
-        given = ids_from_names(given, coarse_names, config.coarse_label_names, where)
+    names, _ = column_names(dataset, coarse_column, split_name, numbers_as_names=numbered)
+    if names is None:
+        given = column_values(dataset, coarse_column, f"column {coarse_column!r} of split {split_name!r}")
+    else:
+        given = ids_from_names(names, config.coarse_label_names, f"{coarse_column!r} of split {split_name!r}")
     check_coarse_labels(given, labels, config, coarse_column, split_name)
 
 
@@ -115,61 +110,6 @@ def _standard_image_column(dataset: Dataset, image_column: str, split_name: str)
             f"got {standard.features['image']}"
         )
     return standard.cast_column("image", ImageFeature())
-
-
-def _column_to_numpy(dataset: Dataset, column: str) -> np.ndarray:
-    """One column as a numpy array, read in one go from Arrow."""
-    return dataset.select_columns([column]).with_format("numpy")[:][column]
-
-
-def _class_names(feature: Any) -> list[str] | None:
-    """The names of a `ClassLabel` feature; `None` for other features and for the placeholder names "0", "1", ..."""
-    if not isinstance(feature, ClassLabel):
-        return None
-    if feature.names == [str(i) for i in range(feature.num_classes)]:  # ClassLabel(num_classes=n) carries no names
-        return None
-    return list(feature.names)
-
-
-def labels_from_names(
-    values: np.ndarray, class_names: list[str] | None, config: HierarchicalEfficientNetV2Config, where: str
-) -> np.ndarray:
-    """Map class names (or ClassLabel ids with their `class_names`) onto the ids of `config.label2id`."""
-    return ids_from_names(values, class_names, [config.id2label[i] for i in range(config.num_labels)], where)
-
-
-def ids_from_names(
-    values: np.ndarray, class_names: list[str] | None, target_names: list[str], where: str
-) -> np.ndarray:
-    """Map names (or ids into `class_names`) onto positions in `target_names`; `ValueError` naming unknown names.
-
-    Names listed in `LABEL_NAME_ALIASES` (known misspellings in published metadata) are read as their correction
-    when `target_names` has the correction and not the misspelling.
-    """
-    names = (np.asarray(class_names, dtype=object)[values] if class_names is not None else values).astype(str)
-    unique_names, inverse = np.unique(names, return_inverse=True)
-    target_ids = {name: i for i, name in enumerate(target_names)}
-    for alias, name in LABEL_NAME_ALIASES.items():
-        if alias in unique_names and alias not in target_ids and name in target_ids:
-            logger.info(f"Reading the class name {alias!r} in {where} as {name!r}")
-            target_ids[alias] = target_ids[name]
-    unknown = [str(name) for name in unique_names if name not in target_ids]
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} class names in {where} are not among the config's {len(target_names)} labels: "
-            f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}"
-        )
-    return np.array([target_ids[name] for name in unique_names], dtype=np.int64)[inverse]
-
-
-def check_label_range(labels: np.ndarray, num_labels: int, column: str, split_name: str) -> None:
-    """Raise `ValueError` (count and first example row) when labels fall outside `[0, num_labels)`."""
-    bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
-    if bad.size:
-        raise ValueError(
-            f"{bad.size} of {labels.size} rows of split {split_name!r} have a {column!r} outside [0, {num_labels}); "
-            f"first: row {bad[0]} has {column}={labels[bad[0]]}"
-        )
 
 
 def check_coarse_labels(

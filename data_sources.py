@@ -20,7 +20,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from transformers.utils import logging
 
-from hierarchy_files import IMAGE_EXTENSIONS, load_hierarchy_tree
+from hierarchy_files import HIDDEN_PREFIXES, IMAGE_EXTENSIONS, image_folder_layout, load_hierarchy_tree, walk_files
 
 if TYPE_CHECKING:  # only in annotations: data_utils imports this module
     from data_utils import DataArguments
@@ -165,22 +165,12 @@ def load_local_folder(path: str, args: DataArguments) -> DatasetDict:
 def _visible_files(folder: str) -> list[str]:
     """The regular, non-hidden files directly in `folder`, sorted."""
     with os.scandir(folder) as entries:
-        return sorted(e.path for e in entries if not e.name.startswith((".", "__")) and e.is_file())
-
-
-def _visible_subfolders(folder: str) -> list[str]:
-    """The names of the non-hidden subfolders of `folder`, sorted."""
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if not e.name.startswith((".", "__")) and e.is_dir())
+        return sorted(e.path for e in entries if not e.name.startswith(HIDDEN_PREFIXES) and e.is_file())
 
 
 def _list_files(root: str) -> list[str]:
-    """Every file under `root`, sorted, skipping hidden files and folders."""
-    found = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith((".", "__")))
-        found.extend(os.path.join(folder, n) for n in sorted(names) if not n.startswith((".", "__")))
-    return found
+    """Every file under `root` (links to folders followed, hidden names skipped: `walk_files`), sorted."""
+    return [os.path.join(root, *parts) for parts in walk_files(root)]
 
 
 def load_data_files(files: list[str], root: str, args: DataArguments) -> DatasetDict:
@@ -261,37 +251,25 @@ def _split_of(relative_path: str, split_names: tuple[str, ...]) -> str | None:
 def load_image_folder(path: str, args: DataArguments) -> DatasetDict:
     """Load an image folder: one subfolder per class, whatever the class names, labelled by the folder name.
 
-    Only a folder whose every subfolder is named after a split (`train`, `validation`, `test`, per the split
-    options) and holds class subfolders is read as split folders (`train/<class>/...`); otherwise every top-level
-    subfolder is a class (CIFAR-100 has a class named `train`). Images directly in a class folder are read.
-    A tree nested as `superclass/class/image` (optionally under split folders) is read by `load_hierarchy_tree`.
+    Split folders (`train/<class>/...`, per the split options) are read as splits only when every top folder is
+    named after a split; otherwise every top-level subfolder is a class (CIFAR-100 has a class named `train`).
+    A tree nested as `superclass/class/image` is read by `load_hierarchy_tree`; both layouts come from one walk
+    of the folder ([`image_folder_layout`]), which follows links to folders and skips hidden files.
     """
     tree = load_hierarchy_tree(path, args)
     if tree is not None:
         return tree
     split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
-    subfolders = _visible_subfolders(path)
-    split_layout = bool(subfolders) and all(
-        name in split_names and _visible_subfolders(os.path.join(path, name)) for name in subfolders
-    )
-    roots = {name: os.path.join(path, name) for name in subfolders} if split_layout else {args.train_split_name: path}
+    _, by_split = image_folder_layout(path, split_names)
     data_files = {}
-    for split, root in roots.items():
-        class_names = _visible_subfolders(root)
-        files = [
-            file
-            for name in class_names
-            for file in _visible_files(os.path.join(root, name))
-            if file.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-        loose = [f for f in _visible_files(root) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if loose:
-            logger.warning(f"Not reading {len(loose)} images of {root!r} that are in no class folder, e.g. {loose[0]}")
-        if not files:
-            raise ValueError(f"image folder {root!r} has no images in class subfolders (found {class_names})")
-        logger.info(f"Reading {len(files)} images in {len(class_names)} class folders of {root!r} as split {split!r}")
-        data_files[split] = files
+    for split, images in by_split.items():
+        classes = {parts[-2] for parts in images}
+        logger.info(f"Reading {len(images)} images in {len(classes)} class folders of {path!r} as split {split!r}")
+        data_files[split] = [os.path.join(path, *parts) for parts in images]
     return datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=False, cache_dir=args.cache_dir)
+
+
+REFUSED_GLOBAL = "refused to load the global"
 
 
 # The one hand-written loader: no `datasets` builder reads the cifar-100-python pickles without unpickling them.
@@ -313,18 +291,33 @@ class CifarUnpickler(pickle.Unpickler):
         """Return an allowed numpy global; refuse anything else."""
         if (module, name) not in self.ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(
-                f"refused to load the global {module}.{name}: CIFAR-100 python files only need numpy arrays"
+                f"{REFUSED_GLOBAL} {module}.{name}: CIFAR-100 python files only need numpy arrays"
             )
         return self.ALLOWED_GLOBALS[(module, name)]
 
 
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of a file written by numpy.save
+
+
 def read_cifar_pickle(path: str) -> dict[bytes, Any]:
-    """Read one file of the original cifar-100-python folder (a dict with bytes keys) with `CifarUnpickler`."""
+    """Read one file of the original cifar-100-python folder (a dict with bytes keys) with `CifarUnpickler`.
+
+    Every refusal names the file: a `.npy` file written with `numpy.save`, a file that is no pickle, a pickle of
+    another shape; a global other than numpy's array reconstruction raises `pickle.UnpicklingError`.
+    """
     with open(path, "rb") as file:
+        if file.read(len(NPY_MAGIC)) == NPY_MAGIC:
+            raise ValueError(
+                f"{path}: a numpy .npy file (written with numpy.save), not a pickle as in the cifar-100-python "
+                "archive; write the dict with pickle.dump, or use the files of the original archive"
+            )
+        file.seek(0)
         try:
             content = CifarUnpickler(file, encoding="bytes").load()
-        except pickle.UnpicklingError:
-            raise
+        except pickle.UnpicklingError as error:
+            if str(error).startswith(REFUSED_GLOBAL):
+                raise pickle.UnpicklingError(f"{path}: {error}") from None
+            raise ValueError(f"{path}: not a valid cifar-100-python file (not a pickle: {error})") from None
         except Exception as error:  # numpy refuses inconsistent arrays with ValueError, truncation gives EOFError
             raise ValueError(f"{path}: not a valid cifar-100-python file ({type(error).__name__}: {error})") from None
     if not isinstance(content, dict):

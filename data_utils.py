@@ -71,7 +71,8 @@ class DataArguments:
     )
     hierarchy_file: str | None = option(
         None,
-        "JSON ({fine: coarse} or {coarse: [fine, ...]}) or CSV (rows fine,coarse) file mapping every class "
+        "UTF-8 JSON ({fine: coarse} or {coarse: [fine, ...]}) or CSV (rows fine,coarse; a first row naming no class "
+        "of the data is a header) file mapping every class "
         "name to its superclass name, for data with fine labels only (plain integer labels are named by their "
         "decimal strings). Without it the hierarchy comes from the data: superclass/class/image folders, or the "
         "fine and coarse label columns; CIFAR-100 when the data names none.",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import DatasetDict
 from transformers.utils import logging
 
 from configuration_hierarchical import (
@@ -33,8 +33,8 @@ from configuration_hierarchical import (
     CIFAR100_FINE_TO_COARSE,
     HierarchicalEfficientNetV2Config,
 )
-from data_checks import LABEL_NAME_ALIASES
 from hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
+from label_columns import column_names
 
 if TYPE_CHECKING:
     from data_utils import DataArguments
@@ -146,76 +146,47 @@ class Hierarchy:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def column_names(dataset: Dataset, column: str, numbers_as_names: bool = False) -> tuple[np.ndarray, list[str] | None]:
-    """The values of a label column as names: `(per-row names, the ClassLabel's names or None)`.
-
-    `ClassLabel` ids become their names (CIFAR-100's misspelt "cra" becomes "crab"), strings stay as they are,
-    plain integers (and a `ClassLabel(num_classes=n)`, whose names are only "0", "1", ...) become their decimal
-    strings when `numbers_as_names`. Returns `(None, None)` for plain integers otherwise.
-    """
-    feature = dataset.features[column]
-    values = dataset.select_columns([column]).with_format("numpy")[:][column]
-    placeholder = isinstance(feature, ClassLabel) and feature.names == [str(i) for i in range(feature.num_classes)]
-    if isinstance(feature, ClassLabel) and not placeholder:  # ClassLabel(num_classes=n) names nothing
-        fixes = LABEL_NAME_ALIASES if _is_cifar100_fine_list(feature.names) else {}
-        names = [fixes.get(name, name) for name in feature.names]
-        if values.size and (values.min() < 0 or values.max() >= len(names)):
-            bad = int(values[(values < 0) | (values >= len(names))][0])
-            raise ValueError(f"column {column!r} holds the id {bad}, not one of its {len(names)} ClassLabel names")
-        return np.asarray(names, dtype=object)[values], names
-    if values.dtype.kind in "OUS":
-        return values.astype(str).astype(object), None
-    if values.dtype.kind in "iu" and numbers_as_names:
-        return values.astype(str).astype(object), None
-    if values.dtype.kind not in "iu":
-        raise ValueError(f"column {column!r} must hold class ids or class names, got {feature}")
-    return None, None
-
-
-def _is_cifar100_fine_list(names: list[str]) -> bool:
-    """Whether `names` is the CIFAR-100 fine table (with or without the uoft-cs/cifar100 misspelling)."""
-    return [LABEL_NAME_ALIASES.get(name, name) for name in names] == CIFAR100_FINE_LABELS
-
-
 def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | None:
     """The hierarchy of the splits of `raw` that `args` uses (see the module docstring); None when the data names
     none (plain integer labels without a hierarchy file, or class names without superclasses)."""
     used = [name for name in (args.train_split_name, args.validation_split_name, args.test_split_name) if name in raw]
-    from_file = read_hierarchy_file(args.hierarchy_file) if args.hierarchy_file else None
+    with_file = bool(args.hierarchy_file)
     fine_order: list[str] | None = None
     coarse_order: list[str] | None = None
     pairs: Counter = Counter()  # (fine name, coarse name) -> rows, from splits with a coarse column
     fine_only: set[str] = set()  # fine names of splits without one
+    file_classes: dict[tuple[str, str], set[str]] = {}  # (split, column) -> its class names, to match the file's
     for split in used:
         dataset = raw[split]
         from_image_folder = dataset.info.builder_name == "imagefolder"
         fine_column = "label" if from_image_folder else args.label_column_name
         if fine_column not in dataset.column_names or len(dataset) == 0:
             return None  # standardise_split names the problem
-        fine, class_names = column_names(dataset, fine_column, numbers_as_names=from_file is not None)
+        fine, class_names = column_names(dataset, fine_column, split, numbers_as_names=with_file)
         if fine is None:
+            distinct = np.unique(dataset.select_columns([fine_column]).with_format("numpy")[:][fine_column]).size
+            logger.warning(
+                f"column {fine_column!r} of split {split!r} holds plain integers ({distinct} distinct) that name no "
+                "classes: they are read as CIFAR-100 class ids, under CIFAR-100's superclasses (a fresh model gets "
+                "100 classes). For classes of your own, give them names (a ClassLabel or strings) or a --hierarchy_file"
+            )
             return None
         fine_order = fine_order or class_names
         coarse_column = args.coarse_label_column_name
-        if from_file is not None:
-            unknown = sorted(set(fine) - set(from_file))
-            if unknown:
-                raise ValueError(
-                    f"{len(unknown)} classes of column {fine_column!r} (split {split!r}) are not in --hierarchy_file "
-                    f"{args.hierarchy_file!r}: {shorten_names(unknown)}"
-                )
+        if with_file:
+            file_classes[(split, fine_column)] = set(fine.tolist())
             if coarse_column in dataset.column_names:
                 logger.warning(
                     f"Superclasses come from --hierarchy_file; the column {coarse_column!r} of split {split!r} is not read"
                 )
         elif coarse_column in dataset.column_names and not from_image_folder:
-            coarse, coarse_class_names = column_names(dataset, coarse_column, numbers_as_names=True)
+            coarse, coarse_class_names = column_names(dataset, coarse_column, split, numbers_as_names=True)
             coarse_order = coarse_order or coarse_class_names
             pairs.update(zip(fine.tolist(), coarse.tolist(), strict=True))
         else:
             fine_only.update(fine.tolist())
-    if from_file is not None:
-        return Hierarchy.from_pairs(list(from_file.items()), fine_order=list(from_file))
+    if with_file:
+        return _hierarchy_from_file(args.hierarchy_file, file_classes)
     if not pairs:
         return Hierarchy.cifar100() if fine_only and fine_only <= set(CIFAR100_FINE_LABELS) else None
     check_one_parent(pairs, args.label_column_name, args.coarse_label_column_name)
@@ -224,6 +195,27 @@ def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | Non
     if coarse_order is None and all(coarse.lstrip("-").isdigit() for _, coarse in pairs):
         coarse_order = sorted({coarse for _, coarse in pairs}, key=int)
     return Hierarchy.from_pairs(list(pairs), fine_order=fine_order, coarse_order=coarse_order)
+
+
+def _hierarchy_from_file(path: str, file_classes: dict[tuple[str, str], set[str]]) -> Hierarchy:
+    """The hierarchy of `--hierarchy_file` `path`, which must list every class of the data (`(split, column)` ->
+    class names); classes it lists that the data lacks are named in a warning (they stay classes of the model)."""
+    data_classes = set().union(*file_classes.values())
+    from_file = read_hierarchy_file(path, data_classes)
+    for (split, column), classes in file_classes.items():
+        unknown = sorted(classes - set(from_file))
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} classes of column {column!r} (split {split!r}) are not in --hierarchy_file "
+                f"{path!r}: {shorten_names(unknown)}"
+            )
+    absent = [name for name in from_file if name not in data_classes]
+    if absent:
+        logger.warning(
+            f"{len(absent)} classes of --hierarchy_file {path!r} have no rows in the data: {shorten_names(absent)}; "
+            "they remain classes of the model"
+        )
+    return Hierarchy.from_pairs(list(from_file.items()), fine_order=list(from_file))
 
 
 def check_one_parent(pairs: Counter, fine_column: str, coarse_column: str) -> None:
@@ -323,7 +315,6 @@ __all__ = [
     "Hierarchy",
     "balanced_class_weights",
     "check_one_parent",
-    "column_names",
     "config_with_hierarchy",
     "discover_hierarchy",
     "reinitialize_heads",

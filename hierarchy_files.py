@@ -3,14 +3,20 @@ split-named folders) and a hierarchy file (JSON or CSV, fine name -> coarse name
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
-from typing import TYPE_CHECKING
+from collections import Counter
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from transformers.utils import logging
+
+from label_columns import normalise_name
 
 if TYPE_CHECKING:
     from data_utils import DataArguments
@@ -31,38 +37,113 @@ def shorten_names(names: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+HIDDEN_PREFIXES = (".", "__")  # .DS_Store, macOS AppleDouble `._name` files, .git, __MACOSX, __pycache__
+
+
+def walk_files(root: str) -> list[tuple[str, ...]]:
+    """Every file under `root` as its path parts relative to `root`, in sorted order: the one walk of a folder tree
+    that every reader uses.
+
+    Links to folders are followed; a link to a folder that contains it is refused, naming the link. Hidden names
+    (`HIDDEN_PREFIXES`: `.name`, AppleDouble `._name`, `__MACOSX`) are skipped, files and folders alike, with their
+    count in the log; so are links that point nowhere, counted too.
+    """
+    files: list[tuple[str, ...]] = []
+    skipped: list[str] = []
+    broken: list[str] = []
+
+    def visit(folder: str, parts: tuple[str, ...], ancestors: frozenset[str]) -> None:
+        with os.scandir(folder) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+        for entry in entries:
+            if entry.name.startswith(HIDDEN_PREFIXES):
+                skipped.append(os.path.join(*parts, entry.name))
+            elif entry.is_dir():  # follows a link
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    raise ValueError(
+                        f"{entry.path!r} is a link to {real!r}, a folder that contains it: reading it would never "
+                        "end; remove the link"
+                    )
+                visit(entry.path, (*parts, entry.name), ancestors | {real})
+            elif entry.is_file():
+                files.append((*parts, entry.name))
+            elif entry.is_symlink():
+                broken.append(entry.path)
+
+    visit(root, (), frozenset({os.path.realpath(root)}))
+    if skipped:
+        logger.info(
+            f"Skipped {len(skipped)} hidden files and folders of {root!r} (names starting with '.', such as macOS "
+            f"'._*' files, or '__'), e.g. {skipped[0]!r}"
+        )
+    if broken:
+        logger.warning(f"Skipped {len(broken)} links of {root!r} that point nowhere, e.g. {broken[0]!r}")
+    return files
+
+
+def image_folder_layout(path: str, split_names: tuple[str, ...]) -> tuple[str, dict[str, list[tuple[str, ...]]]]:
+    """How the images under `path` are laid out: `("classes", {split: [parts, ...]})` for `class/image`, or
+    `("tree", ...)` for `superclass/class/image`, each optionally under top folders named after splits (all of
+    them, else the data is all training data). `parts` are the image's path parts relative to `path`.
+
+    Images directly in `path` (or in a split folder) belong to no class: a warning names them and they are not read.
+    Any other mix of depths is refused with a message that names an image and what is wrong with its place: an
+    image directly inside a superclass folder, images in subfolders of a class folder, deeper nesting.
+    """
+    images = [parts for parts in walk_files(path) if parts[-1].lower().endswith(IMAGE_EXTENSIONS)]
+    nested = [parts for parts in images if len(parts) > 1]
+    tops = sorted({parts[0] for parts in nested})
+    in_splits = bool(tops) and all(name in split_names for name in tops) and any(len(p) > 2 for p in nested)
+    skip = 1 if in_splits else 0  # path parts before the class or superclass folder
+    loose = [parts for parts in images if len(parts) <= 1 + skip]
+    if loose:
+        logger.warning(
+            f"Not reading {len(loose)} images of {path!r} that are in no class folder, e.g. {os.path.join(*loose[0])!r}"
+        )
+    placed = [parts for parts in images if len(parts) > 1 + skip]
+    if not placed:
+        raise ValueError(f"image folder {path!r} has no images in class subfolders")
+    depths = {len(parts) - skip for parts in placed}
+    if depths not in ({2}, {3}):
+        raise ValueError(f"the image folder {path!r} mixes layouts: {_misplaced(placed, skip)}")
+    kind = "classes" if depths == {2} else "tree"
+    by_split: dict[str, list[tuple[str, ...]]] = {}
+    for parts in placed:
+        by_split.setdefault(parts[0] if in_splits else split_names[0], []).append(parts)
+    return kind, by_split
+
+
+def _misplaced(images: list[tuple[str, ...]], skip: int) -> str:
+    """What is wrong with the place of one image of a folder whose images lie at several depths."""
+    depth_of = {parts: len(parts) - skip for parts in images}
+    common = Counter(depth_of.values()).most_common(1)[0][0]
+    odd = next(parts for parts in images if depth_of[parts] != common)
+    shown, folder = os.path.join(*odd), os.path.join(*odd[: skip + 1])
+    if common == 3 and depth_of[odd] == 2:
+        return (
+            f"the image {shown!r} is directly inside the superclass folder {folder!r}, whose other images are in "
+            "class folders (superclass/class/image); move it into one of its class folders"
+        )
+    if common == 2 and depth_of[odd] > 2:
+        return (
+            f"the image {shown!r} is in a subfolder of the class folder {folder!r} (class/image expected); move it "
+            "into the class folder, or lay every class out as superclass/class/image"
+        )
+    return (
+        f"the image {shown!r} lies {depth_of[odd]} folders deep where most lie {common} deep; expected "
+        "superclass/class/image or class/image, optionally under split folders"
+    )
+
+
 def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
     """Load an image folder nested as `superclass/class/image` (optionally under split-named folders) into string
-    columns named by `args` (image, fine label, coarse label); None when the folder is not nested that way.
-
-    Layouts, by the depth of the images below `path`: 3 levels with no split-named top folder is
-    `superclass/class/image` (all training data); 4 levels under split-named top folders is
-    `split/superclass/class/image`. `split/class/image` and `class/image` (flat class folders, read by
-    `load_image_folder`) give None, also when deeper subfolders hold images too.
-    """
+    columns named by `args` (image, fine label, coarse label); None when the folder holds flat class folders
+    (`class/image`, read by `load_image_folder`). See [`image_folder_layout`]."""
     split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
-    images = []
-    for folder, subfolders, names in os.walk(path):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        relative = os.path.relpath(folder, path)
-        parts = () if relative == "." else tuple(relative.split(os.sep))
-        images.extend((*parts, name) for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS))
-    depths = {len(parts) for parts in images}
-    top = sorted({parts[0] for parts in images})
-    split_tops = [name for name in top if name in split_names]
-    if not images or max(depths) < 3 or 2 in depths or (3 in depths and len(split_tops) == len(top)):
-        return None  # class/image or split/class/image: flat class folders (deeper files are not read)
-    if depths == {3} and not split_tops:
-        by_split = {args.train_split_name: images}
-    elif depths == {4} and len(split_tops) == len(top):
-        by_split = {split: [parts for parts in images if parts[0] == split] for split in top}
-    else:
-        examples = {depth: os.path.join(*next(p for p in images if len(p) == depth)) for depth in sorted(depths)}
-        raise ValueError(
-            f"the image folder {path!r} mixes layouts (images at depths {sorted(depths)}, top folders {shorten_names(top)}); "
-            "expected superclass/class/image, optionally under split folders named "
-            f"{list(split_names)} (split/superclass/class/image), or class/image. Examples: {examples}"
-        )
+    kind, by_split = image_folder_layout(path, split_names)
+    if kind != "tree":
+        return None
     features = Features(
         {
             args.image_column_name: ImageFeature(),
@@ -75,8 +156,8 @@ def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
     for split, rows in by_split.items():
         columns = {
             args.image_column_name: [os.path.join(root, *parts) for parts in rows],
-            args.label_column_name: [parts[-2] for parts in rows],
-            args.coarse_label_column_name: [parts[-3] for parts in rows],
+            args.label_column_name: [normalise_name(parts[-2]) for parts in rows],
+            args.coarse_label_column_name: [normalise_name(parts[-3]) for parts in rows],
         }
         splits[split] = Dataset.from_dict(columns, features=features)
     logger.info(f"Image folder tree {path!r}: { {split: len(d) for split, d in splits.items()} } images")
@@ -88,51 +169,24 @@ def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_hierarchy_file(path: str) -> dict[str, str]:
-    """Read a hierarchy file into `{fine name: coarse name}`, in the file's order.
+def read_hierarchy_file(path: str, data_classes: Collection[str]) -> dict[str, str]:
+    """Read a hierarchy file into `{fine name: coarse name}`, in the file's order, names normalised (NFC).
 
-    JSON: an object `{"fine": "coarse", ...}` or `{"coarse": ["fine", ...], ...}`. CSV: two columns, fine name
-    then coarse name, one row per class; a first row `fine,coarse` is a header.
+    The file is UTF-8 text (a byte-order mark is ignored); another encoding is refused. JSON: an object
+    `{"fine": "coarse", ...}` or `{"coarse": ["fine", ...], ...}`, each key once. CSV: two columns, fine name then
+    coarse name, one row per class (cells stripped of surrounding spaces); the first row is a header, whatever its
+    two names, when its first cell is not a class of the data (`data_classes`). Every refusal names the file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--hierarchy_file {path!r}: no such file")
     extension = os.path.splitext(path)[1].lower()
-    if extension == ".json":
-        with open(path, encoding="utf-8") as file:
-            try:
-                content = json.load(file)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--hierarchy_file {path!r} is not valid JSON: {error}") from None
-        if not isinstance(content, dict) or not content:
-            raise ValueError(
-                f"--hierarchy_file {path!r} must hold a non-empty JSON object, got {type(content).__name__}"
-            )
-        if all(isinstance(value, str) for value in content.values()):
-            pairs = list(content.items())
-        elif all(isinstance(value, list) and all(isinstance(v, str) for v in value) for value in content.values()):
-            pairs = [(fine, coarse) for coarse, fines in content.items() for fine in fines]
-        else:
-            raise ValueError(
-                f"--hierarchy_file {path!r}: the values must all be superclass names (fine -> coarse) or all lists of "
-                "class names (coarse -> [fine, ...])"
-            )
-    elif extension == ".csv":
-        with open(path, encoding="utf-8", newline="") as file:
-            rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
-        if rows and [cell.strip().lower() for cell in rows[0]] == ["fine", "coarse"]:
-            rows = rows[1:]
-        for number, row in enumerate(rows, start=1):
-            if len(row) != 2:
-                raise ValueError(
-                    f"--hierarchy_file {path!r}: row {number} has {len(row)} cells {row}; expected 2 (fine,coarse)"
-                )
-        pairs = [(fine.strip(), coarse.strip()) for fine, coarse in rows]
-        if not pairs:
-            raise ValueError(f"--hierarchy_file {path!r} holds no rows")
-    else:
+    if extension not in (".json", ".csv"):
         raise ValueError(f"--hierarchy_file {path!r} must be a .json or .csv file")
+    text = _utf8_text(path)
+    pairs = _json_pairs(text, path) if extension == ".json" else _csv_pairs(text, path, data_classes)
     mapping: dict[str, str] = {}
     for fine, coarse in pairs:
+        fine, coarse = normalise_name(fine), normalise_name(coarse)
         if mapping.get(fine, coarse) != coarse:
             raise ValueError(
                 f"--hierarchy_file {path!r} puts the class {fine!r} under two superclasses: {mapping[fine]!r} and "
@@ -142,4 +196,79 @@ def read_hierarchy_file(path: str) -> dict[str, str]:
     return mapping
 
 
-__all__ = ["load_hierarchy_tree", "read_hierarchy_file", "shorten_names"]
+def _utf8_text(path: str) -> str:
+    """The text of `path` read as UTF-8, without a byte-order mark; `ValueError` naming the file otherwise."""
+    with open(path, "rb") as file:
+        content = file.read()
+    for mark, encoding in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                           (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):  # fmt: skip
+        if content.startswith(mark):
+            raise ValueError(f"--hierarchy_file {path!r} is {encoding} text; save it as UTF-8")
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"--hierarchy_file {path!r} is not UTF-8 text (byte {content[error.start]:#04x} at offset "
+            f"{error.start}); save it as UTF-8"
+        ) from None
+
+
+def _json_pairs(text: str, path: str) -> list[tuple[str, str]]:
+    """`(fine, coarse)` pairs of a JSON hierarchy file, in either shape; duplicate keys refused."""
+
+    def unique_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, str] = {}
+        for key, _ in items:
+            normal = normalise_name(key)
+            if normal in seen:
+                raise ValueError(
+                    f"--hierarchy_file {path!r} has the key {key!r} twice in one object"
+                    + ("" if key == seen[normal] else " (in two Unicode forms)")
+                    + "; JSON readers keep only one of them"
+                )
+            seen[normal] = key
+        return dict(items)
+
+    try:
+        content = json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--hierarchy_file {path!r} is not valid JSON: {error}") from None
+    if not isinstance(content, dict) or not content:
+        raise ValueError(f"--hierarchy_file {path!r} must hold a non-empty JSON object, got {type(content).__name__}")
+    if all(isinstance(value, str) for value in content.values()):
+        return list(content.items())
+    if all(isinstance(value, list) and all(isinstance(v, str) for v in value) for value in content.values()):
+        return [(fine, coarse) for coarse, fines in content.items() for fine in fines]
+    raise ValueError(
+        f"--hierarchy_file {path!r}: the values must all be superclass names (fine -> coarse) or all lists of "
+        "class names (coarse -> [fine, ...])"
+    )
+
+
+def _csv_pairs(text: str, path: str, data_classes: Collection[str]) -> list[tuple[str, str]]:
+    """`(fine, coarse)` rows of a CSV hierarchy file; a first row naming no class of the data is its header."""
+    try:
+        rows = [row for row in csv.reader(io.StringIO(text, newline="")) if any(cell.strip() for cell in row)]
+    except csv.Error as error:
+        raise ValueError(f"--hierarchy_file {path!r} is not valid CSV: {error}") from None
+    for number, row in enumerate(rows, start=1):
+        if len(row) != 2:
+            raise ValueError(
+                f"--hierarchy_file {path!r}: row {number} has {len(row)} cells {row}; expected 2 (class,superclass)"
+            )
+    classes = {normalise_name(name) for name in data_classes}
+    if rows and normalise_name(rows[0][0].strip()) not in classes:
+        logger.info(f"--hierarchy_file {path!r}: the first row {rows[0]} is its header (no class of the data)")
+        rows = rows[1:]
+    if not rows:
+        raise ValueError(f"--hierarchy_file {path!r} holds no rows")
+    return [(fine.strip(), coarse.strip()) for fine, coarse in rows]
+
+
+__all__ = [
+    "image_folder_layout",
+    "load_hierarchy_tree",
+    "read_hierarchy_file",
+    "shorten_names",
+    "walk_files",
+]

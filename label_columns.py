@@ -1,0 +1,131 @@
+"""How class names are read, wherever they come from: label columns (`ClassLabel` names, strings, integers),
+folder names and hierarchy files.
+
+Every name is Unicode-normalised (NFC) before it is compared, so `café` typed with a combining accent and with a
+precomposed one is one class. A `ClassLabel` whose names collapse to one name after normalisation is refused.
+The known misspelling of the published CIFAR-100 table (`cra` for `crab`) is corrected only in that table.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow.compute
+from datasets import ClassLabel, Dataset
+
+from configuration_hierarchical import CIFAR100_FINE_LABELS
+
+# Known misspellings of class names in published dataset metadata (uoft-cs/cifar100 spells "crab" as "cra").
+LABEL_NAME_ALIASES = {"cra": "crab"}
+
+
+def normalise_name(name: str) -> str:
+    """A class or superclass name in Unicode normal form C, the form every comparison of names uses."""
+    return unicodedata.normalize("NFC", str(name))
+
+
+def normalised_names(names: Iterable[str], where: str) -> list[str]:
+    """`names` (a table of distinct names) in normal form C; `ValueError` naming `where` when two of them are the same
+    name written in two Unicode forms (they would be two classes that print the same)."""
+    seen: dict[str, str] = {}
+    result = []
+    for name in names:
+        normal = normalise_name(name)
+        if normal in seen:
+            raise ValueError(
+                f"{where} lists {seen[normal]!r} and {name!r}, the same name in two Unicode forms "
+                f"({ascii(seen[normal])} and {ascii(name)}); keep one of them"
+            )
+        seen[normal] = name
+        result.append(normal)
+    return result
+
+
+def class_label_names(feature: Any, where: str) -> list[str] | None:
+    """The class names of a `ClassLabel` feature, normalised; `None` for other features and for the placeholder
+    names "0", "1", ... of `ClassLabel(num_classes=n)`. The CIFAR-100 table published with `cra` reads `crab`."""
+    if not isinstance(feature, ClassLabel):
+        return None
+    if feature.names == [str(i) for i in range(feature.num_classes)]:  # ClassLabel(num_classes=n) names nothing
+        return None
+    names = list(feature.names)
+    if [LABEL_NAME_ALIASES.get(name, name) for name in names] == CIFAR100_FINE_LABELS:
+        names = [LABEL_NAME_ALIASES.get(name, name) for name in names]
+    return normalised_names(names, f"the ClassLabel of {where}")
+
+
+def column_values(dataset: Dataset, column: str, where: str) -> np.ndarray:
+    """One label column as a numpy array; `ValueError` naming `where` and the first row when a value is missing."""
+    values = dataset.select_columns([column]).with_format("arrow")[:][column]
+    if values.null_count:
+        missing = np.flatnonzero(pyarrow.compute.is_null(values).to_numpy(zero_copy_only=False))
+        raise ValueError(
+            f"{where} has {missing.size} rows without a label (null); first: row {missing[0]}. Fill or remove them"
+        )
+    return dataset.select_columns([column]).with_format("numpy")[:][column]
+
+
+def check_label_range(labels: np.ndarray, num_labels: int, column: str, split_name: str) -> None:
+    """Raise `ValueError` (count and first example row) when labels fall outside `[0, num_labels)`."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
+    if bad.size:
+        raise ValueError(
+            f"{bad.size} of {labels.size} rows of split {split_name!r} have a {column!r} outside [0, {num_labels}); "
+            f"first: row {bad[0]} has {column}={labels[bad[0]]}"
+        )
+
+
+def column_names(
+    dataset: Dataset, column: str, split_name: str, numbers_as_names: bool = False
+) -> tuple[np.ndarray | None, list[str] | None]:
+    """A label column read as names: `(per-row names, the ClassLabel's names or None)`.
+
+    `ClassLabel` ids become their names, strings stay names, plain integers (and a `ClassLabel(num_classes=n)`)
+    become their decimal strings when `numbers_as_names` and give `(None, None)` otherwise. Names are normalised
+    (NFC). `ValueError` naming the column and split for a null, an id outside the `ClassLabel`, or values that are
+    neither ids nor names.
+    """
+    where = f"column {column!r} of split {split_name!r}"
+    feature = dataset.features[column]
+    values = column_values(dataset, column, where)
+    names = class_label_names(feature, where)
+    if names is not None:
+        check_label_range(values, len(names), column, split_name)
+        return np.asarray(names, dtype=object)[values], names
+    if values.dtype.kind in "OUS":
+        unique, inverse = np.unique(values.astype(str), return_inverse=True)
+        normal = np.asarray([normalise_name(name) for name in unique], dtype=object)
+        return normal[inverse], None
+    if values.dtype.kind not in "iu":
+        raise ValueError(f"{where} must hold class ids or class names, got {feature}")
+    if numbers_as_names:
+        return values.astype(str).astype(object), None
+    return None, None
+
+
+def ids_from_names(names: np.ndarray, target_names: list[str], where: str) -> np.ndarray:
+    """Map (normalised) names onto positions in `target_names`; `ValueError` naming `where` and unknown names."""
+    unique_names, inverse = np.unique(np.asarray(names).astype(str), return_inverse=True)
+    target_ids = {normalise_name(name): i for i, name in enumerate(target_names)}
+    unknown = [str(name) for name in unique_names if name not in target_ids]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} class names in {where} are not among the config's {len(target_names)} labels: "
+            f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}"
+        )
+    return np.array([target_ids[name] for name in unique_names], dtype=np.int64)[inverse].reshape(np.shape(names))
+
+
+__all__ = [
+    "LABEL_NAME_ALIASES",
+    "check_label_range",
+    "class_label_names",
+    "column_names",
+    "column_values",
+    "ids_from_names",
+    "normalise_name",
+    "normalised_names",
+]

@@ -1,0 +1,366 @@
+"""Strict readers: label columns, hierarchy files and folder trees load to the same hierarchy every way they can be
+written, or are refused with a message naming the file (or column) and the problem."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import unicodedata
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from conftest import small_config, write_cifar_python
+from data_checks import standardise_split
+from data_utils import DataArguments, load_raw_datasets
+from hierarchy_data import discover_hierarchy
+from hierarchy_files import read_hierarchy_file
+from label_columns import normalise_name
+
+CAFE_NFC = unicodedata.normalize("NFC", "café")
+CAFE_NFD = unicodedata.normalize("NFD", "café")
+
+
+def tiny_png(path: Path) -> None:
+    """A 2x2 PNG at `path` (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.new("RGB", (2, 2), (200, 10, 10)).save(path)
+
+
+def png_struct() -> dict:
+    """A 2x2 PNG as an `Image` feature value."""
+    import io
+
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (2, 2)).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def write_label_parquet(folder: Path, columns: dict[str, list], features: dict[str, object]) -> Path:
+    """`folder/train.parquet` with an `img` column and the given label columns."""
+    rows = len(next(iter(columns.values())))
+    feature_map = datasets.Features({"img": datasets.Image(), **features})
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset = datasets.Dataset.from_dict({"img": [png_struct()] * rows, **columns}, features=feature_map)
+    dataset.to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
+def arguments(tmp_path: Path, source: Path, **kwargs) -> DataArguments:
+    return DataArguments(dataset_name=str(source), cache_dir=str(tmp_path / "cache"), train_val_split=0.0, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Label columns
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["int64", "string"])
+def test_label_column_with_a_null_names_the_column_and_row(tmp_path, dtype):
+    values = [0, 1, None, 2] if dtype == "int64" else ["a", "b", None, "c"]
+    coarse = [0, 1, 1, 2] if dtype == "int64" else ["x", "y", "y", "x"]
+    source = write_label_parquet(
+        tmp_path / "data",
+        {"fine_label": values, "coarse_label": coarse},
+        {"fine_label": datasets.Value(dtype), "coarse_label": datasets.Value(dtype)},
+    )
+    args = arguments(tmp_path, source)
+    raw = load_raw_datasets(args)
+    message = r"column 'fine_label' of split 'train' has 1 rows without a label \(null\); first: row 2"
+    with pytest.raises(ValueError, match=message):
+        discover_hierarchy(raw, args)
+    with pytest.raises(ValueError, match=message):
+        standardise_split(raw["train"], args, small_config(), "train")
+
+
+def test_a_name_in_two_unicode_forms_is_one_class(tmp_path):
+    names = [CAFE_NFC, CAFE_NFD, "tea", CAFE_NFD]
+    source = write_label_parquet(
+        tmp_path / "data",
+        {"fine_label": names, "coarse_label": ["drinks"] * 4},
+        {"fine_label": datasets.Value("string"), "coarse_label": datasets.Value("string")},
+    )
+    args = arguments(tmp_path, source)
+    raw = load_raw_datasets(args)
+    hierarchy = discover_hierarchy(raw, args)
+    assert hierarchy.fine_names == (CAFE_NFC, "tea")
+    train = standardise_split(raw["train"], args, small_config(**hierarchy.config_kwargs()), "train")
+    assert train["labels"] == [0, 0, 1, 0]
+
+
+def test_a_class_label_with_one_name_in_two_unicode_forms_is_refused(tmp_path):
+    source = write_label_parquet(
+        tmp_path / "data",
+        {"fine_label": [0, 1], "coarse_label": ["drinks"] * 2},
+        {"fine_label": datasets.ClassLabel(names=[CAFE_NFC, CAFE_NFD]), "coarse_label": datasets.Value("string")},
+    )
+    args = arguments(tmp_path, source)
+    with pytest.raises(ValueError, match=r"ClassLabel of column 'fine_label' .* the same name in two Unicode forms"):
+        discover_hierarchy(load_raw_datasets(args), args)
+
+
+def test_misspelt_cra_is_corrected_only_in_the_cifar100_table_by_both_readers(tmp_path):
+    """A table of one's own that holds `cra` keeps it, in the hierarchy and in the rows alike."""
+    source = write_label_parquet(
+        tmp_path / "data",
+        {"fine_label": [0, 1], "coarse_label": ["sea", "sea"]},
+        {"fine_label": datasets.ClassLabel(names=["cra", "crab"]), "coarse_label": datasets.Value("string")},
+    )
+    args = arguments(tmp_path, source)
+    raw = load_raw_datasets(args)
+    hierarchy = discover_hierarchy(raw, args)
+    assert hierarchy.fine_names == ("cra", "crab")
+    train = standardise_split(raw["train"], args, small_config(**hierarchy.config_kwargs()), "train")
+    assert train["labels"] == [0, 1]
+    only_crab = small_config(id2label={0: "crab"}, fine_to_coarse=[0], coarse_label_names=["sea"])
+    with pytest.raises(ValueError, match=r"class names in 'fine_label' of split 'train' .*\['cra'\]"):
+        standardise_split(raw["train"], args, only_crab, "train")
+
+
+def test_plain_integer_labels_without_superclasses_say_they_are_read_as_cifar100(tmp_path, caplog):
+    source = write_label_parquet(tmp_path / "data", {"label": [0, 3, 4, 3]}, {"label": datasets.Value("int64")})
+    args = arguments(tmp_path, source, label_column_name="label")
+    with caplog.at_level("WARNING"):
+        assert discover_hierarchy(load_raw_datasets(args), args) is None
+    assert "column 'label' of split 'train' holds plain integers (3 distinct)" in caplog.text
+    assert "CIFAR-100 class ids" in caplog.text and "--hierarchy_file" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hierarchy files
+# ----------------------------------------------------------------------------------------------------------------
+
+SPLIT_FOLDERS = ("train", "validation", "test")
+
+# Names as users write them: any letters, digits, punctuation (commas, quotes), spaces inside, emoji; no control
+# characters, no surrounding spaces (CSV cells are stripped), never a hidden-file or path-like name.
+NAME = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="/\\\x00"),
+    min_size=1,
+    max_size=6,
+).filter(lambda name: name == name.strip() and not name.startswith(".") and name not in SPLIT_FOLDERS)
+
+
+@st.composite
+def hierarchies(draw: st.DrawFn) -> dict[str, str]:
+    """`{class: superclass}` with 1-5 classes in 1-3 superclasses; names distinct after NFC, classes and
+    superclasses apart (a folder tree cannot tell them apart otherwise)."""
+    names = draw(st.lists(NAME, min_size=2, max_size=8, unique_by=normalise_name))
+    split = draw(st.integers(1, min(3, len(names) - 1)))
+    coarse, fine = names[:split], names[split:]
+    return {name: draw(st.sampled_from(coarse)) for name in fine}
+
+
+def normal(mapping: dict[str, str]) -> dict[str, str]:
+    return {normalise_name(fine): normalise_name(coarse) for fine, coarse in mapping.items()}
+
+
+def csv_text(mapping: dict[str, str], header: tuple[str, str] | None, line_end: str) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=line_end)
+    writer.writerows(([header] if header else []) + list(mapping.items()))
+    return buffer.getvalue()
+
+
+@given(
+    mapping=hierarchies(),
+    shape=st.sampled_from(["csv", "json_flat", "json_grouped"]),
+    bom=st.booleans(),
+    header=st.one_of(st.none(), st.tuples(NAME, NAME)),
+    line_end=st.sampled_from(["\n", "\r\n"]),
+)
+def test_hierarchy_file_loads_the_same_every_way_it_is_written(tmp_path_factory, mapping, shape, bom, header, line_end):
+    assume(header is None or normalise_name(header[0]) not in normal(mapping))
+    folder = tmp_path_factory.mktemp("hierarchy")
+    if shape == "csv":
+        text = csv_text(mapping, header, line_end)
+    elif shape == "json_flat":
+        text = json.dumps(mapping, ensure_ascii=False)
+    else:
+        grouped: dict[str, list[str]] = {}
+        for fine, coarse in mapping.items():
+            grouped.setdefault(coarse, []).append(fine)
+        text = json.dumps(grouped, ensure_ascii=False)
+    path = folder / f"h.{shape.split('_')[0]}"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    assert read_hierarchy_file(str(path), set(normal(mapping))) == normal(mapping)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "latin-1"])
+def test_hierarchy_file_in_another_encoding_is_refused_naming_it(tmp_path, encoding):
+    path = tmp_path / "hierarchy.csv"
+    path.write_bytes("class,superclass\ncafé,drinks\n".encode(encoding))
+    expected = "is UTF-16 text" if encoding == "utf-16" else "is not UTF-8 text"
+    with pytest.raises(ValueError, match=rf"--hierarchy_file '{path}' {expected}.*save it as UTF-8"):
+        read_hierarchy_file(str(path), {"café"})
+
+
+@pytest.mark.parametrize("text", ['{"a": "x", "b": "y", "a": "z"}', '{"x": ["a"], "x": ["b"]}'])
+def test_hierarchy_json_with_a_duplicate_key_is_refused(tmp_path, text):
+    path = tmp_path / "hierarchy.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"--hierarchy_file '{path}' has the key '[ax]' twice"):
+        read_hierarchy_file(str(path), {"a", "b"})
+
+
+def test_hierarchy_csv_header_of_any_names_is_not_a_class(tmp_path):
+    path = tmp_path / "hierarchy.csv"
+    path.write_bytes(b"\xef\xbb\xbfproduct,department\r\nmug,kitchen\r\npan,kitchen\r\n")
+    assert read_hierarchy_file(str(path), {"mug", "pan"}) == {"mug": "kitchen", "pan": "kitchen"}
+
+
+def test_hierarchy_file_classes_absent_from_the_data_are_named(tmp_path, caplog):
+    source = write_label_parquet(tmp_path / "data", {"label": ["mug", "pan"]}, {"label": datasets.Value("string")})
+    path = tmp_path / "hierarchy.json"
+    path.write_text(json.dumps({"mug": "kitchen", "pan": "kitchen", "sofa": "living"}), encoding="utf-8")
+    args = arguments(tmp_path, source, label_column_name="label", hierarchy_file=str(path))
+    with caplog.at_level("WARNING"):
+        hierarchy = discover_hierarchy(load_raw_datasets(args), args)
+    assert hierarchy.fine_names == ("mug", "pan", "sofa")
+    assert f"1 classes of --hierarchy_file {str(path)!r} have no rows in the data: 'sofa'" in caplog.text
+
+
+@given(mapping=hierarchies(), form=st.sampled_from(["strings", "class_labels", "strings_nfd"]), data=st.data())
+@settings(max_examples=12)
+def test_label_columns_load_to_their_hierarchy(tmp_path_factory, mapping, form, data):
+    rows = data.draw(st.lists(st.sampled_from(sorted(mapping)), min_size=len(mapping), max_size=12))
+    rows = sorted(mapping) + rows[len(mapping) :]  # every class at least once
+    fines, coarses = sorted(mapping), sorted(set(mapping.values()))
+    if form == "class_labels":
+        assume(fines != [str(i) for i in range(len(fines))])  # ClassLabel(num_classes=n)'s names: plain ids
+        columns = {
+            "fine_label": [fines.index(n) for n in rows],
+            "coarse_label": [coarses.index(mapping[n]) for n in rows],
+        }
+        features = {"fine_label": datasets.ClassLabel(names=fines), "coarse_label": datasets.ClassLabel(names=coarses)}
+    else:
+        form_of = (lambda name: unicodedata.normalize("NFD", name)) if form == "strings_nfd" else (lambda name: name)
+        columns = {"fine_label": [form_of(n) for n in rows], "coarse_label": [mapping[n] for n in rows]}
+        features = {"fine_label": datasets.Value("string"), "coarse_label": datasets.Value("string")}
+    features = datasets.Features({"img": datasets.Image(), **features})
+    raw = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"img": [png_struct()] * len(rows), **columns}, features=features)}
+    )
+    args = arguments(tmp_path_factory.getbasetemp(), Path("unused"))
+    hierarchy = discover_hierarchy(raw, args)
+    assert hierarchy.parents == normal(mapping)
+    train = standardise_split(raw["train"], args, small_config(**hierarchy.config_kwargs()), "train")
+    assert [hierarchy.fine_names[i] for i in train["labels"]] == [normalise_name(n) for n in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folder trees
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_folder_tree(
+    root: Path, mapping: dict[str, str], linked: set[str] = frozenset(), hidden: bool = False
+) -> None:
+    """`root/superclass/class/0.png` for every class of `mapping`; the folders of `linked` classes live outside
+    `root` and are reached through a link; `hidden` adds `.DS_Store`, an AppleDouble `._0.png` and `__MACOSX/`."""
+    for index, (fine, coarse) in enumerate(mapping.items()):
+        folder = root / coarse / fine
+        if fine in linked:
+            target = root.parent / f"elsewhere-{index}"
+            tiny_png(target / "0.png")
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.symlink_to(target, target_is_directory=True)
+        else:
+            tiny_png(folder / "0.png")
+        if hidden:
+            (folder / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+            (root / coarse / ".DS_Store").write_bytes(b"\x00")
+    if hidden:
+        tiny_png(root / "__MACOSX" / next(iter(mapping.values())) / "._x.png")
+
+
+def tree_pairs(root: Path, tmp_path: Path) -> set[tuple[str, str]]:
+    """The (class, superclass) pairs of the rows that reading `root` as a dataset gives."""
+    args = arguments(tmp_path, root)
+    train = load_raw_datasets(args)["train"]
+    return set(zip(train["fine_label"], train["coarse_label"], strict=True))
+
+
+@given(mapping=hierarchies(), data=st.data())
+@settings(max_examples=15)
+def test_folder_tree_loads_its_hierarchy_with_links_and_hidden_files(tmp_path_factory, mapping, data):
+    linked = set(data.draw(st.lists(st.sampled_from(sorted(mapping)), unique=True, max_size=2)))
+    hidden = data.draw(st.booleans())
+    base = tmp_path_factory.mktemp("tree")
+    write_folder_tree(base / "root", mapping, linked, hidden)
+    assert tree_pairs(base / "root", base) == set(normal(mapping).items())
+
+
+def test_hidden_and_appledouble_files_are_skipped_at_load_with_a_count(tmp_path, caplog):
+    write_folder_tree(tmp_path / "root", {"cat": "animal", "car": "vehicle"}, hidden=True)
+    with caplog.at_level("INFO"):
+        train = load_raw_datasets(arguments(tmp_path, tmp_path / "root"))["train"]
+    assert len(train) == 2 and all(image.size == (2, 2) for image in train["img"])
+    assert "Skipped 5 hidden files and folders" in caplog.text and "'._*'" in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["tree", "classes"])
+def test_linked_class_folder_is_read_by_every_reader(tmp_path, layout):
+    root = tmp_path / "root"
+    prefix = ("animal",) if layout == "tree" else ()
+    tiny_png(root.joinpath(*prefix, "cat", "0.png"))
+    tiny_png(tmp_path / "dogs" / "0.png")
+    tiny_png(tmp_path / "dogs" / "1.png")
+    root.joinpath(*prefix, "dog").symlink_to(tmp_path / "dogs", target_is_directory=True)
+    train = load_raw_datasets(arguments(tmp_path, root))["train"]
+    column = "fine_label" if layout == "tree" else "label"
+    names = train[column] if layout == "tree" else [train.features["label"].int2str(i) for i in train["label"]]
+    assert sorted(names) == ["cat", "dog", "dog"]
+
+
+def test_link_to_a_containing_folder_is_refused_naming_it(tmp_path):
+    root = tmp_path / "root"
+    tiny_png(root / "animal" / "cat" / "0.png")
+    (root / "animal" / "cat" / "again").symlink_to(root, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"'.*cat/again' is a link to .* a folder that contains it"):
+        load_raw_datasets(arguments(tmp_path, root))
+
+
+def test_images_in_a_subfolder_of_a_class_folder_are_refused_naming_one(tmp_path):
+    root = tmp_path / "root"
+    for name in ("cat", "dog", "owl"):
+        tiny_png(root / name / "0.png")
+    tiny_png(root / "cat" / "kittens" / "1.png")
+    message = r"the image 'cat/kittens/1.png' is in a subfolder of the class folder 'cat'"
+    with pytest.raises(ValueError, match=message):
+        load_raw_datasets(arguments(tmp_path, root))
+
+
+def test_image_directly_inside_a_superclass_folder_is_named(tmp_path):
+    root = tmp_path / "root"
+    for fine, coarse in (("cat", "animal"), ("dog", "animal"), ("car", "vehicle")):
+        tiny_png(root / coarse / fine / "0.png")
+    tiny_png(root / "animal" / "stray.png")
+    with pytest.raises(ValueError, match=r"the image 'animal/stray.png' is directly inside the superclass folder"):
+        load_raw_datasets(arguments(tmp_path, root))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cifar-100-python files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["np.save", "text"])
+def test_cifar_python_file_that_is_no_pickle_is_named(tmp_path, how):
+    folder = write_cifar_python(tmp_path / "cifar-100-python", train_labels=[0, 1], test_labels=[2])
+    content = {b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [2], b"coarse_labels": [4]}
+    if how == "np.save":
+        with open(folder / "test", "wb") as file:  # np.save would append .npy to a path without it
+            np.save(file, content, allow_pickle=True)
+        message = r"cifar-100-python/test: a numpy .npy file \(written with numpy.save\), not a pickle"
+    else:
+        (folder / "test").write_text("fine_labels,coarse_labels\n2,4\n")
+        message = r"cifar-100-python/test: not a valid cifar-100-python file \(not a pickle"
+    with pytest.raises(ValueError, match=message):
+        load_raw_datasets(arguments(tmp_path, folder))
