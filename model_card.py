@@ -19,7 +19,7 @@ from transformers import PretrainedConfig, TrainingArguments
 from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE
 from data_sources import is_hub_dataset
 from report_figures import FIGURE_NAMES
-from report_markdown import FIGURE_TITLES
+from report_markdown import FIGURE_TITLES, markdown_cell, table_row
 from run_summary import OPTIONS_FILE
 
 METRICS = {  # key in all_results.json -> (model-index metric type, readable name; {fine}/{coarse}: head sizes)
@@ -200,7 +200,9 @@ def _introduction(
 def _superclass_listing(config: PretrainedConfig) -> str:
     """`name (number of classes)` for every superclass, cut after `MAX_SUPERCLASS_TEXT` characters."""
     sizes = [len(config.coarse_children(c)) for c in range(config.num_coarse_labels)]
-    listing = ", ".join(f"{name} ({size})" for name, size in zip(config.coarse_label_names, sizes, strict=True))
+    listing = ", ".join(
+        f"{markdown_cell(name)} ({size})" for name, size in zip(config.coarse_label_names, sizes, strict=True)
+    )
     if len(listing) > MAX_SUPERCLASS_TEXT:
         listing = listing[:MAX_SUPERCLASS_TEXT].rsplit(", ", 1)[0] + ", ..."
     return listing
@@ -208,8 +210,9 @@ def _superclass_listing(config: PretrainedConfig) -> str:
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
     """A Markdown table."""
-    lines = [header, tuple("---" for _ in header), *rows]
-    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
+    return "\n".join(
+        [table_row(*header), "| " + " | ".join("---" for _ in header) + " |", *(table_row(*row) for row in rows)]
+    )
 
 
 def _results_section(results: dict[str, float], output_dir: str) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import Dataset
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -18,6 +20,8 @@ import eval_report
 import run_classification
 from conftest import small_config
 from hierarchy_metrics import compute_hierarchy_metrics
+from report_data import compute_report_data
+from report_markdown import render_markdown
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HIERARCHY_METRICS = {
@@ -223,3 +227,45 @@ def test_training_script_writes_the_report(tiny_parquet_dir, tmp_path):
     assert f"| loss | {test_results['test_loss']:.4f} |" in text
     assert (tmp_path / "superclass_accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "![Accuracy per superclass](superclass_accuracy.png)" in (tmp_path / "README.md").read_text()
+
+
+def table_shapes(text: str) -> list[tuple[int, list[int]]]:
+    """Each table of the Markdown `text` as a CommonMark+GFM-table parser reads it: `(header cells, [row cells])`."""
+    markdown_it = pytest.importorskip("markdown_it")
+    tables, header, rows, cells = [], 0, [], 0
+    for token in markdown_it.MarkdownIt("commonmark").enable("table").parse(text):
+        if token.type == "table_open":
+            header, rows = 0, []
+        elif token.type == "tr_open":
+            cells = 0
+        elif token.type in ("th_open", "td_open"):
+            cells += 1
+        elif token.type == "tr_close":
+            header, rows = (cells, rows) if not header else (header, [*rows, cells])
+        elif token.type == "table_close":
+            tables.append((header, rows))
+    return tables
+
+
+NAME_CHARACTERS = st.sampled_from(["a", "b", " ", "|", "\\", "\n", "\r", "`", "-", "*", "<", ":", "é"])
+
+
+@given(
+    fine_names=st.lists(st.text(NAME_CHARACTERS, min_size=1, max_size=8), min_size=4, max_size=4, unique=True),
+    coarse_names=st.lists(st.text(NAME_CHARACTERS, min_size=1, max_size=8), min_size=2, max_size=2, unique=True),
+)
+def test_report_tables_keep_their_columns_whatever_the_class_names(fine_names, coarse_names):
+    config = small_config(
+        id2label=dict(enumerate(fine_names)), fine_to_coarse=[0, 0, 1, 1], coarse_label_names=coarse_names
+    )
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 4
+    logits, coarse_logits = rng.normal(size=(40, 4)), rng.normal(size=(40, 2))  # mistakes in every table
+    data = compute_report_data(logits, coarse_logits, labels, labels // 2, config)
+    text = render_markdown(data, config, "test", figures={})
+    tables = table_shapes(text)
+    assert len(tables) == text.count("\n| --- |")  # no table split or lost
+    for header, rows in tables:
+        assert rows and all(cells == header for cells in rows), (header, rows)
+    class_rows = next(rows for header, rows in tables if header == 5 and len(rows) == 4)  # accuracy per class
+    assert len(class_rows) == len(fine_names)
