@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -18,6 +19,15 @@ FIGURE_TITLES = {
     "reliability": "Reliability diagrams",
     "risk_coverage": "Hierarchical risk-coverage",
 }
+
+
+REPORT_NAME = "eval_report.md"
+REPORTS_FOLDER = "reports"  # a model folder's reports: reports/<split>/eval_report.md and its figures
+
+
+def report_folder(model_dir: str | os.PathLike, split: str) -> str:
+    """The folder of the report of `split` (`"validation"`, `"test"`, ...) in the model folder `model_dir`."""
+    return os.path.join(model_dir, REPORTS_FOLDER, split.split(",")[0].strip())
 
 
 LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line endings of Markdown
