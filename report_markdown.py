@@ -27,7 +27,7 @@ REPORTS_FOLDER = "reports"  # a model folder's reports: reports/<split>/eval_rep
 
 def report_folder(model_dir: str | os.PathLike, split: str) -> str:
     """The folder of the report of `split` (`"validation"`, `"test"`, ...) in the model folder `model_dir`."""
-    return os.path.join(model_dir, REPORTS_FOLDER, split.split(",")[0].strip())
+    return os.path.join(model_dir, REPORTS_FOLDER, split)
 
 
 LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line endings of Markdown
