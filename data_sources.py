@@ -8,6 +8,7 @@ import io
 import os
 import pickle
 import re
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import datasets
@@ -47,25 +48,39 @@ LOCAL_DATA_HINT = (
 )
 
 
-def load_raw_datasets(args: DataArguments) -> DatasetDict:
-    """Load the source that `args.dataset_name` names, with the source's own splits and columns."""
+def load_raw_datasets(args: DataArguments, splits: Collection[str] | None = None) -> DatasetDict:
+    """Load the source that `args.dataset_name` names, with the source's own splits and columns.
+
+    `splits` (source split names) restricts what is read to those splits where the source has any of them: the
+    files of other splits are not read at all (data files, image folders) or dropped once loaded (other sources).
+    A source with none of them is loaded whole, so that the caller can name the splits it has.
+    """
     if args.dataset_name == "imagefolder":
         if args.data_dir is None:
             raise ValueError("--dataset_name imagefolder needs --data_dir, the folder with one subfolder per class")
-        return load_image_folder(_existing_path(args.data_dir, "data_dir"), args)
+        return only_splits(load_image_folder(_existing_path(args.data_dir, "data_dir"), args, splits), splits)
     path = os.path.expanduser(args.dataset_name)
     if any(char in path for char in "*?["):  # a glob pattern
         files = _glob_files(path)
         if not files:
             raise FileNotFoundError(f"--dataset_name {args.dataset_name!r}: the pattern matches no file")
-        return load_data_files(files, os.path.commonpath([os.path.dirname(p) for p in files]), args)
+        root = os.path.commonpath([os.path.dirname(p) for p in files])
+        return only_splits(load_data_files(files, root, args, splits), splits)
     if os.path.isfile(path):
-        return load_data_files([path], os.path.dirname(path), args)
+        return only_splits(load_data_files([path], os.path.dirname(path), args, splits), splits)
     if os.path.isdir(path):
-        return load_local_folder(path, args)
+        return only_splits(load_local_folder(path, args, splits), splits)
     if HUB_ID.fullmatch(args.dataset_name) is None:
         raise FileNotFoundError(f"--dataset_name {args.dataset_name!r}: no such file or folder")
-    return load_hub_dataset(args)
+    return only_splits(load_hub_dataset(args), splits)
+
+
+def only_splits(found: dict[str, Any], splits: Collection[str] | None) -> Any:
+    """`found` (a `DatasetDict`, or split -> files) restricted to `splits`; whole when `splits` is None or when it
+    holds none of them."""
+    if splits is None or not any(name in found for name in splits):
+        return found
+    return type(found)({name: value for name, value in found.items() if name in splits})
 
 
 def _glob_files(pattern: str) -> list[str]:
@@ -120,7 +135,7 @@ def load_hub_dataset(args: DataArguments) -> DatasetDict:
         ) from None
 
 
-def load_local_folder(path: str, args: DataArguments) -> DatasetDict:
+def load_local_folder(path: str, args: DataArguments, splits: Collection[str] | None = None) -> DatasetDict:
     """Load a local folder: `save_to_disk` output, cifar-100-python files, parquet/arrow shards or an image folder.
 
     Parquet/arrow shards follow the conventional layout: split-named files at the top of the folder
@@ -149,9 +164,9 @@ def load_local_folder(path: str, args: DataArguments) -> DatasetDict:
                     f"Not reading {len(ignored)} {extension} files of {path!r} outside its top level and its split "
                     f"folders {list(split_names)}: they are in {folders}"
                 )
-            return load_data_files(data_files, path, args)
+            return load_data_files(data_files, path, args, splits)
     if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in all_files):
-        return load_image_folder(path, args)
+        return load_image_folder(path, args, splits)
     nested = sorted(
         {os.path.relpath(os.path.dirname(f), path) for f in all_files if f.endswith(tuple(DATA_FILE_BUILDERS))}
     )
@@ -173,8 +188,11 @@ def _list_files(root: str) -> list[str]:
     return [os.path.join(root, *parts) for parts in walk_files(root)]
 
 
-def load_data_files(files: list[str], root: str, args: DataArguments) -> DatasetDict:
-    """Load parquet or arrow files; a file's split is the split name its path (relative to `root`) starts with."""
+def load_data_files(
+    files: list[str], root: str, args: DataArguments, splits: Collection[str] | None = None
+) -> DatasetDict:
+    """Load parquet or arrow files; a file's split is the split name its path (relative to `root`) starts with.
+    With `splits`, only the files of those splits are read (see [`load_raw_datasets`])."""
     extensions = {os.path.splitext(f)[1].lower() for f in files}
     if len(extensions) != 1 or next(iter(extensions)) not in DATA_FILE_BUILDERS:
         raise ValueError(
@@ -193,6 +211,7 @@ def load_data_files(files: list[str], root: str, args: DataArguments) -> Dataset
         )
     else:
         data_files = {split: [f for f in files if split_of[f] == split] for split in dict.fromkeys(split_of.values())}
+    data_files = only_splits(data_files, splits)
     if builder == "parquet":  # datasets cannot build an empty split: say so before it tries
         for split, split_files in data_files.items():
             if sum(_parquet_metadata(f).num_rows for f in split_files) == 0:
@@ -248,7 +267,7 @@ def _split_of(relative_path: str, split_names: tuple[str, ...]) -> str | None:
     return None
 
 
-def load_image_folder(path: str, args: DataArguments) -> DatasetDict:
+def load_image_folder(path: str, args: DataArguments, splits: Collection[str] | None = None) -> DatasetDict:
     """Load an image folder: one subfolder per class, whatever the class names, labelled by the folder name.
 
     Split folders (`train/<class>/...`, per the split options) are read as splits only when every top folder is
@@ -261,6 +280,7 @@ def load_image_folder(path: str, args: DataArguments) -> DatasetDict:
         return tree
     split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
     _, by_split = image_folder_layout(path, split_names)
+    by_split = only_splits(by_split, splits)
     data_files = {}
     for split, images in by_split.items():
         classes = {parts[-2] for parts in images}

@@ -11,6 +11,7 @@ used, it is seeded from such a seed first, so a resumed run sees the same augmen
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from datasets import Dataset, DatasetDict
@@ -145,11 +146,25 @@ class DataArguments:
                 raise ValueError(f"{name} is a probability and must be in [0, 1], got {getattr(self, name)!r}")
 
 
+def source_splits(args: DataArguments, splits: Collection[str] | None) -> list[str] | None:
+    """The source split names to read for the prepared `splits` ("train", "validation", "test"; None for all): a
+    validation split may be carved from the training one, so asking for it reads that too."""
+    if splits is None:
+        return None
+    names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
+    wanted = [names[split] for split in splits]
+    return wanted + [args.train_split_name] if "validation" in splits else wanted
+
+
 def prepare_datasets(
-    args: DataArguments, config: HierarchicalEfficientNetV2Config, seed: int, raw: DatasetDict | None = None
+    args: DataArguments,
+    config: HierarchicalEfficientNetV2Config,
+    seed: int,
+    raw: DatasetDict | None = None,
+    splits: Collection[str] | None = None,
 ) -> DatasetDict:
     """The splits of [`prepare_datasets_with_record`], without the record."""
-    return prepare_datasets_with_record(args, config, seed, raw)[0]
+    return prepare_datasets_with_record(args, config, seed, raw, splits=splits)[0]
 
 
 def prepare_datasets_with_record(
@@ -159,18 +174,30 @@ def prepare_datasets_with_record(
     raw: DatasetDict | None = None,
     recorded: DataRecord | None = None,
     recorded_in: str = "the model",
+    splits: Collection[str] | None = None,
 ) -> tuple[DatasetDict, DataRecord | None]:
     """Load (unless `raw` is given: the output of `load_raw_datasets`), validate and standardise the source; carve
     a validation split if needed (with `recorded`, a saved model's [`DataRecord`] read from `recorded_in`: the one
     recorded, see [`split_with_record`]); apply `max_*_samples`. The data's hierarchy (`discover_hierarchy`) must fit
     `config`: every class of the data a class of the config, under the same superclass.
 
+    `splits` (among "train", "validation", "test"; default all) are the splits wanted: the others are neither read
+    (where the source allows, see [`source_splits`]) nor checked, so that evaluating on the test split never loads the
+    training images.
+
     Returns the available splits among "train", "validation" and "test", each with the columns `image` (`Image`),
     `labels` and `coarse_labels` (`ClassLabel`) and `index` (the row's position in its source split), and the
     record of the training data (None without a training split).
     """
-    raw = load_raw_datasets(args) if raw is None else raw
+    wanted = None if splits is None else list(splits)
+    raw = load_raw_datasets(args, source_splits(args, wanted)) if raw is None else raw
     source_names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
+    if wanted is not None:
+        keep = source_splits(args, wanted)
+        if "train" not in wanted and args.validation_split_name in raw:  # no validation split to carve
+            keep = [name for name in keep if name != args.train_split_name]
+        if any(name in raw for name in keep):
+            raw = DatasetDict({name: dataset for name, dataset in raw.items() if name in keep})
     if not any(name in raw for name in source_names.values()):
         raise ValueError(
             f"the dataset has the splits {list(raw)}, none named {list(source_names.values())}; "
@@ -191,6 +218,8 @@ def prepare_datasets_with_record(
     splits, record = split_with_record(
         splits, args.train_val_split, seed, recorded, recorded_in, allow_data_mismatch=args.allow_data_mismatch
     )
+    if wanted is not None and any(split in splits for split in wanted):
+        splits = {split: dataset for split, dataset in splits.items() if split in wanted}
     for split, option_name in SPLIT_LIMITS.items():
         limit = getattr(args, option_name)
         if split in splits and limit is not None and limit < len(splits[split]):

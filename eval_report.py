@@ -5,7 +5,10 @@ confusions, calibration and selective answers.
 `write_eval_report` turns predictions into `eval_report.md` and PNG figures; `evaluate_saved_model` runs a saved
 model on a dataset split with `Trainer.predict`, as the training script evaluates, and writes that report:
 
-    python eval_report.py outputs/run --dataset_name cifar100-local --split validation
+    python eval_report.py outputs/run --dataset_name cifar100-local --split test
+
+Each report has its own folder, `MODEL/reports/<split>/` unless `--output_dir` says otherwise (the training script
+writes its reports the same way), and a report already there is replaced only with `--overwrite`.
 
 `cifar100-local` is a local copy of CIFAR-100 (`python data_utils.py download cifar100-local`); a Hub id works too.
 
@@ -45,14 +48,24 @@ from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassificati
 from provenance import PROVENANCE_NAME, read_record
 from report_data import compute_report_data
 from report_figures import FIGURE_NAMES, draw_figures
-from report_markdown import render_markdown
+from report_markdown import REPORT_NAME, REPORTS_FOLDER, render_markdown, report_folder
 from trainer import HierarchicalTrainer
 from training_args import HierarchicalTrainingArguments, ModelArguments
 
 logger = logging.get_logger(__name__)
 
-REPORT_NAME = "eval_report.md"
 MATPLOTLIB_HINT = "`pip install matplotlib`"
+
+
+def check_report_folder(output_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse (`ValueError` naming the folder) to write a report where one already is, unless `overwrite`."""
+    names = [REPORT_NAME, *FIGURE_NAMES.values()]
+    existing = [name for name in names if os.path.isfile(os.path.join(output_dir, name))]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{os.path.join(output_dir, existing[0])} already exists: a report is not replaced without --overwrite "
+            "(overwrite=True); pass --overwrite, or another --output_dir"
+        )
 
 
 def write_eval_report(
@@ -65,6 +78,7 @@ def write_eval_report(
     images: Sequence[PIL.Image.Image] | Dataset | None = None,
     split: str = "test",
     metrics: dict[str, float] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, str]:
     """Write `eval_report.md` and its PNG figures for one split into `output_dir`; return `{key: path}` written.
 
@@ -78,10 +92,12 @@ def write_eval_report(
         split (`str`, *optional*, defaults to `"test"`): split name shown in the report.
         metrics (`dict[str, float]`, *optional*): metrics already computed for these predictions (e.g. the
             Trainer's `eval_*`/`test_*`); their hierarchy metrics are reported as given, others (loss) listed too.
+        overwrite (`bool`, *optional*, defaults to `False`): replace a report already in `output_dir` (its figures
+            included); without it such a folder is refused with a `ValueError`.
 
-    The files have fixed names, so a second report in the same folder replaces the first. Figures need
-    matplotlib; without it the markdown says how to get them.
+    Figures need matplotlib; without it the markdown says how to get them.
     """
+    check_report_folder(output_dir, overwrite)
     data = compute_report_data(logits, coarse_logits, labels, coarse_labels, config, split, metrics)
     if images is not None and len(images) != len(data.fine_predictions):
         raise ValueError(f"images has {len(images)} entries but there are {len(data.fine_predictions)} predictions")
@@ -111,13 +127,14 @@ def write_prediction_report(
     config: HierarchicalEfficientNetV2Config,
     images: Sequence[PIL.Image.Image] | Dataset | None = None,
     split: str = "test",
+    overwrite: bool = False,
 ) -> dict[str, str]:
     """[`write_eval_report`] from `Trainer.predict` output: predictions `(logits, coarse_logits)`, label ids
     `(labels, coarse_labels)` (the order of `label_names`) and its metrics."""
     logits, coarse_logits = prediction.predictions
     labels, coarse_labels = prediction.label_ids
     return write_eval_report(
-        output_dir, logits, coarse_logits, labels, coarse_labels, config, images, split, prediction.metrics
+        output_dir, logits, coarse_logits, labels, coarse_labels, config, images, split, prediction.metrics, overwrite
     )
 
 
@@ -129,9 +146,11 @@ def evaluate_saved_model(
     batch_size: int = 64,
     max_samples: int | None = None,
     seed: int = 42,
+    overwrite: bool = False,
     **data_options: Any,
 ) -> dict[str, float]:
-    """Evaluate a saved model folder on one split and write its report (into `model_dir` by default).
+    """Evaluate a saved model folder on one split and write its report (into `model_dir/reports/<split>/` by
+    default; a report already there is refused before anything is computed, unless `overwrite`).
 
     Args:
         model_dir: a folder written by `save_pretrained` (e.g. by `run_classification.py`).
@@ -143,6 +162,7 @@ def evaluate_saved_model(
         batch_size: images per inference batch (`per_device_eval_batch_size`).
         max_samples: evaluate only the first N rows of the split.
         seed: the training seed, which decides a carved validation split when the model records none.
+        overwrite: replace a report already in the report folder.
         data_options: other `DataArguments` fields (column and split names, `train_val_split`, ...).
 
     Returns the hierarchy metrics (`fine_accuracy`, `coarse_accuracy`, ...) and the calibration and selective ones
@@ -154,6 +174,8 @@ def evaluate_saved_model(
         raise ValueError(f"split must be one of {list(SPLIT_LIMITS)}, got {split!r}")
     if max_samples is not None:
         data_options[SPLIT_LIMITS[split]] = max_samples
+    report_dir = report_folder(model_dir, split) if output_dir is None else output_dir
+    check_report_folder(report_dir, overwrite)  # before the minutes of inference, not after
     # the training script's loader: a folder with missing, extra or misshaped tensors is refused, not half-random
     model = load_saved_model(ModelArguments(model_name_or_path=str(model_dir)), cache_dir=None, overrides={})
     config = model.config
@@ -165,19 +187,24 @@ def evaluate_saved_model(
             f"{seed} and may hold rows it trained on"
         )
     splits, _ = prepare_datasets_with_record(
-        data_args, config, seed=seed, recorded=recorded, recorded_in=f"the model folder {str(model_dir)!r}"
+        data_args,
+        config,
+        seed=seed,
+        recorded=recorded,
+        recorded_in=f"the model folder {str(model_dir)!r}",
+        splits=[split],
     )
     if split not in splits:
         raise ValueError(f"the dataset {dataset_name!r} has no {split!r} split; it has {list(splits)}")
-    report_dir = model_dir if output_dir is None else output_dir
     prediction = predict_split(model, splits[split], split, data_args, batch_size, seed, report_dir)
     logits, coarse_logits = prediction.predictions
     labels, coarse_labels = prediction.label_ids
     metrics = compute_hierarchy_metrics(logits, coarse_logits, labels, coarse_labels, config.fine_to_coarse)
     metrics |= evaluate_calibration(logits, coarse_logits, labels, coarse_labels, config)
     write_eval_report(
-        report_dir, logits, coarse_logits, labels, coarse_labels, config, splits[split], split, metrics=metrics
+        report_dir, logits, coarse_logits, labels, coarse_labels, config, splits[split], split, metrics, overwrite
     )
+    logger.info(f"The {split} report is in {report_dir}")
     return metrics
 
 
@@ -213,7 +240,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     parser.add_argument("model_dir", help="Saved model folder (save_pretrained / run_classification.py output).")
     parser.add_argument("--split", default="test", choices=tuple(SPLIT_LIMITS), help="Split to evaluate.")
-    parser.add_argument("--output_dir", default=None, help="Where the report goes (default: MODEL_DIR).")
+    parser.add_argument("--output_dir", default=None, help="Folder of the report (default: MODEL_DIR/reports/SPLIT).")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace a report already in that folder (refused without it)."
+    )
     parser.add_argument("--batch_size", type=int, default=64, help="Images per inference batch.")
     parser.add_argument("--max_samples", type=int, default=None, help="Evaluate only the first N rows of the split.")
     parser.add_argument(
@@ -232,15 +262,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         batch_size=options.batch_size,
         max_samples=options.max_samples,
         seed=options.seed,
+        overwrite=options.overwrite,
         **data_options,
     )
     json.dump(metrics, sys.stdout, indent=2)
-    print(f"\nReport: {os.path.join(options.output_dir or options.model_dir, REPORT_NAME)}")
+    report_dir = options.output_dir or report_folder(options.model_dir, options.split)
+    print(f"\nReport: {os.path.join(report_dir, REPORT_NAME)}")
     return metrics
 
 
-__all__ = ["REPORT_NAME", "evaluate_saved_model", "main", "write_eval_report", "write_prediction_report"]
+__all__ = [
+    "REPORT_NAME",
+    "REPORTS_FOLDER",
+    "evaluate_saved_model",
+    "main",
+    "report_folder",
+    "write_eval_report",
+    "write_prediction_report",
+]
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # a user error: one line, no traceback
+        raise SystemExit(f"error: {error}") from None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
@@ -16,6 +19,30 @@ FIGURE_TITLES = {
     "reliability": "Reliability diagrams",
     "risk_coverage": "Hierarchical risk-coverage",
 }
+
+
+REPORT_NAME = "eval_report.md"
+REPORTS_FOLDER = "reports"  # a model folder's reports: reports/<split>/eval_report.md and its figures
+
+
+def report_folder(model_dir: str | os.PathLike, split: str) -> str:
+    """The folder of the report of `split` (`"validation"`, `"test"`, ...) in the model folder `model_dir`."""
+    return os.path.join(model_dir, REPORTS_FOLDER, split)
+
+
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line endings of Markdown
+
+
+def markdown_cell(value: object) -> str:
+    """`value` as the text of one Markdown table cell (or of inline text): backslashes and `|` escaped, so that a
+    class name cannot end the cell, and line breaks written as `<br>`, so that it cannot end the row."""
+    text = str(value).replace("\\", "\\\\").replace("|", "\\|")
+    return LINE_BREAK.sub("<br>", text)
+
+
+def table_row(*cells: object) -> str:
+    """One Markdown table row, each cell through [`markdown_cell`]."""
+    return "| " + " | ".join(markdown_cell(cell) for cell in cells) + " |"
 
 
 def _format(value: float) -> str:
@@ -165,8 +192,13 @@ def superclass_accuracy_section(data: ReportData, coarse_names: list[str]) -> li
     ]
     for index, name in enumerate(coarse_names):
         lines.append(
-            f"| {index} | {name} | {data.superclass_samples[index]} | "
-            f"{_format(data.superclass_fine_accuracy[index])} | {_format(data.superclass_coarse_accuracy[index])} |"
+            table_row(
+                index,
+                name,
+                data.superclass_samples[index],
+                _format(data.superclass_fine_accuracy[index]),
+                _format(data.superclass_coarse_accuracy[index]),
+            )
         )
     return lines
 
@@ -185,7 +217,7 @@ def superclass_confusion_section(data: ReportData, coarse_names: list[str]) -> l
         "| --- |" + " --- |" * len(coarse_names),
     ]
     for index, row in enumerate(data.confusion):
-        lines.append(f"| {index} {coarse_names[index]} | " + " | ".join(str(count) for count in row) + " |")
+        lines.append(table_row(f"{index} {coarse_names[index]}", *row))
     return lines
 
 
@@ -203,7 +235,7 @@ def confused_superclass_lines(data: ReportData, coarse_names: list[str]) -> list
     ]
     for true, predicted, count in cells:
         share = count / max(data.superclass_samples[true], 1)
-        lines.append(f"| {coarse_names[true]} | {coarse_names[predicted]} | {count} | {share:.4f} |")
+        lines.append(table_row(coarse_names[true], coarse_names[predicted], count, f"{share:.4f}"))
     return lines
 
 
@@ -228,8 +260,13 @@ def class_accuracy_section(data: ReportData, config: HierarchicalEfficientNetV2C
     ]
     for index in range(config.num_labels):
         lines.append(
-            f"| {index} | {fine_names[index]} | {coarse_names[config.fine_to_coarse[index]]} | "
-            f"{data.class_samples[index]} | {_format(data.class_accuracy[index])} |"
+            table_row(
+                index,
+                fine_names[index],
+                coarse_names[config.fine_to_coarse[index]],
+                data.class_samples[index],
+                _format(data.class_accuracy[index]),
+            )
         )
     return lines
 
@@ -242,5 +279,5 @@ def confused_classes_section(data: ReportData, config: HierarchicalEfficientNetV
     lines += ["| true class | predicted class | count | same superclass |", "| --- | --- | --- | --- |"]
     for true, predicted, count in data.confused_pairs:
         same = "yes" if config.fine_to_coarse[true] == config.fine_to_coarse[predicted] else "no"
-        lines.append(f"| {config.id2label[true]} | {config.id2label[predicted]} | {count} | {same} |")
+        lines.append(table_row(config.id2label[true], config.id2label[predicted], count, same))
     return lines

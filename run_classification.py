@@ -32,8 +32,8 @@ from checkpoints import output_dir_lock, resolve_checkpoint
 from collation import EpochCallback, HierarchicalCollator
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_sources import load_raw_datasets
-from data_utils import DataArguments, apply_transforms, prepare_datasets_with_record
-from eval_report import write_prediction_report
+from data_utils import DataArguments, apply_transforms, prepare_datasets_with_record, source_splits
+from eval_report import report_folder, write_prediction_report
 from hierarchy_data import balanced_class_weights, discover_hierarchy, set_class_weights
 from model_loading import load_model
 from modeling_hierarchical import build_image_processor
@@ -148,9 +148,11 @@ def load_data_and_model(
     the model is trained on (`provenance.py`: this run's when it trains, else the one saved with the model).
 
     A checkpoint of another run (other label tables, optimizer groups or data) is refused before any training. An
-    evaluation of a saved model's validation split evaluates the rows recorded with it, whatever `--seed` says."""
+    evaluation of a saved model's validation split evaluates the rows recorded with it, whatever `--seed` says. An
+    evaluation-only run reads only the splits it evaluates."""
+    wanted = used_splits(training_args)
     with training_args.main_process_first(desc="dataset loading"):
-        raw = load_raw_datasets(data_args)
+        raw = load_raw_datasets(data_args, source_splits(data_args, wanted))
     hierarchy = discover_hierarchy(raw, data_args)  # the classes of the data decide the heads
     if hierarchy is not None:
         logger.info("Classes of the data: %s", hierarchy.describe())
@@ -182,6 +184,7 @@ def load_data_and_model(
             raw=raw,
             recorded=recorded if training_args.do_eval else None,
             recorded_in=f"--model_name_or_path {source!r}",
+            splits=wanted,
         )
     if checkpoint is not None:
         check_resumed_data(checkpoint, record, data_args.allow_data_mismatch)
@@ -200,6 +203,16 @@ def load_data_and_model(
     if training_args.do_predict and "test" not in splits:
         raise ValueError(f"--do_predict needs a test split ({data_args.test_split_name!r} not found)")
     return model, splits, checkpoint, record if training_args.do_train else recorded
+
+
+def used_splits(training_args: TrainingArguments) -> list[str] | None:
+    """The splits a run uses: all of them when it trains, else those it evaluates (`--do_eval`: validation,
+    `--do_predict`: test)."""
+    if training_args.do_train:
+        return None
+    return [
+        split for split, used in (("validation", training_args.do_eval), ("test", training_args.do_predict)) if used
+    ]
 
 
 def build_trainer(
@@ -276,8 +289,10 @@ def evaluate_validation(
     trainer.log(eval_metrics)  # as trainer.evaluate does: log history, integrations, "epoch"
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
-    if trainer.is_world_process_zero():
-        write_prediction_report(training_args.output_dir, report[0], config, report[1], report[2])
+    if trainer.is_world_process_zero():  # the run's own folder: a rerun replaces its report
+        folder = report_folder(training_args.output_dir, "validation")
+        write_prediction_report(folder, report[0], config, report[1], report[2], overwrite=True)
+        logger.info("The validation report is in %s", folder)
     return eval_metrics
 
 
@@ -294,7 +309,9 @@ def evaluate_test(
     trainer.log_metrics("test", test_metrics)
     trainer.save_metrics("test", test_metrics)
     if trainer.is_world_process_zero():
-        write_prediction_report(output_dir, prediction, config, test, "test")
+        folder = report_folder(output_dir, "test")
+        write_prediction_report(folder, prediction, config, test, "test", overwrite=True)
+        logger.info("The test report is in %s", folder)
     return test_metrics
 
 
@@ -321,8 +338,9 @@ def run(
     metrics: dict[str, float] = {}
     if training_args.do_train:
         metrics.update(train_and_save(trainer, splits["train"], checkpoint))
-    else:
-        trainer.save_model()  # evaluation-only runs also leave a loadable model beside their metrics
+    elif training_args.do_eval and model_args.calibrate:  # new temperatures and threshold: a new model to save
+        trainer.save_model()
+    # other evaluation-only runs write metrics and reports, not a copy of the weights
     if training_args.do_eval:
         metrics.update(evaluate_validation(trainer, config, splits["validation"], model_args, training_args))
     if training_args.do_predict:

@@ -265,7 +265,7 @@ class HierarchicalTrainer(Trainer):
         """Write this project's model card (used by `push_to_hub` too)."""
         if self.is_world_process_zero():
             trained = self.state.epoch if self.state.global_step > 0 else None
-            repo_id = (getattr(self, "hub_model_id", None) or self.args.hub_model_id) if self.args.push_to_hub else None
+            repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id  # None: the card's placeholder
             source = getattr(self.model.config, "_name_or_path", None) or None  # the model the run started from
             model_card.write_model_card(
                 self.args.output_dir,

@@ -311,7 +311,7 @@ def test_training_on_a_new_hierarchy_end_to_end(tmp_path):
     config = json.loads((output_dir / "config.json").read_text(encoding="utf-8"))
     assert list(config["id2label"].values()) == FINE and config["coarse_label_names"] == COARSE
     assert len(config["fine_class_weights"]) == 11 and len(config["coarse_class_weights"]) == 3
-    report = (output_dir / "eval_report.md").read_text(encoding="utf-8")
+    report = (output_dir / "reports" / "test" / "eval_report.md").read_text(encoding="utf-8")
     assert (
         "11 classes in 3 superclasses" in report and f"| {FINE.index('katze 🐈')} | katze 🐈 | Säugetiere |" in report
     )

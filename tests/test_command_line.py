@@ -112,3 +112,15 @@ def test_log_opens_with_a_summary_and_the_options_go_to_a_file(tiny_parquet_dir,
     options = json.loads((output_dir / "run_options.json").read_text())
     assert options["lr_conv"] == 0.0002 and options["dataset_name"] == str(tiny_parquet_dir)
     assert options["lr_scheduler_type"] == "cosine" and options["image_size"] == 32
+
+
+def test_predicting_only_reads_no_training_split_and_copies_no_weights(saved_model, tmp_path):
+    data = tmp_path / "data"
+    make_parquet_dataset(data, rows_per_class=1, split="test")
+    (data / "train-00000-of-00001.parquet").write_bytes(b"not a parquet file")  # read, it would fail the run
+    output_dir = tmp_path / "eval"
+    argv = ["--model_name_or_path", str(saved_model), "--do_predict", "--output_dir", str(output_dir)]
+    metrics = main(argv + ["--dataset_name", str(data), "--max_predict_samples", "20", "--report_to", "none"])
+    assert metrics["test_num_samples"] == 20
+    assert not list(output_dir.glob("*.safetensors")) and not (output_dir / "config.json").exists()
+    assert (output_dir / "reports" / "test" / "eval_report.md").is_file()

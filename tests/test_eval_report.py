@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import Dataset
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -18,6 +21,8 @@ import eval_report
 import run_classification
 from conftest import small_config
 from hierarchy_metrics import compute_hierarchy_metrics
+from report_data import compute_report_data
+from report_markdown import render_markdown
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HIERARCHY_METRICS = {
@@ -129,9 +134,9 @@ def test_misclassified_grid_reads_a_transformed_dataset_and_is_skipped_without_i
     )
     written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), images=dataset)
     assert "misclassified" in written
-    written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config())
+    written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), overwrite=True)
     assert "misclassified" not in written
-    assert not (tmp_path / "misclassified.png").exists()  # the earlier report's grid is gone
+    assert not (tmp_path / "misclassified.png").exists()  # the replaced report's grid is gone
     assert "misclassified.png" not in (tmp_path / "eval_report.md").read_text()
 
 
@@ -162,8 +167,11 @@ def test_inconsistent_predictions_are_rejected(tmp_path, predictions, change, me
 
 @pytest.mark.slow
 def test_evaluate_saved_model(saved_model_dir, tiny_parquet_dir, tmp_path):
+    data = tmp_path / "data"  # the test split of tiny_parquet_dir, and a training split that fails when read
+    shutil.copytree(tiny_parquet_dir, data)
+    (data / "train-00000-of-00001.parquet").write_bytes(b"not a parquet file")
     metrics = eval_report.evaluate_saved_model(
-        saved_model_dir, str(tiny_parquet_dir), split="test", output_dir=tmp_path / "report", max_samples=48
+        saved_model_dir, str(data), split="test", output_dir=tmp_path / "report", max_samples=48
     )
     assert metrics["num_samples"] == 48
     assert 0.0 <= metrics["fine_accuracy"] <= metrics["fine_top5_accuracy"] <= 1.0
@@ -173,12 +181,35 @@ def test_evaluate_saved_model(saved_model_dir, tiny_parquet_dir, tmp_path):
     assert (tmp_path / "report" / "superclass_accuracy.png").is_file()
     assert (tmp_path / "report" / "misclassified.png").is_file()  # a random model makes mistakes
 
-    # the command line, on the validation split carved from train, writes into the model folder by default
-    cli_metrics = eval_report.main(
-        [str(saved_model_dir), "--dataset_name", str(tiny_parquet_dir), "--split", "validation", "--max_samples", "16"]
+    # the command line, on the validation split carved from train, writes into the model's reports/validation
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved_model_dir, model_dir)
+    argv = [str(model_dir), "--dataset_name", str(tiny_parquet_dir), "--split", "validation", "--max_samples", "16"]
+    assert eval_report.main(argv)["num_samples"] == 16
+    report = model_dir / "reports" / "validation" / "eval_report.md"
+    assert report.read_text().startswith("# Evaluation report: validation split")
+    assert not (model_dir / "eval_report.md").exists()
+
+    # a second report of the same split is refused, before any prediction, unless --overwrite
+    report.write_text("the first report")
+    with pytest.raises(ValueError, match=r"reports/validation/eval_report.md already exists.*--overwrite"):
+        eval_report.main(argv)
+    assert report.read_text() == "the first report"
+    assert eval_report.main([*argv, "--overwrite"])["num_samples"] == 16
+    assert report.read_text().startswith("# Evaluation report: validation split")
+
+
+def test_a_report_already_there_is_refused_with_one_error_line(tmp_path, monkeypatch):
+    (tmp_path / "reports" / "test").mkdir(parents=True)
+    (tmp_path / "reports" / "test" / "superclass_accuracy.png").write_bytes(b"a figure of another run")
+    monkeypatch.setattr(sys, "argv", ["eval_report.py", str(tmp_path), "--dataset_name", str(tmp_path / "no-data")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(eval_report.__file__, run_name="__main__")  # the command line, in this process
+    assert str(exit_info.value) == (
+        f"error: {tmp_path / 'reports' / 'test' / 'superclass_accuracy.png'} already exists: a report is not "
+        "replaced without --overwrite (overwrite=True); pass --overwrite, or another --output_dir"
     )
-    assert cli_metrics["num_samples"] == 16
-    assert (saved_model_dir / "eval_report.md").read_text().startswith("# Evaluation report: validation split")
+    assert (tmp_path / "reports" / "test" / "superclass_accuracy.png").read_bytes() == b"a figure of another run"
 
 
 def test_evaluate_saved_model_applies_max_image_pixels(saved_model_dir, tiny_parquet_dir, tmp_path):
@@ -217,9 +248,56 @@ def test_training_script_writes_the_report(tiny_parquet_dir, tmp_path):
     assert metrics["eval_fine_accuracy"] == eval_results["eval_fine_accuracy"]
     assert eval_results["eval_num_samples"] == 20 and test_results["test_num_samples"] == 48  # 10% of 200 carved
 
-    text = (tmp_path / "eval_report.md").read_text()
-    assert text.startswith("# Evaluation report: test split")  # the test report follows the validation one
+    text = (tmp_path / "reports" / "test" / "eval_report.md").read_text()
+    assert text.startswith("# Evaluation report: test split")
     assert_report_matches(text, {name.removeprefix("test_"): value for name, value in test_results.items()})
     assert f"| loss | {test_results['test_loss']:.4f} |" in text
-    assert (tmp_path / "superclass_accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert "![Accuracy per superclass](superclass_accuracy.png)" in (tmp_path / "README.md").read_text()
+    validation = (tmp_path / "reports" / "validation" / "eval_report.md").read_text()
+    assert validation.startswith("# Evaluation report: validation split")  # kept beside the test report
+    assert_report_matches(validation, {name.removeprefix("eval_"): value for name, value in eval_results.items()})
+    figure = "reports/validation/superclass_accuracy.png"
+    assert (tmp_path / figure).read_bytes()[:8] == PNG_SIGNATURE
+    card = (tmp_path / "README.md").read_text()
+    assert f"![Accuracy per superclass]({figure})" in card and "(reports/validation/eval_report.md)" in card
+
+
+def table_shapes(text: str) -> list[tuple[int, list[int]]]:
+    """Each table of the Markdown `text` as a CommonMark+GFM-table parser reads it: `(header cells, [row cells])`."""
+    markdown_it = pytest.importorskip("markdown_it")
+    tables, header, rows, cells = [], 0, [], 0
+    for token in markdown_it.MarkdownIt("commonmark").enable("table").parse(text):
+        if token.type == "table_open":
+            header, rows = 0, []
+        elif token.type == "tr_open":
+            cells = 0
+        elif token.type in ("th_open", "td_open"):
+            cells += 1
+        elif token.type == "tr_close":
+            header, rows = (cells, rows) if not header else (header, [*rows, cells])
+        elif token.type == "table_close":
+            tables.append((header, rows))
+    return tables
+
+
+NAME_CHARACTERS = st.sampled_from(["a", "b", " ", "|", "\\", "\n", "\r", "`", "-", "*", "<", ":", "é"])
+
+
+@given(
+    fine_names=st.lists(st.text(NAME_CHARACTERS, min_size=1, max_size=8), min_size=4, max_size=4, unique=True),
+    coarse_names=st.lists(st.text(NAME_CHARACTERS, min_size=1, max_size=8), min_size=2, max_size=2, unique=True),
+)
+def test_report_tables_keep_their_columns_whatever_the_class_names(fine_names, coarse_names):
+    config = small_config(
+        id2label=dict(enumerate(fine_names)), fine_to_coarse=[0, 0, 1, 1], coarse_label_names=coarse_names
+    )
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 4
+    logits, coarse_logits = rng.normal(size=(40, 4)), rng.normal(size=(40, 2))  # mistakes in every table
+    data = compute_report_data(logits, coarse_logits, labels, labels // 2, config)
+    text = render_markdown(data, config, "test", figures={})
+    tables = table_shapes(text)
+    assert len(tables) == text.count("\n| --- |")  # no table split or lost
+    for header, rows in tables:
+        assert rows and all(cells == header for cells in rows), (header, rows)
+    class_rows = next(rows for header, rows in tables if header == 5 and len(rows) == 4)  # accuracy per class
+    assert len(class_rows) == len(fine_names)

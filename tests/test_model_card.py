@@ -2,10 +2,12 @@
 as written, the training setup as it was (no enum names, the epochs actually trained), and evaluation-only cards."""
 
 import json
+import re
 
 import pytest
 import yaml
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, ModelCardData, metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from conftest import small_config
@@ -56,12 +58,15 @@ def test_local_data_is_never_named_as_a_dataset(output_dir, tmp_path):
     assert "a local copy of CIFAR-100" in card.text
 
 
-def test_snippet_loads_the_folder_by_its_path_or_the_hub_repository(output_dir):
+def test_snippet_loads_the_hub_repository_or_a_placeholder_never_a_path(output_dir):
     card = card_for(output_dir, trained_epochs=1.0)
-    assert f'model="{output_dir.resolve()}"' in card.text and 'model="my-run"' not in card.text
+    assert 'model_id = "your-name/your-model"' in card.text
+    assert "Replace `your-name/your-model` with the Hub id of this model" in card.text
+    assert str(output_dir) not in card.content and "my-run" not in card.content
     card = card_for(output_dir, trained_epochs=1.0, repo_id="me/cifar100-hierarchical")
-    assert 'pipeline("image-classification", model="me/cifar100-hierarchical", trust_remote_code=True)' in card.text
-    assert str(output_dir) not in card.text
+    assert 'model_id = "me/cifar100-hierarchical"' in card.text and "your-name/your-model" not in card.text
+    assert 'pipeline("image-classification", model=model_id, trust_remote_code=True)' in card.text
+    assert str(output_dir) not in card.content
 
 
 def test_setup_shows_option_values_and_the_epochs_trained(output_dir):
@@ -76,7 +81,8 @@ def test_evaluation_only_card_says_so_and_takes_the_setup_from_the_model_folder(
     (source / "run_options.json").write_text(json.dumps({"lr_scheduler_type": "linear", "lr_conv": 0.01, "seed": 7}))
     (source / "trainer_state.json").write_text(json.dumps({"epoch": 2.0}))
     text = card_for(output_dir, "--epochs", "10", source_model=str(source)).text
-    assert f"This run evaluated `{source}`" in text and "it did not train the model" in text
+    assert "This run evaluated a saved model" in text and "it did not train the model" in text
+    assert str(source) not in text
     assert "| epochs trained | 2.0 |" in text and "| scheduler | linear" in text and "| seed | 7 |" in text
     assert "| epochs trained | 10" not in text
 
@@ -101,8 +107,75 @@ def test_card_of_another_hierarchy_names_its_data_and_sizes(output_dir, tmp_path
     )
     write_model_card(str(output_dir), config, args, str(data), trained_epochs=1.0)
     card = ModelCard.load(output_dir / "README.md")
-    assert "CIFAR" not in card.text and "# Hierarchical EfficientNetV2-S for my products" in card.text
+    assert "CIFAR" not in card.text and "my products" not in card.content
+    assert "# Hierarchical EfficientNetV2-S (5 classes in 3 superclasses)" in card.text
+    assert "Trained on a local image folder" in card.text
     assert "3 superclasses" in card.text and "5 classes" in card.text and "kitchen (2)" in card.text
     names = {r.metric_name.rsplit(", ", 1)[0] for r in card.data.eval_results}
     assert "Class accuracy (5 classes, top-1)" in names and "Superclass accuracy (3 superclasses, coarse head)" in names
     assert "hierarchical-image-classification" in card.text
+
+
+def calibrated_run(output_dir, results: dict[str, float]) -> None:
+    """The files a training run leaves: its results, a trainer state whose best checkpoint is an earlier one, the
+    validation report."""
+    (output_dir / "all_results.json").write_text(json.dumps(results))
+    history = [
+        {"step": 10, "epoch": 1.0, "eval_loss": 3.9, "eval_fine_accuracy": 0.41, "eval_coarse_accuracy": 0.55},
+        {"step": 20, "epoch": 2.0, "eval_loss": 4.2, "eval_fine_accuracy": 0.38, "eval_coarse_accuracy": 0.52},
+    ]
+    state = {"global_step": 20, "epoch": 2.0, "best_model_checkpoint": str(output_dir / "checkpoint-10"),
+             "best_global_step": 10, "log_history": history}  # fmt: skip
+    (output_dir / "trainer_state.json").write_text(json.dumps(state))
+    validation = output_dir / "reports" / "validation"
+    validation.mkdir(parents=True)
+    (validation / "eval_report.md").write_text("# Evaluation report: validation split\n")
+    (validation / "superclass_accuracy.png").write_bytes(b"png")
+
+
+def test_card_for_the_hub_names_weights_calibration_versions_and_data(output_dir):
+    results = {"eval_fine_accuracy": 0.41, "eval_coarse_accuracy": 0.55, "eval_calibration_samples": 500.0}
+    calibrated_run(output_dir, results)
+    config = small_config(
+        backbone_weights="imagenet",
+        fine_temperature=1.25,
+        coarse_temperature=0.8,
+        selective_threshold=0.873,
+        selective_target_accuracy=0.9,
+        selective_confidence=0.95,
+    )
+    _, _, args = parse_args(["--output_dir", str(output_dir), "--do_train", "--load_best_model_at_end", "true"])
+    path = write_model_card(str(output_dir), config, args, "/data/shop-photos", 2.0, None, "me/shop-classifier")
+    card = ModelCard.load(path)
+    text = card.text
+
+    assert 'model_id = "me/shop-classifier"' in text and "/data/" not in card.content  # no path of this machine
+    assert "min_confidence=0.5" not in text and "the stored threshold 0.873 is its default min_confidence" in text
+    assert "fine 1.250, coarse 0.800, fitted on 500 validation images" in text
+    assert "Selective threshold 0.873" in text and "at least 0.9 accurate" in text and "confidence 0.95" in text
+    assert "P(a threshold is chosen and it misses the target) <= 1 - confidence = 0.05" in text
+    assert "best checkpoint of training, step 10, epoch 1.0 (training ran to step 20, epoch 2.0)" in text
+    assert "fine_accuracy 0.4100, coarse_accuracy 0.5500, loss 3.9000" in text
+    for framework in ("torch", "torchvision", "transformers", "datasets"):
+        assert re.search(rf"^- {framework} \d+\.\d+", text, re.MULTILINE), framework
+    assert "| backbone initialisation | ImageNet (torchvision IMAGENET1K_V1) |" in text and "| None |" not in text
+    assert "shop-photos" not in card.content and "a local copy of CIFAR-100" in text  # CIFAR-100's classes
+    assert "[validation report](reports/validation/eval_report.md)" in text
+    assert "![Accuracy per superclass](reports/validation/superclass_accuracy.png)" in text
+    assert "near chance" not in text
+
+    # the Hub's metadata checks, offline: the YAML block parses into card data and model-index results
+    metadata = metadata_load(path)
+    assert ModelCardData(**metadata).to_dict() == metadata
+    results_read = model_index_to_eval_results(metadata["model-index"])[1]
+    assert {(r.dataset_split, r.metric_value) for r in results_read} == {("validation", 0.41), ("validation", 0.55)}
+
+
+def test_card_without_a_threshold_says_why_and_warns_near_chance(output_dir):
+    results = {"eval_fine_accuracy": 0.015, "eval_selective_target_accuracy": 0.9, "eval_selective_confidence": 0.9}
+    (output_dir / "all_results.json").write_text(json.dumps(results))
+    _, _, args = parse_args(["--output_dir", str(output_dir), "--do_train"])
+    text = build_model_card(str(output_dir), small_config(), args, "uoft-cs/cifar100", 1.0).text
+    assert "No selective threshold: none reached an accuracy of 0.9 with confidence 0.9" in text
+    assert "(1 = not calibrated" in text and "| backbone initialisation | random |" in text
+    assert "**This model is near chance**: its class accuracy on the validation split, 1.50%, is below 2 times" in text

@@ -46,6 +46,9 @@ def test_notebook_is_stored_small_and_executed():
     assert sum("image/png" in output.get("data", {}) for output in outputs) >= 3, "the figures are stored inline"
     text = all_text(notebook)
     assert "fine_accuracy" in text and "evaluate_saved_model" in text and "USING SMALL GENERATED IMAGES" in text
+    code_text = "\n".join(cell.source for cell in code)
+    assert 'pipeline("hierarchical-image-classification"' in code_text and "min_confidence" in code_text
+    assert "min_confidence 0.9: abstain -> unknown" in text, "a selective answer is shown"
     assert "IProgress" not in text and "widget" not in str(notebook.metadata)
     assert "/tmp/" not in text and "/work/" not in text, "outputs show relative paths only"
 
@@ -65,7 +68,9 @@ def test_notebook_runs_offline_on_local_data(tiny_parquet_dir, tmp_path, monkeyp
     assert "fine_accuracy" in outputs and "coarse_accuracy" in outputs
     assert "IProgress not found" not in outputs
     model_dir = tmp_path / "outputs" / "usage-example"
-    assert (model_dir / "model.safetensors").is_file() and (model_dir / "eval_report.md").is_file()
+    assert (model_dir / "model.safetensors").is_file()
+    assert (model_dir / "reports" / "validation" / "eval_report.md").is_file()
+    assert "min_confidence 0.9: " in outputs
     assert (model_dir / "validation-report" / "superclass_accuracy.png").is_file()
 
 
