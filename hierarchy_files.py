@@ -72,10 +72,11 @@ def walk_files(root: str) -> list[tuple[str, ...]]:
                 broken.append(entry.path)
 
     visit(root, (), frozenset({os.path.realpath(root)}))
-    if skipped:
-        logger.info(
+    if skipped:  # a warning when some look like images (AppleDouble `._photo.png`), else a note
+        like_images = [name for name in skipped if name.lower().endswith(IMAGE_EXTENSIONS)]
+        (logger.warning if like_images else logger.info)(
             f"Skipped {len(skipped)} hidden files and folders of {root!r} (names starting with '.', such as macOS "
-            f"'._*' files, or '__'), e.g. {skipped[0]!r}"
+            f"'._*' files, or '__'), e.g. {(like_images or skipped)[0]!r}"
         )
     if broken:
         logger.warning(f"Skipped {len(broken)} links of {root!r} that point nowhere, e.g. {broken[0]!r}")

@@ -299,10 +299,10 @@ def test_folder_tree_loads_its_hierarchy_with_links_and_hidden_files(tmp_path_fa
 
 def test_hidden_and_appledouble_files_are_skipped_at_load_with_a_count(tmp_path, caplog):
     write_folder_tree(tmp_path / "root", {"cat": "animal", "car": "vehicle"}, hidden=True)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("WARNING"):
         train = load_raw_datasets(arguments(tmp_path, tmp_path / "root"))["train"]
     assert len(train) == 2 and all(image.size == (2, 2) for image in train["img"])
-    assert "Skipped 5 hidden files and folders" in caplog.text and "'._*'" in caplog.text
+    assert "Skipped 5 hidden files and folders" in caplog.text and "e.g. 'animal/cat/._0.png'" in caplog.text
 
 
 @pytest.mark.parametrize("layout", ["tree", "classes"])
