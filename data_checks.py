@@ -17,7 +17,7 @@ from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from image_decoding import check_regular_file
-from label_columns import check_label_range, column_names, column_values, ids_from_names
+from label_columns import check_label_range, column_names, column_values, data_columns, ids_from_names
 
 if TYPE_CHECKING:  # only in annotations: data_utils imports this module
     from data_utils import DataArguments
@@ -32,9 +32,8 @@ def standardise_split(
     """Validate one source split and return it with the columns `image`, `labels`, `coarse_labels`, `index`."""
     if len(dataset) == 0:
         raise ValueError(f"split {split_name!r} of {args.dataset_name!r} is empty")
-    from_image_folder = dataset.info.builder_name == "imagefolder"  # its columns are always "image" and "label"
-    image_column = "image" if from_image_folder else args.image_column_name
-    label_column = "label" if from_image_folder else args.label_column_name
+    columns = data_columns(dataset, args)
+    image_column, label_column = columns.image, columns.label
     missing = [column for column in (image_column, label_column) if column not in dataset.column_names]
     if missing:
         raise ValueError(
@@ -43,11 +42,10 @@ def standardise_split(
             f"(now {args.image_column_name!r} and {args.label_column_name!r})"
         )
     labels = _fine_labels(dataset, label_column, args, config, split_name)
-    coarse_column = args.coarse_label_column_name
-    if coarse_column in dataset.column_names and not from_image_folder and args.hierarchy_file is None:
-        _check_coarse_column(dataset, coarse_column, labels, config, split_name)
-    elif coarse_column not in dataset.column_names:
-        logger.info(f"Split {split_name!r} has no column {coarse_column!r}: superclasses follow config.fine_to_coarse")
+    if columns.coarse is not None and args.hierarchy_file is None:
+        _check_coarse_column(dataset, columns.coarse, labels, config, split_name)
+    elif columns.coarse is None:
+        logger.info(f"Split {split_name!r} has no superclass column: superclasses follow config.fine_to_coarse")
     standard = _standard_image_column(dataset, image_column, split_name)
     coarse_labels = config.fine_to_coarse_tensor().numpy()[labels]
     standard = standard.add_column("labels", labels.astype(np.int64))
@@ -71,8 +69,8 @@ def _fine_labels(
         return ids_from_names(names, _fine_names(config), f"{label_column!r} of split {split_name!r}")
     except ValueError as error:
         raise ValueError(
-            f"{error}; give the superclasses in a column (--coarse_label_column_name, now "
-            f"{args.coarse_label_column_name!r}) or a --hierarchy_file, or use superclass/class image folders"
+            f"{error}; give the superclasses in a column (--coarse_label_column_name) or a --hierarchy_file, or "
+            "use superclass/class image folders"
         ) from None
 
 

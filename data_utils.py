@@ -65,10 +65,18 @@ class DataArguments:
     dataset_config_name: str | None = option(None, "Configuration name of a Hub dataset.")
     data_dir: str | None = option(None, "Data folder of a Hub dataset, or the folder of --dataset_name imagefolder.")
     cache_dir: str | None = option(None, "Where the datasets library caches what it loads.")
-    image_column_name: str = option("img", "Column that holds the images.")
-    label_column_name: str = option("fine_label", "Column that holds the fine labels.")
-    coarse_label_column_name: str = option(
-        "coarse_label", "Column that holds the superclass labels; derived from the fine labels when absent."
+    image_column_name: str | None = option(
+        None, "Column that holds the images; by default the one Image column, else the one named image or img."
+    )
+    label_column_name: str | None = option(
+        None,
+        "Column that holds the fine labels; by default the one named label, labels or fine_label, else the one "
+        "ClassLabel column.",
+    )
+    coarse_label_column_name: str | None = option(
+        None,
+        "Column that holds the superclass labels; by default coarse_label or coarse_labels when present. Without "
+        "one, superclasses are derived from the fine labels.",
     )
     hierarchy_file: str | None = option(
         None,

@@ -34,7 +34,7 @@ from configuration_hierarchical import (
     HierarchicalEfficientNetV2Config,
 )
 from hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
-from label_columns import column_names
+from label_columns import column_names, data_columns
 
 if TYPE_CHECKING:
     from data_utils import DataArguments
@@ -158,8 +158,8 @@ def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | Non
     file_classes: dict[tuple[str, str], set[str]] = {}  # (split, column) -> its class names, to match the file's
     for split in used:
         dataset = raw[split]
-        from_image_folder = dataset.info.builder_name == "imagefolder"
-        fine_column = "label" if from_image_folder else args.label_column_name
+        columns = data_columns(dataset, args)
+        fine_column, coarse_column = columns.label, columns.coarse
         if fine_column not in dataset.column_names or len(dataset) == 0:
             return None  # standardise_split names the problem
         fine, class_names = column_names(dataset, fine_column, split, numbers_as_names=with_file)
@@ -172,14 +172,13 @@ def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | Non
             )
             return None
         fine_order = fine_order or class_names
-        coarse_column = args.coarse_label_column_name
         if with_file:
             file_classes[(split, fine_column)] = set(fine.tolist())
-            if coarse_column in dataset.column_names:
+            if coarse_column is not None:
                 logger.warning(
                     f"Superclasses come from --hierarchy_file; the column {coarse_column!r} of split {split!r} is not read"
                 )
-        elif coarse_column in dataset.column_names and not from_image_folder:
+        elif coarse_column is not None:
             coarse, coarse_class_names = column_names(dataset, coarse_column, split, numbers_as_names=True)
             coarse_order = coarse_order or coarse_class_names
             pairs.update(zip(fine.tolist(), coarse.tolist(), strict=True))
@@ -189,7 +188,7 @@ def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | Non
         return _hierarchy_from_file(args.hierarchy_file, file_classes)
     if not pairs:
         return Hierarchy.cifar100() if fine_only and fine_only <= set(CIFAR100_FINE_LABELS) else None
-    check_one_parent(pairs, args.label_column_name, args.coarse_label_column_name)
+    check_one_parent(pairs, columns.label, columns.coarse)
     if _is_cifar100(pairs):
         return Hierarchy.cifar100()
     if coarse_order is None and all(coarse.lstrip("-").isdigit() for _, coarse in pairs):

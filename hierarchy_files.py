@@ -72,10 +72,11 @@ def walk_files(root: str) -> list[tuple[str, ...]]:
                 broken.append(entry.path)
 
     visit(root, (), frozenset({os.path.realpath(root)}))
-    if skipped:
-        logger.info(
+    if skipped:  # a warning when some look like images (AppleDouble `._photo.png`), else a note
+        like_images = [name for name in skipped if name.lower().endswith(IMAGE_EXTENSIONS)]
+        (logger.warning if like_images else logger.info)(
             f"Skipped {len(skipped)} hidden files and folders of {root!r} (names starting with '.', such as macOS "
-            f"'._*' files, or '__'), e.g. {skipped[0]!r}"
+            f"'._*' files, or '__'), e.g. {(like_images or skipped)[0]!r}"
         )
     if broken:
         logger.warning(f"Skipped {len(broken)} links of {root!r} that point nowhere, e.g. {broken[0]!r}")
@@ -138,26 +139,22 @@ def _misplaced(images: list[tuple[str, ...]], skip: int) -> str:
 
 def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
     """Load an image folder nested as `superclass/class/image` (optionally under split-named folders) into string
-    columns named by `args` (image, fine label, coarse label); None when the folder holds flat class folders
+    columns named by `args` (image, fine label, coarse label; `img`, `fine_label`, `coarse_label` by default); None when the folder holds flat class folders
     (`class/image`, read by `load_image_folder`). See [`image_folder_layout`]."""
     split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
     kind, by_split = image_folder_layout(path, split_names)
     if kind != "tree":
         return None
-    features = Features(
-        {
-            args.image_column_name: ImageFeature(),
-            args.label_column_name: Value("string"),
-            args.coarse_label_column_name: Value("string"),
-        }
-    )
+    image, label = args.image_column_name or "img", args.label_column_name or "fine_label"
+    coarse = args.coarse_label_column_name or "coarse_label"
+    features = Features({image: ImageFeature(), label: Value("string"), coarse: Value("string")})
     root = os.path.abspath(path)  # absolute paths: a relative `path` is the working folder's, not the dataset's
     splits = {}
     for split, rows in by_split.items():
         columns = {
-            args.image_column_name: [os.path.join(root, *parts) for parts in rows],
-            args.label_column_name: [normalise_name(parts[-2]) for parts in rows],
-            args.coarse_label_column_name: [normalise_name(parts[-3]) for parts in rows],
+            image: [os.path.join(root, *parts) for parts in rows],
+            label: [normalise_name(parts[-2]) for parts in rows],
+            coarse: [normalise_name(parts[-3]) for parts in rows],
         }
         splits[split] = Dataset.from_dict(columns, features=features)
     logger.info(f"Image folder tree {path!r}: { {split: len(d) for split, d in splits.items()} } images")

@@ -1,5 +1,5 @@
-"""How class names are read, wherever they come from: label columns (`ClassLabel` names, strings, integers),
-folder names and hierarchy files.
+"""Which columns hold the images and labels, and how class names are read wherever they come from: label columns
+(`ClassLabel` names, strings, integers), folder names and hierarchy files.
 
 Every name is Unicode-normalised (NFC) before it is compared, so `café` typed with a combining accent and with a
 precomposed one is one class. A `ClassLabel` whose names collapse to one name after normalisation is refused.
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow.compute
 from datasets import ClassLabel, Dataset
+from datasets import Image as ImageFeature
 
 from configuration_hierarchical import CIFAR100_FINE_LABELS
 
@@ -119,7 +121,91 @@ def ids_from_names(names: np.ndarray, target_names: list[str], where: str) -> np
     return np.array([target_ids[name] for name in unique_names], dtype=np.int64)[inverse].reshape(np.shape(names))
 
 
+# Column names found without an option, in the order `datasets` users write them.
+IMAGE_COLUMN_NAMES = ("image", "img")
+LABEL_COLUMN_NAMES = ("label", "labels", "fine_label")
+COARSE_COLUMN_NAMES = ("coarse_label", "coarse_labels")
+
+
+@dataclass(frozen=True)
+class DataColumns:
+    """The columns of a split that hold the images, the class labels and the superclass labels.
+
+    Args:
+        image (`str`): the image column.
+        label (`str`): the class (fine label) column.
+        coarse (`str` or `None`): the superclass column; `None` when the split has none.
+        found (`tuple[str, ...]`): which of "image", "label", "coarse" were found rather than named by an option.
+    """
+
+    image: str
+    label: str
+    coarse: str | None
+    found: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """`images 'img', classes 'fine_label', superclasses 'coarse_label' (found by name or feature: ...)`."""
+        text = f"images {self.image!r}, classes {self.label!r}, superclasses " + (
+            repr(self.coarse) if self.coarse else "none (from the hierarchy)"
+        )
+        if self.found:
+            text += f" (found: {', '.join(self.found)}; --image_column_name etc. choose others)"
+        return text
+
+
+def data_columns(dataset: Dataset, args: Any) -> DataColumns:
+    """The image, class and superclass columns of `dataset`: those `args` names (`image_column_name`,
+    `label_column_name`, `coarse_label_column_name`), else found as `datasets` users expect.
+
+    Images: the one `Image` feature, else the one column named `image` or `img`. Classes: the one column named
+    `label`, `labels` or `fine_label`, else the one `ClassLabel` feature other than the superclass column.
+    Superclasses: `coarse_label` or `coarse_labels` when present. Data read by the `imagefolder` builder has
+    `image` and `label`. `ValueError` naming the candidates when there are several, or the columns when none fits.
+    """
+    names = list(dataset.column_names)
+    if dataset.info.builder_name == "imagefolder":  # its columns are always "image" and "label"
+        return DataColumns("image", "label", None)
+    found = []
+    coarse = args.coarse_label_column_name
+    if coarse is None:
+        coarse = next((name for name in COARSE_COLUMN_NAMES if name in names), None)
+        found += ["superclasses"] if coarse else []
+    elif coarse not in names:
+        coarse = None
+    image = args.image_column_name
+    if image is None:
+        found.append("images")
+        typed = [name for name in names if isinstance(dataset.features[name], ImageFeature)]
+        named = [name for name in IMAGE_COLUMN_NAMES if name in names]
+        image = _one_candidate(
+            "image", typed if typed else named, [name for name in typed if name in named], names, "--image_column_name"
+        )
+    label = args.label_column_name
+    if label is None:
+        found.append("classes")
+        named = [name for name in LABEL_COLUMN_NAMES if name in names]
+        typed = [n for n in names if isinstance(dataset.features[n], ClassLabel) and n not in (coarse, image)]
+        label = _one_candidate("class label", named or typed, [], names, "--label_column_name")
+    return DataColumns(image, label, coarse, tuple(found))
+
+
+def _one_candidate(kind: str, candidates: list[str], preferred: list[str], columns: list[str], option: str) -> str:
+    """The one candidate column (or the one preferred among several); `ValueError` naming them otherwise."""
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(preferred) == 1:
+        return preferred[0]
+    if not candidates:
+        raise ValueError(f"no {kind} column among the columns {columns}; name it with {option}")
+    raise ValueError(f"several columns could be the {kind} column: {candidates}; name one with {option}")
+
+
 __all__ = [
+    "COARSE_COLUMN_NAMES",
+    "DataColumns",
+    "IMAGE_COLUMN_NAMES",
+    "LABEL_COLUMN_NAMES",
+    "data_columns",
     "LABEL_NAME_ALIASES",
     "check_label_range",
     "class_label_names",

@@ -35,6 +35,7 @@ from data_sources import load_raw_datasets
 from data_utils import DataArguments, apply_transforms, prepare_datasets_with_record, source_splits
 from eval_report import report_folder, write_prediction_report
 from hierarchy_data import balanced_class_weights, discover_hierarchy, set_class_weights
+from label_columns import data_columns
 from model_loading import load_model
 from modeling_hierarchical import build_image_processor
 from provenance import PROVENANCE_NAME, DataRecord, check_resumed_data, read_record
@@ -142,10 +143,11 @@ def check_run_options(model_args: ModelArguments, training_args: HierarchicalTra
 
 def load_data_and_model(
     model_args: ModelArguments, data_args: DataArguments, training_args: HierarchicalTrainingArguments
-) -> tuple[nn.Module, DatasetDict, str | None, DataRecord | None]:
+) -> tuple[nn.Module, DatasetDict, str | None, DataRecord | None, str]:
     """Load the data, the model whose heads fit its classes and the checkpoint to resume from; return the model,
-    the splits with their transforms attached, the checkpoint (None for a fresh start) and the record of the data
-    the model is trained on (`provenance.py`: this run's when it trains, else the one saved with the model).
+    the splits with their transforms attached, the checkpoint (None for a fresh start), the record of the data
+    the model is trained on (`provenance.py`: this run's when it trains, else the one saved with the model) and
+    which columns of the data were read.
 
     A checkpoint of another run (other label tables, optimizer groups or data) is refused before any training. An
     evaluation of a saved model's validation split evaluates the rows recorded with it, whatever `--seed` says. An
@@ -153,6 +155,9 @@ def load_data_and_model(
     wanted = used_splits(training_args)
     with training_args.main_process_first(desc="dataset loading"):
         raw = load_raw_datasets(data_args, source_splits(data_args, wanted))
+    first_split = next(name for name in (data_args.train_split_name, data_args.validation_split_name,
+                                         data_args.test_split_name, *raw) if name in raw)  # fmt: skip
+    columns = data_columns(raw[first_split], data_args).describe()
     hierarchy = discover_hierarchy(raw, data_args)  # the classes of the data decide the heads
     if hierarchy is not None:
         logger.info("Classes of the data: %s", hierarchy.describe())
@@ -202,7 +207,7 @@ def load_data_and_model(
         raise ValueError("--do_eval needs a validation split: set --train_val_split > 0 or provide one")
     if training_args.do_predict and "test" not in splits:
         raise ValueError(f"--do_predict needs a test split ({data_args.test_split_name!r} not found)")
-    return model, splits, checkpoint, record if training_args.do_train else recorded
+    return model, splits, checkpoint, record if training_args.do_train else recorded, columns
 
 
 def used_splits(training_args: TrainingArguments) -> list[str] | None:
@@ -325,13 +330,15 @@ def run(
     if training_args.keep_freed_memory and keep_freed_memory():
         logger.debug("glibc allocator keeps freed memory for reuse (--keep_freed_memory)")
     set_seed(training_args.seed)
-    model, splits, checkpoint, data_record = load_data_and_model(model_args, data_args, training_args)
+    model, splits, checkpoint, data_record, columns = load_data_and_model(model_args, data_args, training_args)
     config = model.config
     if training_args.should_save:
         write_run_options(training_args.output_dir, model_args, data_args, training_args)
     sizes = {split: len(dataset) for split, dataset in splits.items()}
     logger.info(
-        run_summary(model, model_args.model_name_or_path, data_args.dataset_name, sizes, training_args, checkpoint)
+        run_summary(
+            model, model_args.model_name_or_path, data_args.dataset_name, sizes, training_args, checkpoint, columns
+        )
     )
     trainer = build_trainer(model, config, splits, data_args, training_args, checkpoint, callbacks, data_record)
 

@@ -73,15 +73,17 @@ def run_summary(
     split_sizes: dict[str, int],
     training_args: TrainingArguments,
     checkpoint: str | None,
+    columns: str | None = None,
 ) -> str:
-    """A few lines a person reads before the run starts: model, data, image size, batch, learning rates, epochs,
-    devices, output folder and resume point."""
+    """A few lines a person reads before the run starts: model, data (and `columns`, the columns read), image
+    size, batch, learning rates, epochs, devices, output folder and resume point."""
     sizes = ", ".join(
         f"{split} {split_sizes[split]:,}" for split in ("train", "validation", "test") if split in split_sizes
     )
     lines = [
         _model_line(model, model_source),
         f"data:           {dataset_name}: {sizes} images",
+        *([f"columns:        {columns}"] if columns else []),
         f"image size:     {model.config.image_size} px",
     ]
     if training_args.do_train:

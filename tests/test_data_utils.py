@@ -230,7 +230,7 @@ def test_missing_column_lists_the_existing_ones(tmp_path):
     make_parquet_dataset(tmp_path / "data", rename={"img": "picture"})
     existing = r"\['picture', 'fine_label', 'coarse_label'\]"
     with pytest.raises(ValueError, match=rf"no column \['img'\].*{existing}.*--image_column_name"):
-        prepare_datasets(data_args(tmp_path, tmp_path / "data"), small_config(), seed=0)
+        prepare_datasets(data_args(tmp_path, tmp_path / "data", image_column_name="img"), small_config(), seed=0)
 
 
 def test_renamed_columns_work_through_the_options(tmp_path):

@@ -21,7 +21,7 @@ from data_checks import standardise_split
 from data_utils import DataArguments, load_raw_datasets
 from hierarchy_data import discover_hierarchy
 from hierarchy_files import read_hierarchy_file
-from label_columns import normalise_name
+from label_columns import DataColumns, data_columns, normalise_name
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")
 CAFE_NFD = unicodedata.normalize("NFD", "café")
@@ -299,10 +299,10 @@ def test_folder_tree_loads_its_hierarchy_with_links_and_hidden_files(tmp_path_fa
 
 def test_hidden_and_appledouble_files_are_skipped_at_load_with_a_count(tmp_path, caplog):
     write_folder_tree(tmp_path / "root", {"cat": "animal", "car": "vehicle"}, hidden=True)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("WARNING"):
         train = load_raw_datasets(arguments(tmp_path, tmp_path / "root"))["train"]
     assert len(train) == 2 and all(image.size == (2, 2) for image in train["img"])
-    assert "Skipped 5 hidden files and folders" in caplog.text and "'._*'" in caplog.text
+    assert "Skipped 5 hidden files and folders" in caplog.text and "e.g. 'animal/cat/._0.png'" in caplog.text
 
 
 @pytest.mark.parametrize("layout", ["tree", "classes"])
@@ -364,3 +364,56 @@ def test_cifar_python_file_that_is_no_pickle_is_named(tmp_path, how):
         message = r"cifar-100-python/test: not a valid cifar-100-python file \(not a pickle"
     with pytest.raises(ValueError, match=message):
         load_raw_datasets(arguments(tmp_path, folder))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which columns hold images and labels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def columns_of(columns: dict[str, list], features: dict[str, object], **options) -> DataColumns:
+    dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    return data_columns(dataset, DataArguments(**options))
+
+
+def test_columns_are_found_by_feature_and_by_usual_name():
+    found = columns_of(
+        {"photo": [png_struct()], "species": [0], "genus": ["x"]},
+        {"photo": datasets.Image(), "species": datasets.ClassLabel(names=["a"]), "genus": datasets.Value("string")},
+    )
+    assert (found.image, found.label, found.coarse) == ("photo", "species", None)
+    found = columns_of({"img": [png_struct()["bytes"]], "labels": ["a"], "coarse_labels": ["x"]},
+                       {"img": datasets.Value("binary"), "labels": datasets.Value("string"),
+                        "coarse_labels": datasets.Value("string")})  # fmt: skip
+    assert (found.image, found.label, found.coarse) == ("img", "labels", "coarse_labels")
+    assert "found: superclasses, images, classes" in found.describe()
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"image": "Image", "img": "Image", "label": "string"}, r"image column: \['image', 'img'\]; name one with "),
+        (
+            {"image": "Image", "label": "string", "fine_label": "string"},
+            r"class label column: \['label', 'fine_label'\]",
+        ),
+        ({"image": "Image", "kind": "ClassLabel", "group": "ClassLabel"}, r"class label column: \['kind', 'group'\]"),
+        ({"picture": "string", "label": "string"}, r"no image column among the columns \['picture', 'label'\]"),
+    ],
+)
+def test_ambiguous_columns_are_refused_naming_the_candidates(columns, message):
+    kinds = {
+        "Image": datasets.Image(),
+        "string": datasets.Value("string"),
+        "ClassLabel": datasets.ClassLabel(names=["a"]),
+    }
+    values = {"Image": png_struct(), "string": "a", "ClassLabel": 0}
+    with pytest.raises(ValueError, match=message):
+        columns_of({n: [values[k]] for n, k in columns.items()}, {n: kinds[k] for n, k in columns.items()})
+
+
+def test_explicit_column_options_are_taken_as_given():
+    found = columns_of({"image": [png_struct()], "label": ["a"], "fine_label": ["b"]},
+                       {"image": datasets.Image(), "label": datasets.Value("string"),
+                        "fine_label": datasets.Value("string")}, label_column_name="fine_label")  # fmt: skip
+    assert (found.label, found.found) == ("fine_label", ("images",))
