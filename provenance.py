@@ -212,7 +212,8 @@ def split_with_record(
 
     Without `recorded`: the source's validation split, or `fraction` of the training split carved with `seed`
     ([`split_train_validation`]). With `recorded` (a saved model's record, read from `recorded_in`): the
-    validation split that model was evaluated on during training, whatever `seed` and `fraction` say; refused with
+    validation split that model was evaluated on during training, whatever `seed` and `fraction` say (a validation
+    split of the source's own is evaluated as it is: its rows are not training rows); refused with
     `ValueError` when the training data differ from the recorded ones or when the validation split would hold rows
     the model trained on, unless `allow_data_mismatch` (then a warning, and the split is carved as without a
     record)."""
@@ -222,7 +223,7 @@ def split_with_record(
     fingerprint = split_fingerprint(splits["train"])
     if recorded is not None:
         problem = _recorded_split_problem(splits, recorded, fingerprint)
-        if problem is None and recorded.validation == "carved":
+        if problem is None and recorded.validation == "carved" and "validation" not in splits:
             splits["train"], splits["validation"] = _carve(splits["train"], recorded.validation_rows)
             logger.info(
                 f"Validation split: the {len(recorded.validation_rows)} rows recorded in {recorded_in} (carved "
@@ -256,20 +257,18 @@ def _recorded_split_problem(splits: dict[str, Dataset], recorded: DataRecord, fi
             f"was trained on ({recorded.train_rows} rows, fingerprint {recorded.train_fingerprint[:16]}), so its "
             "validation rows cannot be told apart from its training rows"
         )
-    if recorded.validation == "carved":
-        if "validation" in splits:
-            return (
-                "it was validated on rows carved from the training split, but this data has its own validation "
-                f"split, which it may have trained on ({recorded.trained_on()})"
-            )
+    if "validation" in splits:  # rows outside the training split: never trained on
+        if (
+            recorded.validation == "source"
+            and split_fingerprint(splits["validation"]) != recorded.validation_fingerprint
+        ):
+            logger.warning("The validation split here is not the one recorded with the model: its figures differ")
         return None
-    if "validation" not in splits:
+    if recorded.validation != "carved":
         return (
             f"a validation split carved from the training split would hold rows it trained on: it trained on "
             f"{recorded.trained_on()}"
         )
-    if recorded.validation == "source" and split_fingerprint(splits["validation"]) != recorded.validation_fingerprint:
-        return "the validation split here is not the one recorded with it"
     return None
 
 

@@ -165,22 +165,14 @@ def load_data_and_model(
         model = load_model(model_args, data_args.cache_dir, hierarchy)
     checkpoint = None
     if training_args.do_train:
-        args = training_args
-        groups = len(parameter_groups(model, args.lr_conv, args.lr_fc, args.weight_decay, args.layer_decay))
+        groups = parameter_groups(
+            model, training_args.lr_conv, training_args.lr_fc, training_args.weight_decay, training_args.layer_decay
+        )
         with training_args.main_process_first(desc="checkpoint scan"):
-            checkpoint = resolve_checkpoint(training_args, model, num_param_groups=groups)
+            checkpoint = resolve_checkpoint(training_args, model, num_param_groups=len(groups))
     config = model.config
     source = model_args.model_name_or_path
-    recorded = None  # an evaluation of a saved model: the data it recorded decide its validation split
-    if not training_args.do_train and source is not None and os.path.isdir(source):
-        recorded = read_record(source)
-        if recorded is None and training_args.do_eval:
-            logger.warning(
-                "%s records no training data (%s): its validation split is carved with --seed and may hold rows it "
-                "trained on",
-                source,
-                PROVENANCE_NAME,
-            )
+    recorded = None if training_args.do_train else saved_model_record(source, training_args.do_eval)
     with training_args.main_process_first(desc="dataset preparation"):
         splits, record = prepare_datasets_with_record(
             data_args,
@@ -218,6 +210,22 @@ def used_splits(training_args: TrainingArguments) -> list[str] | None:
     return [
         split for split, used in (("validation", training_args.do_eval), ("test", training_args.do_predict)) if used
     ]
+
+
+def saved_model_record(source: str | None, do_eval: bool) -> DataRecord | None:
+    """The record of the data the saved model `source` was trained on (`provenance.json`), None when it has none
+    (a fresh model, a Hub id, a folder written without one: then a warning with `do_eval`)."""
+    if source is None or not os.path.isdir(source):
+        return None
+    recorded = read_record(source)
+    if recorded is None and do_eval:
+        logger.warning(
+            "%s records no training data (%s): its validation split is carved with --seed and may hold rows it "
+            "trained on",
+            source,
+            PROVENANCE_NAME,
+        )
+    return recorded
 
 
 def build_trainer(
