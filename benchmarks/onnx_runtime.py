@@ -50,9 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="Image files or folders (searched recursively) for the agreement of int8 with fp32, without labels.",
     )
-    parser.add_argument("--eval_images", type=int, default=512, help="Images for accuracy or agreement.")
-    parser.add_argument("--timed_images", type=int, default=256, help="Images per timed run at batch 64.")
-    parser.add_argument("--timed_single_images", type=int, default=32, help="Images per timed run at batch 1.")
+    parser.add_argument("--eval_images", type=int, default=256, help="Images for accuracy or agreement.")
+    parser.add_argument("--timed_images", type=int, default=128, help="Images per timed run at batch 64.")
+    parser.add_argument("--timed_single_images", type=int, default=16, help="Images per timed run at batch 1.")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating runs of every measurement.")
     parser.add_argument("--threads", type=int, default=None, help="Threads of torch and ONNX Runtime (their default).")
     args = parser.parse_args(argv)
