@@ -143,8 +143,9 @@ def evaluate_calibration(
       `selective_abstention_rate`, `selective_accuracy`;
     - the superclass read four ways: `coarse_head_accuracy` (argmax of the coarse head), `coarse_summed_fine_accuracy`
       (superclass with the most fine-head probability), `coarse_consistent_accuracy` (parent of the consistent
-      class prediction, as `predict_hierarchical` returns), `coarse_combined_accuracy` (the most probable
-      superclass of the consistent distribution, as coarse answers use), and `fine_consistent_accuracy`;
+      class prediction, `parent_ids`), `coarse_combined_accuracy` (the most probable superclass of the consistent
+      distribution: what `predict_hierarchical`, the hierarchical pipeline and superclass answers return), and
+      `fine_consistent_accuracy`;
     - `fine_temperature`, `coarse_temperature` and `selective_threshold` (when set).
     """
     logits, coarse_logits, labels, coarse_labels = check_predictions(

@@ -147,8 +147,9 @@ def superclass_readings_lines(calibration: dict[str, float]) -> list[str]:
         "| --- | --- |",
         f"| the coarse head (argmax) | {_format(c['coarse_head_accuracy'])} |",
         f"| the fine head's probabilities summed per superclass | {_format(c['coarse_summed_fine_accuracy'])} |",
-        f"| the consistent prediction (parent of the predicted class) | {_format(c['coarse_consistent_accuracy'])} |",
-        f"| the most probable superclass of the consistent distribution | {_format(c['coarse_combined_accuracy'])} |",
+        f"| the parent of the consistent class prediction | {_format(c['coarse_consistent_accuracy'])} |",
+        f"| the most probable superclass of the consistent distribution (what `predict_hierarchical`, the "
+        f"hierarchical pipeline and superclass answers return) | {_format(c['coarse_combined_accuracy'])} |",
         "",
         f"Class accuracy of the consistent prediction: {_format(c['fine_consistent_accuracy'])}.",
     ]
