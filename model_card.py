@@ -250,7 +250,7 @@ print(hierarchical(image, min_confidence=0.5))
 model = AutoModelForImageClassification.from_pretrained("{model_path}", trust_remote_code=True)
 processor = AutoImageProcessor.from_pretrained("{model_path}")
 prediction = model.predict_hierarchical(processor(image, return_tensors="pt")["pixel_values"])
-print(prediction.coarse_labels, prediction.fine_labels)  # superclass and class, consistent with the hierarchy
+print(prediction.coarse_labels, prediction.fine_labels)  # the most probable superclass and class
 
 ```
 """

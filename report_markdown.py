@@ -7,6 +7,7 @@ import numpy as np
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchy_metrics import ECE_BINS
 from report_data import MAX_CONFUSION_SUPERCLASSES, ReportData, largest_cells
+from selective_threshold import guarantee_text
 
 FIGURE_TITLES = {
     "superclass_accuracy": "Accuracy per superclass",
@@ -116,7 +117,8 @@ def selective_answer_lines(calibration: dict[str, float], config: HierarchicalEf
     c = calibration
     target = config.selective_target_accuracy
     chosen = (
-        f", chosen for an accuracy of at least {target:g} on new data with confidence {config.selective_confidence:g}"
+        f", chosen for a target accuracy of {target:g} with confidence {config.selective_confidence:g} ("
+        f"{guarantee_text(target, config.selective_confidence)})"
         if target is not None
         else ""
     )
