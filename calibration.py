@@ -31,10 +31,21 @@ from hierarchy_metrics import (
 )
 from option_fields import option
 from prediction_hierarchical import hierarchical_log_probabilities
-from selective_threshold import SelectiveThreshold, choose_selective_threshold
+from selective_threshold import (
+    DEFAULT_START_COVERAGES,
+    SelectiveThreshold,
+    choose_selective_threshold,
+    guarantee_text,
+)
 from temperature_scaling import Array, check_predictions, fit_temperatures
 
 logger = logging.get_logger(__name__)
+
+# Below this many calibration images the run keeps temperature 1 and no selective threshold. Measured with
+# benchmarks/selective_simulation.py (temperatures part, an accurate and a weak simulated model): fitted on 3
+# images, the temperatures made the likelihood on new images worse than temperature 1 in 40-70% of draws (up to
+# 16x); from 20 images on, no draw was worse. 50 leaves a margin for models unlike the simulated ones.
+MIN_CALIBRATION_IMAGES = 50
 
 
 @dataclass
@@ -52,7 +63,18 @@ class CalibrationArguments:
         "data; the threshold is chosen for it. 0 (or null in a JSON file) skips choosing a threshold.",
     )
     selective_confidence: float = option(
-        0.9, "Probability that the chosen threshold meets the target on new data (1 - delta)."
+        0.9,
+        "1 - delta of the threshold search. Guaranteed: over the draw of the calibration images, the chance that "
+        "a threshold is chosen AND its accuracy on new data is below --selective_target_accuracy is at most "
+        "1 - this. It is not the chance that a stored threshold meets the target: given that one was chosen, its "
+        "miss rate can be higher, most near the highest accuracy the model can reach.",
+    )
+    selective_start_coverage: list[float] = option(
+        default_factory=lambda: list(DEFAULT_START_COVERAGES),
+        help="Shares of the calibration images that the first threshold tested answers, one search from each "
+        "(several share the error budget 1 - --selective_confidence equally). A small start finds thresholds "
+        "for high targets that only the most confident images reach; a larger one is surer for low targets. "
+        "Default from benchmarks/selective_simulation.py.",
     )
     calibration_split_fraction: float = option(
         1.0,
@@ -71,6 +93,13 @@ class CalibrationArguments:
                 raise ValueError(f"--{name} must be in (0, 1), got {value}")
         if not 0 < self.calibration_split_fraction <= 1:
             raise ValueError(f"--calibration_split_fraction must be in (0, 1], got {self.calibration_split_fraction}")
+        starts = self.selective_start_coverage
+        if (
+            not isinstance(starts, list | tuple)
+            or not starts
+            or not all(isinstance(c, int | float) and not isinstance(c, bool) and 0 <= c < 1 for c in starts)
+        ):
+            raise ValueError(f"--selective_start_coverage must be one or more numbers in [0, 1), got {starts!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,8 +172,9 @@ def evaluate_calibration(
       `selective_abstention_rate`, `selective_accuracy`;
     - the superclass read four ways: `coarse_head_accuracy` (argmax of the coarse head), `coarse_summed_fine_accuracy`
       (superclass with the most fine-head probability), `coarse_consistent_accuracy` (parent of the consistent
-      class prediction, as `predict_hierarchical` returns), `coarse_combined_accuracy` (the most probable
-      superclass of the consistent distribution, as coarse answers use), and `fine_consistent_accuracy`;
+      class prediction, `parent_ids`), `coarse_combined_accuracy` (the most probable superclass of the consistent
+      distribution: what `predict_hierarchical`, the hierarchical pipeline and superclass answers return), and
+      `fine_consistent_accuracy`;
     - `fine_temperature`, `coarse_temperature` and `selective_threshold` (when set).
     """
     logits, coarse_logits, labels, coarse_labels = check_predictions(
@@ -266,31 +296,58 @@ def calibrate_and_select(
     and measure them (on the held-out part too, with `args.calibration_split_fraction < 1`).
 
     Without a target accuracy, any threshold already in `config` is removed: it was chosen for other temperatures.
+    With fewer than `MIN_CALIBRATION_IMAGES` calibration images, the temperatures are set to 1 and no threshold is
+    kept, and `eval_calibration_skipped` in the metrics says why.
     """
     rows, heldout = split_rows(len(prediction.label_ids[0]), args.calibration_split_fraction, seed)
     part = _prediction_arrays(prediction, rows)  # (logits, coarse_logits, labels, coarse_labels)
-    config.fine_temperature, config.coarse_temperature = fit_temperatures(*part, config)
-    logger.info(
-        "Calibrated on %d validation images: fine temperature %.3f, coarse temperature %.3f",
-        len(rows),
-        config.fine_temperature,
-        config.coarse_temperature,
-    )
     config.selective_threshold = config.selective_target_accuracy = config.selective_confidence = None
-    search = None if args.selective_target_accuracy is None else _select_threshold(config, part, args)
+    skipped = None
+    if len(rows) < MIN_CALIBRATION_IMAGES:
+        config.fine_temperature = config.coarse_temperature = 1.0
+        skipped = (
+            f"only {len(rows)} calibration images, fewer than the {MIN_CALIBRATION_IMAGES} that temperatures and a "
+            "selective threshold need: temperatures kept at 1, no selective threshold"
+        )
+        logger.warning("Not calibrated: %s (calibrate on more validation images)", skipped)
+        search = None
+    else:
+        config.fine_temperature, config.coarse_temperature = fit_temperatures(*part, config)
+        logger.info(
+            "Calibrated on %d validation images: fine temperature %.3f, coarse temperature %.3f (a temperature "
+            "never changes a head's own argmax, but can change the consistent prediction)",
+            len(rows),
+            config.fine_temperature,
+            config.coarse_temperature,
+        )
+        search = None if args.selective_target_accuracy is None else _select_threshold(config, part, args)
     config.validate_hierarchy()
     metrics = {f"eval_{name}": value for name, value in evaluate_calibration(*part, config).items()}
     metrics["eval_calibration_samples"] = float(len(rows))
+    if skipped is not None:
+        metrics["eval_calibration_skipped"] = skipped
     if search is not None:
-        metrics["eval_selective_target_accuracy"] = float(args.selective_target_accuracy)
-        metrics["eval_selective_confidence"] = float(args.selective_confidence)
-        if search.threshold is not None:
-            metrics["eval_selective_accuracy_lower_bound"] = search.accuracy_lower_bound
+        metrics |= _search_metrics(search)
     if heldout is not None:
         held = _prediction_arrays(prediction, heldout)
         metrics |= {f"eval_heldout_{name}": value for name, value in evaluate_calibration(*held, config).items()}
         metrics["eval_heldout_samples"] = float(len(heldout))
     return CalibrationResult(metrics, rows, heldout, search)
+
+
+def _search_metrics(search: SelectiveThreshold) -> dict[str, float | str]:
+    """What a user needs to judge the threshold search: its target, confidence and the guarantee in words, and
+    for the chosen threshold the calibration images it answered, how many rightly, and the lower bound."""
+    metrics: dict[str, float | str] = {
+        "eval_selective_target_accuracy": float(search.target_accuracy),
+        "eval_selective_confidence": float(search.confidence),
+        "eval_selective_guarantee": guarantee_text(search.target_accuracy, search.confidence),
+    }
+    if search.threshold is not None:
+        metrics["eval_selective_answered"] = float(search.answered)
+        metrics["eval_selective_correct"] = float(search.correct)
+        metrics["eval_selective_accuracy_lower_bound"] = search.accuracy_lower_bound
+    return metrics
 
 
 def _prediction_arrays(prediction: PredictionOutput, rows: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -306,30 +363,36 @@ def _select_threshold(
     store it in `config` when one passed."""
     scores = hierarchical_scores(*part, config)
     search = choose_selective_threshold(
-        *scores.confidences_and_correct(), args.selective_target_accuracy, args.selective_confidence
+        *scores.confidences_and_correct(),
+        args.selective_target_accuracy,
+        args.selective_confidence,
+        start_coverages=tuple(args.selective_start_coverage),
     )
     if search.threshold is None:
         logger.warning(
-            "No confidence threshold reaches an accuracy of %s with confidence %s on %d calibration images: "
-            "the model keeps no selective_threshold (lower --selective_target_accuracy, or calibrate on more "
-            "images)",
+            "No confidence threshold is certified for an accuracy of %s with confidence %s on %d calibration "
+            "images (searched from thresholds answering %s of them): the model keeps no selective_threshold "
+            "(lower --selective_target_accuracy, calibrate on more images, or try a smaller "
+            "--selective_start_coverage)",
             args.selective_target_accuracy,
             args.selective_confidence,
             search.num_samples,
+            " and ".join(f"{c:.1%}" for c in search.start_coverages),
         )
         return search
     config.selective_threshold = search.threshold
     config.selective_target_accuracy = args.selective_target_accuracy
     config.selective_confidence = args.selective_confidence
     logger.info(
-        "Selective threshold %.3f: %d of %d calibration images answered, accuracy %.4f (at least %.4f with "
-        "confidence %s)",
+        "Selective threshold %.3f: %d of %d calibration images answered, %d rightly (accuracy %.4f, lower bound "
+        "%.4f); %s",
         search.threshold,
         search.answered,
         search.num_samples,
+        search.correct,
         search.correct / search.answered,
         search.accuracy_lower_bound,
-        args.selective_confidence,
+        guarantee_text(args.selective_target_accuracy, args.selective_confidence),
     )
     return search
 
@@ -338,6 +401,7 @@ __all__ = [
     "CalibrationArguments",
     "CalibrationResult",
     "HierarchicalScores",
+    "MIN_CALIBRATION_IMAGES",
     "calibrate_and_select",
     "evaluate_calibration",
     "hierarchical_scores",

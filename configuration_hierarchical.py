@@ -113,7 +113,8 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         selective_target_accuracy (`float`, *optional*):
             The accuracy of answers the threshold was chosen for (a record, not used for predictions).
         selective_confidence (`float`, *optional*):
-            The confidence with which that accuracy holds on new data (a record, not used for predictions).
+            The search's confidence: P(a threshold is chosen and misses the target on new data) <= 1 - this, over
+            the draw of the calibration images (a record, not used for predictions).
         fine_class_weights (`list[float]`, *optional*):
             Per-class weights of the fine cross-entropy (e.g. inverse class frequencies); `None` weighs all alike.
         coarse_class_weights (`list[float]`, *optional*):

@@ -400,7 +400,7 @@ hierarchical = pipeline("hierarchical-image-classification", model=model_id, tru
 model = AutoModelForImageClassification.from_pretrained(model_id, trust_remote_code=True)
 processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=True)
 prediction = model.predict_hierarchical(processor(image, return_tensors="pt")["pixel_values"])
-print(prediction.coarse_labels, prediction.fine_labels)  # superclass and class, consistent with the hierarchy
+print(prediction.coarse_labels, prediction.fine_labels)  # the most probable superclass and class
 ```
 """
 

@@ -318,30 +318,37 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
         """Predictions from the two heads' logits (`(batch, num_labels)`, `(batch, num_coarse_labels)`).
 
         Each head's logits are divided by its calibrated temperature (`config.fine_temperature`,
-        `config.coarse_temperature`; 1 when the model was not calibrated). With `consistent=True` both predictions
-        come from the combined distribution of [`hierarchical_probabilities`] (`p_fine(f) * p_coarse(parent(f))`,
-        renormalised): the predicted superclass is the parent of the predicted class, the class score is its
-        combined probability and the superclass score the summed probability of its classes. With
-        `consistent=False` each head is read on its own (softmax and argmax), and the two may disagree.
+        `config.coarse_temperature`; 1 when the model was not calibrated). A temperature never changes a head's own
+        argmax, but it changes how the two heads weigh against each other, and so can change the consistent
+        prediction. With `consistent=True` both predictions come from the combined distribution of
+        [`hierarchical_probabilities`] (`p_fine(f) * p_coarse(parent(f))`, renormalised; a superclass's probability
+        is the sum of its classes'): the predicted class is the most probable class and the predicted superclass the
+        most probable superclass, the one superclass answers use. When the probability is spread over a
+        superclass's classes the two can disagree with the hierarchy; `parent_ids`/`parent_labels` name the
+        superclass of the predicted class. With `consistent=False` each head is read on its own (softmax and argmax)
+        and no selective answer is given (the threshold is chosen on the combined distribution).
 
-        Selective answers: with `min_confidence` (or, when it is not given, `config.selective_threshold`), each
-        image also gets the class when its combined probability reaches the threshold, else the most probable
-        superclass when its summed probability reaches it, else `"unknown"` ([`selective_answers`]; they always
-        read the combined distribution).
+        Selective answers (consistent predictions only): with `min_confidence` (or, when it is not given,
+        `config.selective_threshold`), each image also gets the class when its probability reaches the threshold,
+        else the most probable superclass when its probability reaches it, else `"unknown"` ([`selective_answers`]).
         """
         config = self.config
+        if not consistent and min_confidence is not None:
+            raise ValueError(
+                f"min_confidence={min_confidence!r} with consistent=False: selective answers read the consistent "
+                "distribution; leave consistent=True to get them"
+            )
         threshold = config.selective_threshold if min_confidence is None else check_min_confidence(min_confidence)
         fine_to_coarse = self.fine_to_coarse.to(logits.device)
         temperatures = (config.fine_temperature, config.coarse_temperature)
-        if consistent or threshold is not None:  # the combined distribution, only where it is read
-            fine_probs, coarse_probs = hierarchical_probabilities(logits, coarse_logits, fine_to_coarse, *temperatures)
         if consistent:
-            fine_scores, fine_ids = fine_probs.max(-1)
-            coarse_ids = fine_to_coarse[fine_ids]
-            coarse_scores = coarse_probs.gather(1, coarse_ids.unsqueeze(1)).squeeze(1)
+            fine_probs, coarse_probs = hierarchical_probabilities(logits, coarse_logits, fine_to_coarse, *temperatures)
         else:
-            fine_scores, fine_ids = (logits.float() / temperatures[0]).softmax(-1).max(-1)
-            coarse_scores, coarse_ids = (coarse_logits.float() / temperatures[1]).softmax(-1).max(-1)
+            fine_probs = (logits.float() / temperatures[0]).softmax(-1)
+            coarse_probs = (coarse_logits.float() / temperatures[1]).softmax(-1)
+        fine_scores, fine_ids = fine_probs.max(-1)
+        coarse_scores, coarse_ids = coarse_probs.max(-1)
+        parent_ids = fine_to_coarse[fine_ids]
         prediction = HierarchicalPrediction(
             fine_ids=fine_ids,
             fine_scores=fine_scores,
@@ -349,8 +356,12 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
             coarse_scores=coarse_scores,
             fine_labels=[config.id2label[int(i)] for i in fine_ids],
             coarse_labels=[config.coarse_label_names[int(i)] for i in coarse_ids],
+            parent_ids=parent_ids,
+            parent_labels=[config.coarse_label_names[int(i)] for i in parent_ids],
+            fine_probs=fine_probs,
+            coarse_probs=coarse_probs,
         )
-        if threshold is not None:
+        if consistent and threshold is not None:
             prediction.add_selective_answers(
                 fine_probs, coarse_probs, threshold, (config.id2label, config.coarse_label_names)
             )

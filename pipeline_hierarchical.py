@@ -7,7 +7,10 @@ Every saved model carries this file and names it in `config.json` (`custom_pipel
     >>> classifier = pipeline("hierarchical-image-classification", model="me/model", trust_remote_code=True)
     >>> classifier("photo.png")  # doctest: +SKIP
     {'label': 'maple_tree', 'score': 0.71, 'coarse_label': 'trees', 'coarse_score': 0.93,
-     'answer_level': 'coarse', 'answer_label': 'trees', 'answer_score': 0.93, 'min_confidence': 0.8}
+     'parent_of_label': 'trees', 'answer_level': 'coarse', 'answer_label': 'trees', 'answer_score': 0.93,
+     'min_confidence': 0.8}
+    >>> classifier(["a.png", "b.png"])  # doctest: +SKIP
+    [{...}, {...}]  # a list (or a dataset) runs in batches of DEFAULT_BATCH_SIZE unless batch_size=... is given
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ except ImportError:  # imported from the project folder
     from image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, as_decodable, decode_rgb
 
 logger = logging.get_logger(__name__)
+
+# Images per forward pass for a list or a dataset when `batch_size` is not given: on 2 CPU cores at 32 px, batch 1
+# ran about 10x slower than batched model calls on the same images (see benchmarks/benchmark.py, part 4).
+DEFAULT_BATCH_SIZE = 32
+NO_THRESHOLD_WARNING = (
+    "The model has no selective_threshold in its config: pass min_confidence=... to get selective answers"
+)
 
 
 class DecodingImageClassificationPipeline(ImageClassificationPipeline):
@@ -75,45 +85,71 @@ class HierarchicalImageClassificationPipeline(DecodingImageClassificationPipelin
     r"""
     Image classification at both levels of the hierarchy with a hierarchical model
     (`HierarchicalEfficientNetV2ForImageClassification`): the model's `predict_from_logits` with its calibrated
-    temperatures and consistent probabilities. Images are decoded as by [`DecodingImageClassificationPipeline`].
+    temperatures and consistent probabilities. Images are decoded as by [`DecodingImageClassificationPipeline`]. A
+    list of images or a dataset runs in batches of `DEFAULT_BATCH_SIZE` (32) unless `batch_size` is given (to
+    `pipeline(...)` or to the call).
 
-    Call arguments (besides the images and `timeout`):
+    Call arguments (besides the images, `batch_size` and `timeout`):
         min_confidence (`float`, *optional*, defaults to `config.selective_threshold`):
             Threshold of the selective answer, in (0, 1].
         consistent (`bool`, *optional*, defaults to `True`):
-            Read the class and superclass from the combined distribution (`False`: each head on its own).
+            Read the class and superclass from the combined distribution (`False`: each head on its own, every
+            score from that head's softmax, and no selective answer).
+        top_k (`int`, *optional*):
+            Also return the `top_k` most probable classes and superclasses, from the same distribution as `label`
+            and `coarse_label`.
 
-    Returns, per image, a dict: `label` and `score` (class), `coarse_label` and `coarse_score` (superclass), and
-    when a threshold is known `answer_level` (`"fine"`, `"coarse"` or `"abstain"`), `answer_label` (a class, a
-    superclass or `"unknown"`), `answer_score` and `min_confidence`.
+    Returns, per image, a dict: `label` and `score` (the most probable class), `coarse_label` and `coarse_score`
+    (the most probable superclass, the one a superclass answer names), `parent_of_label` (the superclass of
+    `label`; it differs from `coarse_label` when the probability is spread over another superclass's classes), with
+    `top_k` also `top_labels` and `top_coarse_labels` (lists of `{"label", "score"}`, best first), and when a
+    threshold is known and `consistent` is true `answer_level` (`"fine"`, `"coarse"` or `"abstain"`),
+    `answer_label` (a class, a superclass or `"unknown"`), `answer_score` and `min_confidence`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
+        if kwargs.get("batch_size") is None:
+            kwargs["batch_size"] = DEFAULT_BATCH_SIZE
         super().__init__(*args, **kwargs)
         if not hasattr(self.model, "predict_from_logits"):
             raise ValueError(
                 f"{HIERARCHICAL_PIPELINE_TASK} needs a hierarchical model (with predict_from_logits), "
                 f"got {type(self.model).__name__}"
             )
-        if getattr(self.model.config, "selective_threshold", None) is None:
-            logger.warning(
-                "The model has no selective_threshold in its config: pass min_confidence=... to get selective answers"
-            )
+        self._warned_no_threshold = False
 
     def _sanitize_parameters(
-        self, min_confidence: float | None = None, consistent: bool | None = None, timeout: float | None = None
+        self,
+        min_confidence: float | None = None,
+        consistent: bool | None = None,
+        top_k: int | None = None,
+        timeout: float | None = None,
     ) -> tuple[dict, dict, dict]:
         preprocess_params = {} if timeout is None else {"timeout": timeout}
         postprocess_params = {}
         if min_confidence is not None:
             postprocess_params["min_confidence"] = min_confidence
         if consistent is not None:
+            if not isinstance(consistent, bool):
+                raise TypeError(f"consistent must be True or False, got {consistent!r}")
             postprocess_params["consistent"] = consistent
+        if top_k is not None:
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+                raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+            postprocess_params["top_k"] = top_k
         return preprocess_params, {}, postprocess_params
 
     def postprocess(
-        self, model_outputs: Any, min_confidence: float | None = None, consistent: bool = True
+        self,
+        model_outputs: Any,
+        min_confidence: float | None = None,
+        consistent: bool = True,
+        top_k: int | None = None,
     ) -> dict[str, Any]:
+        stored = getattr(self.model.config, "selective_threshold", None)
+        if consistent and min_confidence is None and stored is None and not self._warned_no_threshold:
+            logger.warning(NO_THRESHOLD_WARNING)
+            self._warned_no_threshold = True
         prediction = self.model.predict_from_logits(
             model_outputs["logits"],
             model_outputs["coarse_logits"],
@@ -125,7 +161,12 @@ class HierarchicalImageClassificationPipeline(DecodingImageClassificationPipelin
             "score": float(prediction.fine_scores[0]),
             "coarse_label": prediction.coarse_labels[0],
             "coarse_score": float(prediction.coarse_scores[0]),
+            "parent_of_label": prediction.parent_labels[0],
         }
+        if top_k is not None:
+            config = self.model.config
+            result["top_labels"] = _top(prediction.fine_probs[0], top_k, config.id2label)
+            result["top_coarse_labels"] = _top(prediction.coarse_probs[0], top_k, config.coarse_label_names)
         if prediction.answer_levels is not None:
             result |= {
                 "answer_level": prediction.answer_levels[0],
@@ -134,6 +175,13 @@ class HierarchicalImageClassificationPipeline(DecodingImageClassificationPipelin
                 "min_confidence": prediction.min_confidence,
             }
         return result
+
+
+def _top(probs: Any, k: int, names: Any) -> list[dict[str, Any]]:
+    """The `k` most probable entries of a `(num_classes,)` distribution (fewer when there are fewer classes), as
+    `{"label", "score"}` dicts, best first; `names` maps an index to its name."""
+    scores, ids = probs.topk(min(k, probs.shape[-1]))
+    return [{"label": names[int(i)], "score": float(p)} for p, i in zip(scores, ids, strict=True)]
 
 
 _registered = PIPELINE_REGISTRY.supported_tasks.get(HIERARCHICAL_PIPELINE_TASK)

@@ -21,12 +21,19 @@ class HierarchicalPrediction:
     Predictions of [`HierarchicalEfficientNetV2ForImageClassification.predict_hierarchical`] for a batch.
 
     Args:
-        fine_ids (`torch.LongTensor` of shape `(batch,)`): predicted classes.
+        fine_ids (`torch.LongTensor` of shape `(batch,)`): predicted classes: the most probable class.
         fine_scores (`torch.FloatTensor` of shape `(batch,)`): their probabilities.
-        coarse_ids (`torch.LongTensor` of shape `(batch,)`): predicted superclasses.
+        coarse_ids (`torch.LongTensor` of shape `(batch,)`): predicted superclasses: the most probable superclass
+            (with consistent probabilities, the superclass whose classes hold the most probability; superclass
+            answers use the same one). It need not contain the predicted class when the probability is spread.
         coarse_scores (`torch.FloatTensor` of shape `(batch,)`): their probabilities.
         fine_labels (`list[str]`): class names.
         coarse_labels (`list[str]`): superclass names.
+        parent_ids (`torch.LongTensor` of shape `(batch,)`, *optional*): the superclass of each predicted class.
+        parent_labels (`list[str]`, *optional*): their names.
+        fine_probs (`torch.FloatTensor` of shape `(batch, num_labels)`, *optional*): the class distribution read.
+        coarse_probs (`torch.FloatTensor` of shape `(batch, num_coarse_labels)`, *optional*): the superclass
+            distribution read.
         answer_levels (`list[str]`, *optional*): with a confidence threshold, the level answered for each image:
             `"fine"`, `"coarse"` or `"abstain"`.
         answer_ids (`torch.LongTensor` of shape `(batch,)`, *optional*): the class id (fine answers), the superclass
@@ -43,6 +50,10 @@ class HierarchicalPrediction:
     coarse_scores: torch.Tensor
     fine_labels: list[str]
     coarse_labels: list[str]
+    parent_ids: torch.Tensor | None = None
+    parent_labels: list[str] | None = None
+    fine_probs: torch.Tensor | None = None
+    coarse_probs: torch.Tensor | None = None
     answer_levels: list[str] | None = None
     answer_ids: torch.Tensor | None = None
     answer_labels: list[str] | None = None

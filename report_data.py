@@ -31,7 +31,10 @@ class ReportData:
         extra_metrics (`dict[str, float]`): other given metrics (loss, runtime, ...).
         fine_predictions (`np.ndarray` of shape `(n,)`): argmax of the fine logits.
         coarse_predictions (`np.ndarray` of shape `(n,)`): argmax of the coarse logits (the coarse head).
-        fine_confidence (`np.ndarray` of shape `(n,)`): softmax probability of the fine prediction.
+        consistent_fine, consistent_coarse (`np.ndarray` of shape `(n,)`): the class and the superclass that
+            `predict_hierarchical` and the hierarchical pipeline return (the most probable class and superclass of
+            the consistent distribution, with the config's temperatures).
+        consistent_confidence (`np.ndarray` of shape `(n,)`): the probability of `consistent_fine`.
         superclass_samples, superclass_fine_accuracy, superclass_coarse_accuracy (`np.ndarray` of shape `(num_coarse,)`):
             per true superclass: number of samples, fine accuracy and coarse-head accuracy (NaN without samples).
         confusion (`np.ndarray` of shape `(num_coarse, num_coarse)`): rows true superclass, columns coarse prediction.
@@ -49,7 +52,9 @@ class ReportData:
     extra_metrics: dict[str, float]
     fine_predictions: np.ndarray
     coarse_predictions: np.ndarray
-    fine_confidence: np.ndarray
+    consistent_fine: np.ndarray
+    consistent_coarse: np.ndarray
+    consistent_confidence: np.ndarray
     superclass_samples: np.ndarray
     superclass_fine_accuracy: np.ndarray
     superclass_coarse_accuracy: np.ndarray
@@ -82,6 +87,7 @@ def compute_report_data(
         compute_hierarchy_metrics(*predictions, config.fine_to_coarse), calibration, metrics or {}, split
     )
     reliability, curve = calibration_curves(*predictions, config)
+    consistent = hierarchical_scores(*predictions, config)
     fine_predictions, coarse_predictions = logits.argmax(1), coarse_logits.argmax(1)
     fine_correct = fine_predictions == labels
     samples, fine_accuracy = accuracy_by_group(coarse_labels, fine_correct, config.num_coarse_labels)
@@ -93,7 +99,9 @@ def compute_report_data(
         extra_metrics=extra,
         fine_predictions=fine_predictions,
         coarse_predictions=coarse_predictions,
-        fine_confidence=softmax_confidence(logits),
+        consistent_fine=consistent.log_fine.argmax(1),
+        consistent_coarse=consistent.log_coarse.argmax(1),
+        consistent_confidence=consistent.fine_confidence,
         superclass_samples=samples,
         superclass_fine_accuracy=fine_accuracy,
         superclass_coarse_accuracy=coarse_accuracy,
@@ -151,12 +159,6 @@ def calibration_curves(
     )
     curve["thresholds"] = CURVE_THRESHOLDS
     return reliability, curve
-
-
-def softmax_confidence(logits: np.ndarray) -> np.ndarray:
-    """`(n,)` softmax probability of the argmax of each row of `logits`."""
-    shifted = np.exp(logits - logits.max(1, keepdims=True))
-    return shifted.max(1) / shifted.sum(1)
 
 
 def accuracy_by_group(groups: np.ndarray, correct: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:

@@ -201,29 +201,42 @@ def plot_misclassified(
     config: HierarchicalEfficientNetV2Config,
     path: str,
 ) -> str | None:
-    """Grid of the most confident fine-class mistakes with true and predicted labels at both levels."""
-    wrong = np.flatnonzero(data.fine_predictions != labels)
-    if wrong.size == 0:
+    """Grid of the most confident class mistakes, captioned by [`misclassified_captions`]."""
+    captions = misclassified_captions(data, labels, coarse_labels, config)
+    if not captions:
         return None
-    rows = wrong[np.argsort(-data.fine_confidence[wrong], kind="stable")][:MAX_MISCLASSIFIED]
-    pictures = _images_at(images, rows.tolist(), config.image_size)
-    columns = min(4, len(rows))
-    grid_rows = -(-len(rows) // columns)
+    pictures = _images_at(images, [row for row, _, _ in captions], config.image_size)
+    columns = min(4, len(captions))
+    grid_rows = -(-len(captions) // columns)
     figure = new_figure(figsize=(2.6 * columns, 2.9 * grid_rows))
-    names, coarse_names = config.id2label, config.coarse_label_names
-    for position, (row, picture) in enumerate(zip(rows, pictures, strict=True)):
+    for position, ((_, caption, coarse_wrong), picture) in enumerate(zip(captions, pictures, strict=True)):
         axes = figure.add_subplot(grid_rows, columns, position + 1)
         axes.imshow(np.asarray(picture), interpolation="nearest")
         axes.set_axis_off()
-        fine, coarse = data.fine_predictions[row], data.coarse_predictions[row]
-        axes.set_title(
-            f"true: {_short(names[int(labels[row])])}\n{_short(coarse_names[int(coarse_labels[row])])}\n"
-            f"pred: {_short(names[int(fine)])} ({data.fine_confidence[row]:.2f})\n{_short(coarse_names[int(coarse)])}",
-            fontsize=7,
-            color="tab:red" if coarse != coarse_labels[row] else "black",
-        )
+        axes.set_title(caption, fontsize=7, color="tab:red" if coarse_wrong else "black")
     figure.suptitle("Most confident mistakes (red: superclass wrong too)", fontsize=10)
     return _save(figure, path)
+
+
+def misclassified_captions(
+    data: ReportData, labels: np.ndarray, coarse_labels: np.ndarray, config: HierarchicalEfficientNetV2Config
+) -> list[tuple[int, str, bool]]:
+    """The most confident mistakes of the prediction the model returns (`predict_hierarchical`, the hierarchical
+    pipeline: the most probable class and superclass of the consistent distribution), at most `MAX_MISCLASSIFIED`:
+    `(row, caption with the true and predicted class and superclass, whether the superclass is wrong too)`."""
+    labels, coarse_labels = np.asarray(labels), np.asarray(coarse_labels)
+    wrong = np.flatnonzero(data.consistent_fine != labels)
+    rows = wrong[np.argsort(-data.consistent_confidence[wrong], kind="stable")][:MAX_MISCLASSIFIED]
+    names, coarse_names = config.id2label, config.coarse_label_names
+    captions = []
+    for row in rows.tolist():
+        fine, coarse = int(data.consistent_fine[row]), int(data.consistent_coarse[row])
+        caption = (
+            f"true: {_short(names[int(labels[row])])}\n{_short(coarse_names[int(coarse_labels[row])])}\n"
+            f"pred: {_short(names[fine])} ({data.consistent_confidence[row]:.2f})\n{_short(coarse_names[coarse])}"
+        )
+        captions.append((row, caption, coarse != int(coarse_labels[row])))
+    return captions
 
 
 def plot_reliability(new_figure: Any, data: ReportData, config: HierarchicalEfficientNetV2Config, path: str) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchy_metrics import ECE_BINS
 from report_data import MAX_CONFUSION_SUPERCLASSES, ReportData, largest_cells
+from selective_threshold import guarantee_text
 
 FIGURE_TITLES = {
     "superclass_accuracy": "Accuracy per superclass",
@@ -143,7 +144,8 @@ def selective_answer_lines(calibration: dict[str, float], config: HierarchicalEf
     c = calibration
     target = config.selective_target_accuracy
     chosen = (
-        f", chosen for an accuracy of at least {target:g} on new data with confidence {config.selective_confidence:g}"
+        f", chosen for a target accuracy of {target:g} with confidence {config.selective_confidence:g} ("
+        f"{guarantee_text(target, config.selective_confidence)})"
         if target is not None
         else ""
     )
@@ -174,8 +176,9 @@ def superclass_readings_lines(calibration: dict[str, float]) -> list[str]:
         "| --- | --- |",
         f"| the coarse head (argmax) | {_format(c['coarse_head_accuracy'])} |",
         f"| the fine head's probabilities summed per superclass | {_format(c['coarse_summed_fine_accuracy'])} |",
-        f"| the consistent prediction (parent of the predicted class) | {_format(c['coarse_consistent_accuracy'])} |",
-        f"| the most probable superclass of the consistent distribution | {_format(c['coarse_combined_accuracy'])} |",
+        f"| the parent of the consistent class prediction | {_format(c['coarse_consistent_accuracy'])} |",
+        f"| the most probable superclass of the consistent distribution (what `predict_hierarchical`, the "
+        f"hierarchical pipeline and superclass answers return) | {_format(c['coarse_combined_accuracy'])} |",
         "",
         f"Class accuracy of the consistent prediction: {_format(c['fine_consistent_accuracy'])}.",
     ]

@@ -1,6 +1,6 @@
 """Throughput of the data pipeline alone (`benchmark.py` part 3 in the main process, `gpu_check.py` part 3 with
-workers) and of inference on PIL images by hand, by the forward alone and by `pipeline("image-classification")`
-(`benchmark.py` part 4)."""
+workers) and of inference on PIL images by hand, by the forward alone, by `pipeline("image-classification")` and by
+`pipeline("hierarchical-image-classification")` at its default batch size (`benchmark.py` part 4)."""
 
 from __future__ import annotations
 
@@ -103,9 +103,10 @@ def best_speeds(runs: dict[str, Callable[[], object]], repeats: int, num_items: 
 def measure_inference(
     splits, image_size: int, batch_size: int, num_images: int, repeats: int, device: str, folder: Path
 ) -> dict[str, float]:
-    """Images/s of classifying the same PIL images three ways: by hand in batches (image processor on a batch, then
-    an eval-mode forward under no_grad), the forward alone on pre-processed tensors, and
-    `pipeline("image-classification", batch_size=...)` loading the model and image processor saved to `folder`."""
+    """Images/s of classifying the same PIL images four ways: by hand in batches (image processor on a batch, then
+    an eval-mode forward under no_grad), the forward alone on pre-processed tensors,
+    `pipeline("image-classification", batch_size=...)` loading the model and image processor saved to `folder`, and
+    `pipeline("hierarchical-image-classification")` at the batch size a user gets without asking for one."""
     from transformers import pipeline
 
     model, processor = saved_random_model(image_size, folder, device)
@@ -117,6 +118,9 @@ def measure_inference(
         processor(images=batch, return_tensors="pt")["pixel_values"].to(device) for batch in image_batches
     ]
     classifier = pipeline("image-classification", model=str(folder), batch_size=batch_size, device=device)
+    hierarchical = pipeline(  # at its default batch size
+        "hierarchical-image-classification", model=str(folder), device=device, trust_remote_code=True
+    )
 
     @torch.no_grad()
     def batched() -> torch.Tensor:
@@ -132,11 +136,15 @@ def measure_inference(
             model(pixel_values=pixel_values)
         synchronize(device)
 
-    batched(), classifier(images[:batch_size])  # warm-up
-    # The pipeline returns Python lists and `batched` a CPU tensor: nothing is left queued when they return.
-    speeds = best_speeds(
-        {"batched": batched, "forward": forward_only, "pipeline": lambda: classifier(images)}, repeats, num_images
-    )
+    batched(), classifier(images[:batch_size]), hierarchical(images[:batch_size])  # warm-up
+    # The pipelines return Python lists and `batched` a CPU tensor: nothing is left queued when they return.
+    runs = {
+        "batched": batched,
+        "forward": forward_only,
+        "pipeline": lambda: classifier(images),
+        "hierarchical": lambda: hierarchical(images),
+    }
+    speeds = best_speeds(runs, repeats, num_images)
     # Same model, same inputs: the top-1 classes agree. Raw logits, since a random model's softmax scores tie.
     checked = classifier(image_batches[0], function_to_apply="none", top_k=1)
     expected = [model.config.id2label[int(i)] for i in batched()[: len(checked)].argmax(-1)]
@@ -146,4 +154,6 @@ def measure_inference(
         "forward_only_images_per_s": speeds["forward"],
         "pipeline_images_per_s": speeds["pipeline"],
         "pipeline_top1_agreement": agreement,
+        "hierarchical_pipeline_images_per_s": speeds["hierarchical"],
+        "hierarchical_pipeline_batch_size": hierarchical._batch_size,
     }

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_script
 
-RATIOS = ("train_ratio", "loader_ratio", "pipeline_ratio", "memory_ratio")
+RATIOS = ("train_ratio", "loader_ratio", "pipeline_ratio", "hierarchical_pipeline_ratio", "memory_ratio")
 FIGURES = (
     "ceiling_images_per_s", "trainer_images_per_s", "loader_images_per_s", "loader_images_per_s_32",
     "loader_images_per_s_224", "batched_images_per_s", "forward_only_images_per_s", "pipeline_images_per_s",
@@ -26,6 +26,7 @@ def test_tiny_benchmark_prints_the_figures_as_one_json_line():
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, (key, results)
     assert results["train_ratio"] == pytest.approx(results["trainer_images_per_s"] / results["ceiling_images_per_s"])
     assert results["pipeline_top1_agreement"] == 1.0  # the pipeline ran the same model on the same images
+    assert results["hierarchical_pipeline_batch_size"] > 1  # the default a user gets batches a list
     assert (results["image_size"], results["batch_size"], results["dataset"]) == (32, 8, "generated")
     assert results["threads"] >= 1 and results["torch_version"]
     assert "train_ratio" in completed.stdout.split(lines[-1])[0]  # the table comes first

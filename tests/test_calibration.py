@@ -13,6 +13,7 @@ import torch
 from transformers.trainer_utils import PredictionOutput
 
 from calibration import (
+    MIN_CALIBRATION_IMAGES,
     CalibrationArguments,
     calibrate_and_select,
     evaluate_calibration,
@@ -31,8 +32,14 @@ from hierarchy_metrics import (
     selective_scores,
 )
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
+from report_markdown import selective_answer_lines
 from run_classification import main, parse_args
-from selective_threshold import accuracy_lower_bound, binomial_cdf, choose_selective_threshold
+from selective_threshold import (
+    DEFAULT_START_COVERAGES,
+    accuracy_lower_bound,
+    binomial_cdf,
+    choose_selective_threshold,
+)
 from temperature_scaling import fit_temperatures, hierarchical_nll
 
 
@@ -212,6 +219,60 @@ def test_chosen_threshold_meets_the_target_with_the_stated_confidence():
     assert np.mean([true_accuracy[t] >= target for t in naive]) < confidence
 
 
+def edge_model(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """A model that is 99.5% right on its 5% most confident images and a coin toss elsewhere: a target of 0.95 is
+    reached only by thresholds that answer less than 6% of the images."""
+    p = rng.random(n)
+    right = rng.random(n) < np.where(p > 0.95, 0.995, 0.5)
+    return p, right, p, right
+
+
+def edge_model_accuracy(threshold: float) -> float:
+    """The true accuracy of `edge_model`'s answers at `threshold`."""
+    high = 1 - max(threshold, 0.95)
+    low = max(0.95 - threshold, 0.0)
+    return (0.995 * high + 0.5 * low) / (high + low)
+
+
+def test_a_high_target_reached_only_by_the_most_confident_images_gets_a_threshold():
+    rng = np.random.default_rng(0)
+    draws = [edge_model(2000, rng) for _ in range(40)]
+    chosen = [choose_selective_threshold(*draw, target_accuracy=0.95).threshold for draw in draws]
+    found = [t for t in chosen if t is not None]
+    assert len(found) >= 0.5 * len(draws), f"a threshold in only {len(found)} of {len(draws)} draws"
+    misses = sum(edge_model_accuracy(t) < 0.95 for t in found)
+    assert misses <= 0.1 * len(draws) + 2  # marginal guarantee, with sampling slack for 40 draws
+    # one start at 10% of the images (the former rule) never tests a threshold that answers less
+    assert all(choose_selective_threshold(*d, 0.95, start_coverages=0.1).threshold is None for d in draws[:10])
+
+
+@pytest.mark.parametrize(
+    ("num_images", "start_coverages"),
+    [(30, DEFAULT_START_COVERAGES), (120, DEFAULT_START_COVERAGES), (400, (0.0, 0.02, 0.1))],
+)
+def test_the_guarantee_holds_by_simulation_with_few_images_and_any_starts(num_images, start_coverages):
+    """P(a threshold is chosen and its true accuracy is below the target) <= 1 - confidence, by simulation, also
+    with few calibration images, where the search must mostly decline."""
+    target, confidence, draws = 0.8, 0.9, 100
+    rng = np.random.default_rng(num_images)
+    grid = np.arange(1000, 0, -1) / 1000
+    population = selective_curve(*simulate(100_000, rng), grid)
+    with np.errstate(invalid="ignore"):
+        true_accuracy = dict(zip(grid, population["correct"] / population["answered"], strict=True))
+    misses = found = 0
+    for _ in range(draws):
+        result = choose_selective_threshold(
+            *simulate(num_images, rng), target, confidence, start_coverages=start_coverages
+        )
+        if result.threshold is not None:
+            found += 1
+            misses += true_accuracy[result.threshold] < target
+            assert result.answered >= math.log(0.1 / len(start_coverages)) / math.log(1 - (1 - target))
+    assert misses / draws <= (1 - confidence) + 0.05, f"missed in {misses} of {draws} draws"
+    if num_images >= 120:
+        assert found >= 0.6 * draws  # and the search still finds thresholds
+
+
 def test_unreachable_target_gives_no_threshold():
     rng = np.random.default_rng(1)
     p, fine_correct, q, coarse_correct = simulate(300, rng)
@@ -235,7 +296,10 @@ def test_calibrate_and_select_stores_the_results_and_measures_the_held_out_part(
         metrics={},
     )
     args = CalibrationArguments(selective_target_accuracy=0.6, selective_confidence=0.9, calibration_split_fraction=0.5)
-    result = calibrate_and_select(config, prediction, args, seed=0)
+    with caplog.at_level("INFO"):
+        result = calibrate_and_select(config, prediction, args, seed=0)
+    assert "below 0.6 in at most 10% of calibration draws" in caplog.text  # the log states the true guarantee
+    assert "never changes a head's own argmax, but can change the consistent prediction" in caplog.text
     assert len(result.calibration_rows) == len(result.heldout_rows) == 600
     assert not set(result.calibration_rows) & set(result.heldout_rows)
     assert config.fine_temperature > 1.2 and config.selective_threshold == result.threshold.threshold
@@ -243,16 +307,44 @@ def test_calibrate_and_select_stores_the_results_and_measures_the_held_out_part(
     metrics = result.metrics
     assert metrics["eval_calibration_samples"] == 600 and metrics["eval_heldout_samples"] == 600
     assert metrics["eval_selective_accuracy"] >= metrics["eval_selective_accuracy_lower_bound"] >= 0.6
+    search = result.threshold
+    assert (metrics["eval_selective_answered"], metrics["eval_selective_correct"]) == (search.answered, search.correct)
+    assert metrics["eval_selective_correct"] / metrics["eval_selective_answered"] >= 0.6
+    assert "at most 10% of calibration draws" in metrics["eval_selective_guarantee"]
+    assert "can be higher" in metrics["eval_selective_guarantee"]
     held = {name: data[name][result.heldout_rows] for name in data}
     expected = evaluate_calibration(**held, config=config)
     assert metrics["eval_heldout_selective_accuracy"] == expected["selective_accuracy"]
     assert metrics["eval_heldout_fine_ece"] < metrics["eval_heldout_fine_ece_uncalibrated"]
     assert 0 < metrics["eval_heldout_selective_fine_coverage"] + metrics["eval_heldout_selective_coarse_coverage"] < 1
 
+    report = "\n".join(selective_answer_lines(expected, config))
+    assert "whose accuracy on new data is below 0.6 in at most 10% of calibration draws" in report
+    assert "can be higher" in report
+
     # without a target, a threshold chosen for other temperatures is dropped
     result = calibrate_and_select(config, prediction, CalibrationArguments(selective_target_accuracy=0), seed=0)
     assert config.selective_threshold is None and result.threshold is None and result.heldout_rows is None
     assert "eval_selective_accuracy" not in result.metrics
+
+
+def test_too_few_calibration_images_keep_temperature_one_and_no_threshold(caplog):
+    config = small_config(fine_temperature=2.0, selective_threshold=0.5)  # from an earlier calibration
+    data = overconfident_predictions(config, n=3, sharpen=3.0)
+    prediction = PredictionOutput(
+        predictions=(data["logits"], data["coarse_logits"]), label_ids=(data["labels"], data["coarse_labels"]),
+        metrics={},
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        result = calibrate_and_select(config, prediction, CalibrationArguments(), seed=0)
+    assert (config.fine_temperature, config.coarse_temperature, config.selective_threshold) == (1.0, 1.0, None)
+    assert result.threshold is None
+    reason = result.metrics["eval_calibration_skipped"]
+    assert f"only 3 calibration images, fewer than the {MIN_CALIBRATION_IMAGES}" in reason
+    assert reason in caplog.text
+    assert result.metrics["eval_calibration_samples"] == 3 and result.metrics["eval_fine_temperature"] == 1.0
+    assert "eval_selective_threshold" not in result.metrics
+    json.dumps(result.metrics)  # eval_results.json takes every value
 
 
 def test_scores_read_the_configs_temperatures():
@@ -273,6 +365,10 @@ def test_scores_read_the_configs_temperatures():
         ({"selective_confidence": float("nan")}, "--selective_confidence must be in"),
         ({"calibration_split_fraction": 0.0}, "--calibration_split_fraction must be in"),
         ({"calibration_split_fraction": float("nan")}, "--calibration_split_fraction must be in"),
+        ({"selective_start_coverage": []}, "--selective_start_coverage must be one or more numbers in"),
+        ({"selective_start_coverage": [0.1, 1.0]}, "--selective_start_coverage must be one or more numbers in"),
+        ({"selective_start_coverage": [-0.1]}, "--selective_start_coverage must be one or more numbers in"),
+        ({"selective_start_coverage": [True]}, "--selective_start_coverage must be one or more numbers in"),
     ],
 )
 def test_calibration_options_are_checked(kwargs, message):
@@ -285,6 +381,9 @@ def test_calibration_options_parse_with_the_training_script():
                                    "--calibration_split_fraction", "0.5"])  # fmt: skip
     assert model_args.selective_target_accuracy == 0.8 and model_args.calibration_split_fraction == 0.5
     assert parse_args(["--output_dir", "x", "--selective_target_accuracy", "0"])[0].selective_target_accuracy is None
+    assert model_args.selective_start_coverage == list(DEFAULT_START_COVERAGES)
+    starts = parse_args(["--output_dir", "x", "--selective_start_coverage", "0.05", "0.2"])[0]
+    assert starts.selective_start_coverage == [0.05, 0.2]
     with pytest.raises(ValueError, match="--selective_confidence must be in"):
         parse_args(["--output_dir", "x", "--selective_confidence", "nan"])
     with pytest.raises(ValueError, match="leaves an empty part"):
@@ -308,10 +407,12 @@ def test_evaluation_run_calibrates_a_saved_model(tiny_parquet_dir, tmp_path):
     )  # fmt: skip
     saved = json.loads((output_dir / "config.json").read_text())
     assert saved["fine_temperature"] == pytest.approx(metrics["eval_fine_temperature"])
-    assert saved["fine_temperature"] > 1.0 and saved["coarse_temperature"] > 1.0
-    assert saved["selective_threshold"] is None  # 10 calibration images cannot certify 90% accuracy
+    # 10 calibration images: too few to fit temperatures or certify a threshold, and the results say so
+    assert saved["fine_temperature"] == saved["coarse_temperature"] == 1.0
+    assert saved["selective_threshold"] is None
     results = json.loads(Path(output_dir, "eval_results.json").read_text())
     assert results["eval_calibration_samples"] == results["eval_heldout_samples"] == 10
+    assert "only 10 calibration images" in results["eval_calibration_skipped"]
     assert {"eval_fine_ece", "eval_heldout_coarse_ece_uncalibrated", "eval_selective_haurc"} <= set(results)
     tests = json.loads(Path(output_dir, "test_results.json").read_text())
     assert {"test_fine_ece", "test_coarse_brier", "test_coarse_summed_fine_accuracy"} <= set(tests)

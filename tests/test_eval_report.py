@@ -301,3 +301,31 @@ def test_report_tables_keep_their_columns_whatever_the_class_names(fine_names, c
         assert rows and all(cells == header for cells in rows), (header, rows)
     class_rows = next(rows for header, rows in tables if header == 5 and len(rows) == 4)  # accuracy per class
     assert len(class_rows) == len(fine_names)
+
+
+def test_misclassified_captions_show_the_prediction_the_model_returns(predictions):
+    """With temperatures that let the coarse head outweigh the fine head, the consistent prediction differs from
+    each head's argmax on some images: the captions name the consistent class and superclass."""
+    from calibration import hierarchical_scores
+    from report_data import compute_report_data
+    from report_figures import misclassified_captions
+
+    config = small_config(fine_temperature=3.0, coarse_temperature=0.3)
+    data = compute_report_data(**predictions, config=config)
+    scores = hierarchical_scores(**predictions, config=config)
+    fine, coarse = scores.log_fine.argmax(1), scores.log_coarse.argmax(1)
+    assert (fine != predictions["logits"].argmax(1)).any(), "the two predictions must differ somewhere"
+    captions = misclassified_captions(data, predictions["labels"], predictions["coarse_labels"], config)
+    rows = [row for row, _, _ in captions]
+    assert rows and all(fine[row] != predictions["labels"][row] for row in rows)
+    assert list(scores.fine_confidence[rows]) == sorted(scores.fine_confidence[rows], reverse=True)
+    names, coarse_names = config.id2label, config.coarse_label_names
+    for row, caption, coarse_wrong in captions:
+        predicted_class, predicted_superclass = caption.split("pred: ", 1)[1].split("\n")
+        assert predicted_class == f"{names[int(fine[row])]} ({scores.fine_confidence[row]:.2f})"
+        assert coarse_names[coarse[row]].startswith(predicted_superclass.rstrip("…"))  # long names are cut
+        assert coarse_wrong == (coarse[row] != predictions["coarse_labels"][row])
+    head_fine, head_coarse = predictions["logits"].argmax(1), predictions["coarse_logits"].argmax(1)
+    assert any(fine[row] != head_fine[row] or coarse[row] != head_coarse[row] for row in rows), (
+        "some caption must show a prediction that differs from the heads' own argmax, or the test proves nothing"
+    )

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from calibration import hierarchical_scores
+from calibration import evaluate_calibration, hierarchical_scores
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from conftest import HANG_TIMEOUT_S, PROJECT_DIR, small_config
 from hierarchy_metrics import selective_scores
@@ -43,6 +43,27 @@ def calibrated_model_dir(tmp_path_factory, model) -> Path:
         model.config.selective_confidence = None
     build_image_processor(model.config).save_pretrained(path)
     return path
+
+
+def spread_logits(config: HierarchicalEfficientNetV2Config) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """One image whose best class lies outside its most probable superclass: the probability is spread over the
+    classes of superclass `spread`, while one class of superclass `single` scores highest. Returns the logits, and
+    `spread` and `single`."""
+    spread, single = 10, 9
+    logits, coarse_logits = torch.zeros(1, config.num_labels), torch.zeros(1, config.num_coarse_labels)
+    logits[0, config.coarse_children(spread)] = 3.0
+    logits[0, config.coarse_children(single)[0]] = 4.2
+    return logits, coarse_logits, spread, single
+
+
+def head_model(config: HierarchicalEfficientNetV2Config, logits: torch.Tensor, coarse_logits: torch.Tensor):
+    """A model whose heads return `logits` and `coarse_logits` (one row each) whatever the image."""
+    model = HierarchicalEfficientNetV2ForImageClassification(config).eval()
+    with torch.no_grad():
+        for head, bias in ((model.fine_classifier, logits[0]), (model.coarse_classifier, coarse_logits[0])):
+            head.weight.zero_()
+            head.bias.copy_(bias)
+    return model
 
 
 def crafted_logits(config: HierarchicalEfficientNetV2Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,8 +284,109 @@ def test_pipeline_without_a_stored_threshold(tmp_path, model):
     classifier = pipeline("hierarchical-image-classification", model=str(tmp_path), trust_remote_code=True)
     image = Image.new("RGB", (32, 32), (10, 200, 30))
     plain = classifier(image)
-    assert set(plain) == {"label", "score", "coarse_label", "coarse_score"}
+    assert set(plain) == {"label", "score", "coarse_label", "coarse_score", "parent_of_label"}
     assert plain["label"] in model.config.label2id and plain["coarse_label"] in model.config.coarse_label_names
     assert classifier(image, min_confidence=0.5)["answer_level"] in ("coarse", "abstain")
     loose = classifier(image, consistent=False)
     assert loose["coarse_score"] == pytest.approx(1 / 20, abs=0.01)  # the random coarse head alone: about uniform
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One superclass rule, top_k, the default batch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_the_superclass_is_the_most_probable_one_in_every_field(model):
+    config = model.config
+    logits, coarse_logits, spread, single = spread_logits(config)
+    fine_probs, coarse_probs = hierarchical_probabilities(logits, coarse_logits, model.fine_to_coarse)
+    assert config.fine_to_coarse[int(fine_probs.argmax())] == single != spread == int(coarse_probs.argmax())
+    prediction = model.predict_from_logits(logits, coarse_logits, min_confidence=float(coarse_probs.max()) - 0.01)
+    assert prediction.coarse_ids.tolist() == [spread] and prediction.parent_ids.tolist() == [single]
+    assert prediction.coarse_labels == [config.coarse_label_names[spread]] == prediction.answer_labels
+    assert prediction.parent_labels == [config.coarse_label_names[single]]
+    assert prediction.answer_levels == ["coarse"]
+    torch.testing.assert_close(prediction.coarse_scores, coarse_probs.max(-1).values)
+    torch.testing.assert_close(prediction.answer_scores, prediction.coarse_scores)
+    # the metric that scores "the superclass the model returns" reads the same rule
+    labels, coarse_labels = torch.tensor([config.coarse_children(spread)[0]]), torch.tensor([spread])
+    metrics = evaluate_calibration(logits, coarse_logits, labels, coarse_labels, config)
+    assert metrics["coarse_combined_accuracy"] == 1.0 and metrics["coarse_consistent_accuracy"] == 0.0
+
+
+def test_pipeline_names_one_superclass_and_the_parent_of_the_class(tmp_path):
+    config = small_config()
+    logits, coarse_logits, spread, single = spread_logits(config)
+    head_model(config, logits, coarse_logits).save_pretrained(tmp_path)
+    build_image_processor(config).save_pretrained(tmp_path)
+    classifier = pipeline("hierarchical-image-classification", model=str(tmp_path), trust_remote_code=True)
+    output = classifier(Image.new("RGB", (32, 32)), min_confidence=0.3)
+    names = config.coarse_label_names
+    assert output["coarse_label"] == names[spread] == output["answer_label"]
+    assert output["answer_level"] == "coarse" and output["answer_score"] == pytest.approx(output["coarse_score"])
+    assert output["parent_of_label"] == names[single] == names[config.fine_to_coarse[config.label2id[output["label"]]]]
+
+
+def test_pipeline_top_k_reads_the_same_distribution_as_its_labels(tmp_path):
+    config = small_config()
+    logits, coarse_logits, _, _ = spread_logits(config)
+    coarse_logits[0, :3] = torch.tensor([2.0, 1.0, 0.5])
+    model = head_model(config, logits, coarse_logits)
+    model.save_pretrained(tmp_path)
+    build_image_processor(config).save_pretrained(tmp_path)
+    classifier = pipeline("hierarchical-image-classification", model=str(tmp_path), trust_remote_code=True)
+    image = Image.new("RGB", (32, 32))
+    for consistent in (True, False):
+        output = classifier(image, top_k=3, consistent=consistent)
+        expected = model.predict_from_logits(logits, coarse_logits, consistent=consistent)
+        for key, probs, names in (
+            ("top_labels", expected.fine_probs[0], config.id2label),
+            ("top_coarse_labels", expected.coarse_probs[0], config.coarse_label_names),
+        ):
+            scores, ids = probs.topk(3)
+            assert [entry["label"] for entry in output[key]] == [names[int(i)] for i in ids]
+            assert [entry["score"] for entry in output[key]] == pytest.approx(scores.tolist(), abs=1e-6)
+        assert output["top_labels"][0] == {"label": output["label"], "score": pytest.approx(output["score"])}
+        top_coarse = output["top_coarse_labels"][0]
+        assert top_coarse == {"label": output["coarse_label"], "score": pytest.approx(output["coarse_score"])}
+    assert len(classifier(image, top_k=500)["top_coarse_labels"]) == config.num_coarse_labels
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="top_k must be a positive integer"):
+            classifier(image, top_k=bad)
+
+
+def test_pipeline_each_head_alone_gives_no_selective_answer(calibrated_model_dir):
+    classifier = pipeline("hierarchical-image-classification", model=str(calibrated_model_dir), trust_remote_code=True)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    loose = classifier(image, consistent=False)
+    model = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(calibrated_model_dir).eval()
+    pixel_values = build_image_processor(model.config)(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        outputs = model(pixel_values)
+    fine = (outputs.logits / 0.5).softmax(-1)[0]  # the stored temperatures: 0.5 and 0.25
+    coarse = (outputs.coarse_logits / 0.25).softmax(-1)[0]
+    assert loose["score"] == pytest.approx(float(fine.max()), abs=1e-5)
+    assert loose["coarse_score"] == pytest.approx(float(coarse.max()), abs=1e-5)
+    assert "answer_score" not in loose  # the stored threshold applies to the consistent distribution only
+    with pytest.raises(ValueError, match="consistent=False"):
+        classifier(image, consistent=False, min_confidence=0.5)
+
+
+def test_pipeline_batches_a_list_by_default_and_warns_only_without_a_threshold(saved_model_dir, monkeypatch, caplog):
+    classifier = pipeline("hierarchical-image-classification", model=str(saved_model_dir), trust_remote_code=True)
+    sizes = []
+    forward = classifier.model.forward
+    monkeypatch.setattr(classifier.model, "forward", lambda **inputs: sizes.append(len(inputs["pixel_values"])) or
+                        forward(**inputs))  # fmt: skip
+    images = [Image.new("RGB", (32, 32), (10 * i, 0, 0)) for i in range(5)]
+    with caplog.at_level("WARNING"):
+        batched = classifier(images, min_confidence=0.5)
+        assert sizes == [5]
+        assert "no selective_threshold" not in caplog.text  # min_confidence given: nothing is missing
+        one_by_one = [classifier(image) for image in images]
+        assert caplog.text.count("no selective_threshold") == 1
+    assert [output["label"] for output in batched] == [output["label"] for output in one_by_one]
+    assert [output["score"] for output in batched] == pytest.approx([output["score"] for output in one_by_one])
+    sizes.clear()
+    classifier(images, batch_size=2)
+    assert sizes == [2, 2, 1]
