@@ -14,8 +14,8 @@ from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from device_preprocess import JITTER_ORDERS, DevicePreprocessor
 from image_decoding import to_rgb
 
-if TYPE_CHECKING:  # only in annotations: data_utils imports this module
-    from data_utils import DataArguments
+if TYPE_CHECKING:  # only in annotations
+    from data_arguments import DataArguments
 
 
 IntOrArray = TypeVar("IntOrArray", int, np.ndarray)

@@ -22,8 +22,8 @@ from transformers.utils import logging
 
 from hierarchy_files import IMAGE_EXTENSIONS, load_hierarchy_tree
 
-if TYPE_CHECKING:  # only in annotations: data_utils imports this module
-    from data_utils import DataArguments
+if TYPE_CHECKING:  # only in annotations
+    from data_arguments import DataArguments
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct

@@ -37,7 +37,7 @@ from data_checks import LABEL_NAME_ALIASES
 from hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
 
 if TYPE_CHECKING:
-    from data_utils import DataArguments
+    from data_arguments import DataArguments
     from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 
 logger = logging.get_logger(__name__)
@@ -276,10 +276,10 @@ def reinitialize_heads(
     model: HierarchicalEfficientNetV2ForImageClassification, hierarchy: Hierarchy
 ) -> HierarchicalEfficientNetV2ForImageClassification:
     """A model with `model`'s backbone and new, freshly initialised heads for `hierarchy`."""
-    from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, _skip_backbone_weights
+    from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, skip_backbone_weights
 
     config = config_with_hierarchy(model.config, hierarchy)
-    with _skip_backbone_weights():  # the backbone comes from `model`
+    with skip_backbone_weights():  # the backbone comes from `model`
         new_model = HierarchicalEfficientNetV2ForImageClassification(config)
     backbone = {key: value for key, value in model.state_dict().items() if not key.startswith(HEAD_PREFIXES)}
     result = new_model.load_state_dict(backbone, strict=False)

@@ -13,7 +13,7 @@ from datasets import Image as ImageFeature
 from transformers.utils import logging
 
 if TYPE_CHECKING:
-    from data_utils import DataArguments
+    from data_arguments import DataArguments
 
 logger = logging.get_logger(__name__)
 
