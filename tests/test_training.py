@@ -15,7 +15,6 @@ import torch
 from transformers import TrainerControl, TrainerState, pipeline
 
 import callbacks
-import run_classification
 from callbacks import TimeBudgetCallback, time_schedule_factor
 from checkpoints import checkpoint_problem
 from conftest import HANG_TIMEOUT_S, METRIC_NAMES, PROJECT_DIR, make_parquet_dataset, small_config, tiny_args
@@ -240,7 +239,35 @@ def test_schedule_by_time_anneals_by_the_end_of_the_budget(tiny_parquet_dir, tmp
     assert rates.index(max(rates)) < len(rates) - 2
 
 
-def test_keep_freed_memory_applies_on_glibc():
-    applied = run_classification.keep_freed_memory()
-    assert applied is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+# In a fresh process: the bytes glibc maps for one 31 MiB allocation, before and after keep_freed_memory
+# (mallinfo2's hblkhd: bytes in mmapped blocks).
+MALLOC_PROBE = """
+import ctypes, json
+import run_classification
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+def mapped_by_malloc():
+    before = libc.mallinfo2().hblkhd
+    libc.malloc(31 * 2**20)  # kept: freeing a mapped block would raise glibc's threshold by itself
+    return libc.mallinfo2().hblkhd - before
+default = mapped_by_malloc()
+applied = run_classification.keep_freed_memory()
+print(json.dumps([default, applied, mapped_by_malloc()]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and mallinfo2 are glibc's")
+def test_keep_freed_memory_puts_large_blocks_on_the_reused_heap():
+    # By default glibc maps a 31 MiB block of its own (given back to the system when freed); after
+    # keep_freed_memory the block comes from the heap, which keeps freed memory for reuse.
+    completed = subprocess.run(
+        [sys.executable, "-c", MALLOC_PROBE], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    default, applied, kept = json.loads(completed.stdout.splitlines()[-1])
+    assert default >= 31 * 2**20 and applied is True and kept == 0
     assert parse_args(["--output_dir", "x"])[2].keep_freed_memory  # on by default
