@@ -29,12 +29,12 @@ from hierarchy_metrics import (
     negative_log_likelihood,
     selective_scores,
 )
-from option_fields import option
+from option_fields import PROJECT_LOGGER, option
 from prediction_hierarchical import hierarchical_log_probabilities
 from selective_threshold import SelectiveThreshold, choose_selective_threshold
 from temperature_scaling import Array, check_predictions, fit_temperatures
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 
 @dataclass

@@ -21,7 +21,9 @@ from transformers import (
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-logger = logging.getLogger(__name__)
+from option_fields import PROJECT_LOGGER
+
+logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 
 EMA_FILE = "ema.safetensors"
 

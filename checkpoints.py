@@ -24,9 +24,10 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from callbacks import EMA_FILE
+from option_fields import PROJECT_LOGGER
 from training_args import HierarchicalTrainingArguments
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 RNG_FILE_RE = re.compile(r"^rng_state(_\d+)?\.pth$")

@@ -17,12 +17,12 @@ from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from image_decoding import check_regular_file
+from option_fields import PROJECT_LOGGER
 
 if TYPE_CHECKING:  # only in annotations
     from data_arguments import DataArguments
 
-# The data pipeline's parts log under `data_utils`, so that one logger setting covers them all.
-logger = logging.get_logger(f"data_utils.{__name__}")
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 # Known misspellings of class names in published dataset metadata (uoft-cs/cifar100 spells "crab" as "cra").
 LABEL_NAME_ALIASES = {"cra": "crab"}

@@ -21,6 +21,7 @@ from datasets import Image as ImageFeature
 from transformers.utils import logging
 
 from hierarchy_files import IMAGE_EXTENSIONS, load_hierarchy_tree
+from option_fields import PROJECT_LOGGER
 
 if TYPE_CHECKING:  # only in annotations
     from data_arguments import DataArguments
@@ -30,8 +31,7 @@ try:  # numpy >= 2
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
 
-# The data pipeline's parts log under `data_utils`, so that one logger setting covers them all.
-logger = logging.get_logger(f"data_utils.{__name__}")
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `name` or `owner/name`

@@ -39,8 +39,9 @@ from data_sources import CifarUnpickler, load_raw_datasets, source_folder
 from device_preprocess import JITTER_ORDERS
 from hierarchy_data import discover_hierarchy
 from image_decoding import decode_image, to_rgb
+from option_fields import PROJECT_LOGGER
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 
 def prepare_datasets(

@@ -36,13 +36,14 @@ from data_utils import SPLIT_LIMITS, DataArguments, HierarchicalCollator, evalua
 from hierarchy_metrics import compute_hierarchy_metrics
 from model_loading import load_saved_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+from option_fields import PROJECT_LOGGER
 from report_data import compute_report_data
 from report_figures import FIGURE_NAMES, draw_figures
 from report_markdown import render_markdown
 from trainer import HierarchicalTrainer
 from training_args import HierarchicalTrainingArguments, ModelArguments
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 REPORT_NAME = "eval_report.md"
 MATPLOTLIB_HINT = "`pip install matplotlib`"

@@ -35,12 +35,13 @@ from configuration_hierarchical import (
 )
 from data_checks import LABEL_NAME_ALIASES
 from hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
+from option_fields import PROJECT_LOGGER
 
 if TYPE_CHECKING:
     from data_arguments import DataArguments
     from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 HEAD_PREFIXES = ("coarse_classifier.", "fine_classifier.")
 

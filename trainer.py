@@ -23,8 +23,9 @@ from configuration_hierarchical import NUM_BACKBONE_STAGES
 from device_preprocess import DevicePreprocessor
 from hierarchy_data import HEAD_PREFIXES
 from hierarchy_metrics import compute_hierarchy_metrics
+from option_fields import PROJECT_LOGGER
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 CallbackType = TypeVar("CallbackType", bound=TrainerCallback)
 
 

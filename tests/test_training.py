@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -10,15 +11,30 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from transformers import TrainerControl, TrainerState, pipeline
+import transformers
+from transformers import TrainerControl, TrainerState, TrainingArguments, pipeline
+from transformers.trainer_utils import PredictionOutput
 
 import callbacks
+import run_classification
+from calibration import CalibrationArguments, calibrate_and_select
 from callbacks import TimeBudgetCallback, time_schedule_factor
 from checkpoints import checkpoint_problem
-from conftest import HANG_TIMEOUT_S, METRIC_NAMES, PROJECT_DIR, make_parquet_dataset, small_config, tiny_args
+from conftest import (
+    HANG_TIMEOUT_S,
+    METRIC_NAMES,
+    PROJECT_DIR,
+    data_args,
+    make_parquet_dataset,
+    small_config,
+    tiny_args,
+)
+from data_utils import prepare_datasets
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+from option_fields import PROJECT_LOGGER
 from run_classification import main, parse_args
 from trainer import HierarchicalTrainer, parameter_groups
 
@@ -271,3 +287,26 @@ def test_keep_freed_memory_puts_large_blocks_on_the_reused_heap():
     default, applied, kept = json.loads(completed.stdout.splitlines()[-1])
     assert default >= 31 * 2**20 and applied is True and kept == 0
     assert parse_args(["--output_dir", "x"])[2].keep_freed_memory  # on by default
+
+
+def test_the_training_log_shows_the_data_and_evaluation_info_lines(tiny_parquet_dir, tmp_path, caplog):
+    # After the script's logging setup, the INFO lines of the data and evaluation parts reach its log.
+    project_logger = logging.getLogger(PROJECT_LOGGER)
+    level, verbosity = project_logger.level, transformers.utils.logging.get_verbosity()
+    config = small_config()
+    labels = np.arange(100) % 100
+    fine_to_coarse = np.asarray(config.fine_to_coarse)
+    prediction = PredictionOutput(
+        predictions=(np.eye(100)[labels] * 3.0, np.eye(20)[fine_to_coarse[labels]] * 3.0),
+        label_ids=(labels, fine_to_coarse[labels]),
+        metrics={},
+    )
+    try:
+        run_classification.setup_logging(TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+        prepare_datasets(data_args(tmp_path, tiny_parquet_dir), config, seed=0)
+        calibrate_and_select(config, prediction, CalibrationArguments(selective_target_accuracy=0), seed=0)
+    finally:
+        project_logger.setLevel(level)
+        transformers.utils.logging.set_verbosity(verbosity)
+    assert "Prepared splits: {'train': " in caplog.text and "Duplicate-image check" in caplog.text
+    assert "Calibrated on 100 validation images" in caplog.text
