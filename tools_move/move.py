@@ -15,6 +15,7 @@ Run from the repository root on a clean tree:  python tools_move/move.py [--dry-
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -93,17 +94,26 @@ def check_table(root: Path) -> list[str]:
     return problems
 
 
+def multi_imports(text: str) -> set[str]:
+    """The moved modules named in an `import a, b` statement, which `rewrite_imports` cannot rewrite."""
+    found = set()
+    for names in re.findall(r'(?m)^[ \t]*"?import ([\w.]+(?:, *[\w.]+)+)', text):
+        found |= {name.strip() for name in names.split(",")} & set(MOVES)
+    return found
+
+
 def rewrite_imports(text: str) -> str:
     for old, target in MOVES.items():
         new = dotted(target)
         parent, _, leaf = new.rpartition(".")
         text = re.sub(rf"(?<![\w.])from {old} import ", f"from {new} import ", text)
         # import X as Y -> from parent import leaf as Y
-        text = re.sub(rf"(?<![\w.])import {old} as (\w+)", rf"from {parent} import {leaf} as \1", text)
+        # at a line's start (or a notebook line's opening quote): `import X as Y`, `import X`
+        text = re.sub(rf'(?m)^([ \t]*"?)import {old} as (\w+)', rf"\1from {parent} import {leaf} as \2", text)
         alias = "" if leaf == old else f" as {old}"
-        text = re.sub(rf"(?<![\w.])import {old}(?=[ \t]*(?:#|\\n|\n|\"|$))", f"from {parent} import {leaf}{alias}", text)
-        if re.search(rf"(?<![\w.])import (?:[\w.]+, *)*{old}\b *,|(?<![\w.])import \w[\w.]*, *{old}\b", text):
-            raise SystemExit(f"error: an `import a, b` statement names {old}: split it and run again")
+        text = re.sub(
+            rf'(?m)^([ \t]*"?)import {old}(?=[ \t]*(?:#|\\n|"|$))', rf"\1from {parent} import {leaf}{alias}", text
+        )
     return text
 
 
@@ -155,9 +165,34 @@ def main() -> int:
         print(f"{old}.py -> {PACKAGE}/{target}.py")
     if args.dry_run:
         return 0
-    import os
-
     os.chdir(root)
+    new_texts = {}
+    moved_files = {f"{PACKAGE}/{target}.py" for target in MOVES.values()}
+    for name in git("ls-files").splitlines():
+        path = Path(name)
+        if path.suffix not in TEXT_SUFFIXES or not path.is_file() or name.startswith("tools_move/"):
+            continue
+        text = original = path.read_text(encoding="utf-8")
+        if path.stem in MOVES and path.parent == Path("."):
+            name = f"{PACKAGE}/{MOVES[path.stem]}.py"  # where its text goes
+        if path.suffix in (".py", ".ipynb"):
+            if multi := multi_imports(text):
+                problems.append(f"{name}: an `import a, b` statement names {sorted(multi)}; split it")
+            text = rewrite_imports(text)
+        if name in moved_files:
+            text = rewrite_logger(text)
+        text = rewrite_paths(text)
+        if path.suffix in (".md", ".ipynb"):
+            text = rewrite_backticked(text)
+        if name == "tests/test_layering.py":
+            text = rewrite_layering_test(text)
+        if name == "pyproject.toml":
+            text = rewrite_pyproject(text)
+        if text != original:
+            new_texts[name] = text
+    if problems:
+        print("error: cannot rewrite:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
     for old, target in MOVES.items():
         destination = Path(PACKAGE) / f"{target}.py"
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -166,26 +201,9 @@ def main() -> int:
         init = Path(PACKAGE, sub, "__init__.py")
         init.write_text(f'"""{doc}"""\n')
         git("add", str(init))
-    moved_files = {f"{PACKAGE}/{target}.py" for target in MOVES.values()}
-    for name in git("ls-files").splitlines():
-        path = Path(name)
-        if path.suffix not in TEXT_SUFFIXES or not path.is_file() or name.startswith("tools_move/"):
-            continue
-        text = original = path.read_text(encoding="utf-8")
-        if path.suffix in (".py", ".ipynb"):
-            text = rewrite_imports(text)
-        text = rewrite_paths(text)
-        if path.suffix in (".md", ".ipynb"):
-            text = rewrite_backticked(text)
-        if name in moved_files:
-            text = rewrite_logger(text)
-        if name == "tests/test_layering.py":
-            text = rewrite_layering_test(text)
-        if name == "pyproject.toml":
-            text = rewrite_pyproject(text)
-        if text != original:
-            path.write_text(text, encoding="utf-8")
-            print(f"rewrote {name}")
+    for name, text in sorted(new_texts.items()):
+        Path(name).write_text(text, encoding="utf-8")
+        print(f"rewrote {name}")
     print("done: review `git diff --staged -M` and `git diff`, run ruff and the tests, then commit")
     return 0
 
