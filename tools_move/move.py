@@ -6,7 +6,7 @@ Run from the repository root on a clean tree:  python tools_move/move.py [--dry-
   module of MOVES no longer exists: add it to the table and run again.
 - `git mv` each module, writes the package `__init__.py` files, then rewrites in every tracked .py, .ipynb, .md
   and .toml file: import statements (`from X import`, `import X`, `import X as Y`, also indented and inside
-  strings and notebook cells), `X.py` paths, backticked `X.name` references in Markdown and notebooks, and the
+  strings and notebook cells), `python X.py` commands (to `python -m`), `X.py` paths, backticked `X.name` references in Markdown and notebooks, and the
   quoted module names in tests/test_layering.py. Moved modules log under their own `__name__` (which now starts
   with the package name) instead of `f"{PROJECT_LOGGER}.{__name__}"`.
 - Prints every file it changed; nothing is committed.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,7 @@ def rewrite_imports(text: str) -> str:
 
 def rewrite_paths(text: str) -> str:
     for old, target in MOVES.items():
+        text = re.sub(rf"(?<![\w/.-])python {old}\.py\b", f"python -m {dotted(target)}", text)  # a module now
         text = re.sub(rf"(?<![\w/.-]){old}\.py\b", f"{PACKAGE}/{target}.py", text)
     return text
 
@@ -204,6 +206,8 @@ def main() -> int:
     for name, text in sorted(new_texts.items()):
         Path(name).write_text(text, encoding="utf-8")
         print(f"rewrote {name}")
+    if new_texts and shutil.which("ruff"):
+        subprocess.run(["ruff", "check", "--fix", "--quiet", "--select", "I", *sorted(new_texts)], check=False)
     print("done: review `git diff --staged -M` and `git diff`, run ruff and the tests, then commit")
     return 0
 
