@@ -1,5 +1,6 @@
 """End-to-end tests of run_classification.py: metrics, saved model, optimizer groups, resume, bad options."""
 
+import inspect
 import itertools
 import json
 import logging
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import TrainerControl, TrainerState, TrainingArguments, pipeline
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments, pipeline
 from transformers.trainer_utils import PredictionOutput
 
 import callbacks
@@ -310,3 +311,51 @@ def test_the_training_log_shows_the_data_and_evaluation_info_lines(tiny_parquet_
         transformers.utils.logging.set_verbosity(verbosity)
     assert "Prepared splits: {'train': " in caplog.text and "Duplicate-image check" in caplog.text
     assert "Calibrated on 100 validation images" in caplog.text
+
+
+# What HierarchicalTrainer relies on in the Trainer's private parts (see the comments in trainer.py): a transformers
+# upgrade that changes it fails here, not silently in a run.
+PRIVATE_SIGNATURES = {
+    "_prepare_inputs": ["self", "inputs"],
+    "_save": ["self", "output_dir", "state_dict"],
+    "_push_from_checkpoint": ["self", "checkpoint_folder"],
+    "_save_checkpoint": ["self", "model", "trial"],
+    "_get_grad_norm": ["self", "model", "grad_norm"],
+    "_get_output_dir": ["self", "trial"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRIVATE_SIGNATURES))
+def test_the_trainer_private_methods_overridden_keep_their_signatures(name):
+    assert list(inspect.signature(getattr(Trainer, name)).parameters) == PRIVATE_SIGNATURES[name]
+
+
+class LossOnly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x, labels=None):
+        return {"loss": ((x * self.weight).sum(1) - labels).pow(2).mean()}
+
+
+def test_the_trainer_keeps_its_running_loss_where_training_step_reads_it(tmp_path):
+    # The Trainer sums the step losses in `self._tr_loss` (a tensor, reset at each log) since
+    # `self._globalstep_last_logged`, and reads `args.logging_nan_inf_filter` during the loop.
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((trainer._tr_loss.detach().clone(), trainer._globalstep_last_logged, state.global_step))
+
+    data = [{"x": torch.tensor([1.0, 2.0]), "labels": torch.tensor(1.0)} for _ in range(8)]
+    arguments = TrainingArguments(
+        str(tmp_path), max_steps=3, per_device_train_batch_size=2, logging_steps=2, learning_rate=0.0,
+        report_to=[], save_strategy="no", use_cpu=True,
+    )  # fmt: skip
+    trainer = Trainer(LossOnly(), arguments, train_dataset=data, callbacks=[Spy()])
+    trainer.train()
+    # loss (1 + 2 - 1)^2 = 4 each step (learning rate 0): 4 after step 1, 8 after step 2 (read and reset by the log
+    # at step 2, after the callbacks), then 4 again after step 3 (last logged at step 2)
+    assert [(float(loss), last, step) for loss, last, step in seen] == [(4.0, 0, 1), (8.0, 0, 2), (4.0, 2, 3)]
+    assert "logging_nan_inf_filter" in inspect.getsource(Trainer)
