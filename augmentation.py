@@ -15,8 +15,8 @@ from device_preprocess import JITTER_ORDERS, DevicePreprocessor
 from image_decoding import to_rgb
 from image_processing_hierarchical import build_model_input_transform
 
-if TYPE_CHECKING:  # only in annotations: data_utils imports this module
-    from data_utils import DataArguments
+if TYPE_CHECKING:  # only in annotations
+    from data_arguments import DataArguments
 
 
 IntOrArray = TypeVar("IntOrArray", int, np.ndarray)

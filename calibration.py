@@ -29,7 +29,7 @@ from hierarchy_metrics import (
     negative_log_likelihood,
     selective_scores,
 )
-from option_fields import option
+from option_fields import PROJECT_LOGGER, option
 from prediction_hierarchical import hierarchical_log_probabilities
 from selective_threshold import (
     DEFAULT_START_COVERAGES,
@@ -39,7 +39,7 @@ from selective_threshold import (
 )
 from temperature_scaling import Array, check_predictions, fit_temperatures
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 # Below this many calibration images the run keeps temperature 1 and no selective threshold. Measured with
 # benchmarks/selective_simulation.py (temperatures part, an accurate and a weak simulated model): fitted on 3

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from transformers import (
     TrainerCallback,
     TrainerControl,
@@ -21,7 +22,9 @@ from transformers import (
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-logger = logging.getLogger(__name__)
+from option_fields import PROJECT_LOGGER
+
+logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 
 EMA_FILE = "ema.safetensors"
 
@@ -48,6 +51,7 @@ class EMACallback(TrainerCallback):
         self.decay = decay
         self.resume_from = resume_from
         self.shadow: dict[str, torch.Tensor] | None = None
+        self.update = get_ema_multi_avg_fn(decay)  # shadow <- decay * shadow + (1 - decay) * current, in place
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
@@ -60,7 +64,7 @@ class EMACallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         current = kwargs["model"].state_dict()
         names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[k] for k in names], [current[k].float() for k in names], 1.0 - self.decay)
+        self.update([self.shadow[k] for k in names], [current[k].to(self.shadow[k].dtype) for k in names], None)
 
     def save(self, folder: str, step: int) -> None:
         """Write the average into checkpoint `folder` (once per step)."""

@@ -25,10 +25,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from callbacks import EMA_FILE
 from hierarchy_data import Hierarchy
+from option_fields import PROJECT_LOGGER
 from provenance import folder_tables, tables_difference
 from training_args import HierarchicalTrainingArguments
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 RNG_FILE_RE = re.compile(r"^rng_state(_\d+)?\.pth$")

@@ -17,9 +17,9 @@ from transformers.utils import logging
 from augmentation import NO_BOX, TrainAugment, derive_seed
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from image_decoding import DEFAULT_MAX_IMAGE_PIXELS, decode_image, decode_to_tensor
+from option_fields import PROJECT_LOGGER
 
-# The data pipeline's parts log under `data_utils`, so that one logger setting covers them all.
-logger = logging.get_logger(f"data_utils.{__name__}")
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 
 class ImageTransform:

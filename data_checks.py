@@ -18,12 +18,12 @@ from transformers.utils import logging
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from image_decoding import check_regular_file
 from label_columns import check_label_range, column_names, column_values, data_columns, ids_from_names
+from option_fields import PROJECT_LOGGER
 
-if TYPE_CHECKING:  # only in annotations: data_utils imports this module
-    from data_utils import DataArguments
+if TYPE_CHECKING:  # only in annotations
+    from data_arguments import DataArguments
 
-# The data pipeline's parts log under `data_utils`, so that one logger setting covers them all.
-logger = logging.get_logger(f"data_utils.{__name__}")
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 
 def standardise_split(

@@ -26,9 +26,10 @@ from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
 
 from data_sources import CIFAR_PYTHON_FILES
+from option_fields import PROJECT_LOGGER
 from remote_resources import hub_reachable, imagenet_weights_path, url_reachable
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 HUB_DATASET = "uoft-cs/cifar100"
 CIFAR100_ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"

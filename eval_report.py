@@ -45,6 +45,7 @@ from data_utils import (
 from hierarchy_metrics import compute_hierarchy_metrics
 from model_loading import load_saved_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+from option_fields import PROJECT_LOGGER
 from provenance import PROVENANCE_NAME, read_record
 from report_data import compute_report_data
 from report_figures import FIGURE_NAMES, draw_figures
@@ -52,7 +53,7 @@ from report_markdown import REPORT_NAME, REPORTS_FOLDER, render_markdown, report
 from trainer import HierarchicalTrainer
 from training_args import HierarchicalTrainingArguments, ModelArguments
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 MATPLOTLIB_HINT = "`pip install matplotlib`"
 

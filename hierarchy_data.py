@@ -35,12 +35,13 @@ from configuration_hierarchical import (
 )
 from hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
 from label_columns import column_names, data_columns
+from option_fields import PROJECT_LOGGER
 
 if TYPE_CHECKING:
-    from data_utils import DataArguments
+    from data_arguments import DataArguments
     from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 HEAD_PREFIXES = ("coarse_classifier.", "fine_classifier.")
 
@@ -267,10 +268,10 @@ def reinitialize_heads(
     model: HierarchicalEfficientNetV2ForImageClassification, hierarchy: Hierarchy
 ) -> HierarchicalEfficientNetV2ForImageClassification:
     """A model with `model`'s backbone and new, freshly initialised heads for `hierarchy`."""
-    from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, _skip_backbone_weights
+    from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, skip_backbone_weights
 
     config = config_with_hierarchy(model.config, hierarchy)
-    with _skip_backbone_weights():  # the backbone comes from `model`
+    with skip_backbone_weights():  # the backbone comes from `model`
         new_model = HierarchicalEfficientNetV2ForImageClassification(config)
     backbone = {key: value for key, value in model.state_dict().items() if not key.startswith(HEAD_PREFIXES)}
     result = new_model.load_state_dict(backbone, strict=False)

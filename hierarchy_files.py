@@ -17,11 +17,12 @@ from datasets import Image as ImageFeature
 from transformers.utils import logging
 
 from label_columns import normalise_name
+from option_fields import PROJECT_LOGGER
 
 if TYPE_CHECKING:
-    from data_utils import DataArguments
+    from data_arguments import DataArguments
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_NAMES_SHOWN = 10

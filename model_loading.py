@@ -11,9 +11,10 @@ from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_sources import is_hub_id
 from hierarchy_data import Hierarchy, reinitialize_heads
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+from option_fields import PROJECT_LOGGER
 from training_args import ModelArguments
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 
 
 def load_model(

@@ -49,7 +49,7 @@ _LOADING_PRETRAINED = contextvars.ContextVar("hierarchical_loading_pretrained", 
 
 
 @contextlib.contextmanager
-def _skip_backbone_weights() -> Iterator[None]:
+def skip_backbone_weights() -> Iterator[None]:
     """Inside this context, building a model does not load `config.backbone_weights`."""
     token = _LOADING_PRETRAINED.set(True)
     try:
@@ -130,7 +130,7 @@ class HierarchicalEfficientNetV2PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> HierarchicalEfficientNetV2PreTrainedModel:
         """Load a saved model; `config.backbone_weights` is not read (the saved weights are)."""
-        with _skip_backbone_weights():
+        with skip_backbone_weights():
             return super().from_pretrained(*args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -408,5 +408,6 @@ __all__ = [
     "hierarchical_log_probabilities",
     "hierarchical_probabilities",
     "load_backbone_state_dict",
+    "skip_backbone_weights",
     "selective_answers",
 ]

@@ -1,5 +1,6 @@
-"""`option()`: the dataclass field of a command-line option, as `HfArgumentParser` reads it; and
-`check_finite_options`, the check every options dataclass runs first."""
+"""`option()`: the dataclass field of a command-line option, as `HfArgumentParser` reads it;
+`check_finite_options`, the check every options dataclass runs first; and `PROJECT_LOGGER`, the logger every module
+but the model files logs under."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
+
+# Every module but the four model files logs under this name, so that an entry point sets one level for them all.
+PROJECT_LOGGER = "hierarchical"
 
 
 def option(
@@ -37,4 +41,4 @@ def check_finite_options(arguments: object) -> None:
             raise ValueError(f"--{declared.name} must be a finite number, got {value}")
 
 
-__all__ = ["check_finite_options", "option"]
+__all__ = ["PROJECT_LOGGER", "check_finite_options", "option"]

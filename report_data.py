@@ -13,9 +13,10 @@ from transformers.utils import logging
 from calibration import evaluate_calibration, hierarchical_scores
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchy_metrics import ECE_BINS, compute_hierarchy_metrics, reliability_bins, selective_curve
+from option_fields import PROJECT_LOGGER
 from temperature_scaling import check_predictions
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
 CURVE_THRESHOLDS = np.linspace(0.0, 1.0, 201)  # the x axis of the risk-coverage figure
 TOP_CONFUSED_PAIRS = 15

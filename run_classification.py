@@ -38,16 +38,14 @@ from hierarchy_data import balanced_class_weights, discover_hierarchy, set_class
 from label_columns import data_columns
 from model_loading import load_model
 from modeling_hierarchical import build_image_processor
+from option_fields import PROJECT_LOGGER
 from provenance import PROVENANCE_NAME, DataRecord, check_resumed_data, read_record
 from remote_resources import check_remote_resources
 from run_summary import quiet_transformers, run_summary, write_run_options
 from trainer import HierarchicalTrainer, compute_metrics, parameter_groups
 from training_args import HierarchicalTrainingArguments, ModelArguments, check_batch_fits
 
-logger = logging.getLogger(__name__)
-# The parts of the script log under their module names, at the script's log level.
-TRAINING_PART_LOGGERS = ("training_args", "checkpoints", "callbacks", "trainer", "model_loading")
-
+logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 
 MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest; smaller blocks come from the heap, which is reused
 MALLOC_TRIM_THRESHOLD = 2**30  # free heap kept before any is handed back to the system
@@ -100,8 +98,7 @@ def setup_logging(training_args: TrainingArguments) -> None:
     if training_args.should_log:  # "passive" log level: info on the main process, as the transformers examples
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
-    for name in (__name__, *TRAINING_PART_LOGGERS):
-        logging.getLogger(name).setLevel(log_level)
+    logging.getLogger(PROJECT_LOGGER).setLevel(log_level)  # this script's and every data, evaluation, training part's
     # datasets logs its cache internals at info level: shown from --log_level debug on, once (its own handler)
     datasets.utils.logging.set_verbosity(log_level if log_level < logging.INFO else max(log_level, logging.WARNING))
     datasets.utils.logging.disable_propagation()

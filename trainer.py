@@ -23,9 +23,10 @@ from configuration_hierarchical import NUM_BACKBONE_STAGES
 from device_preprocess import DevicePreprocessor
 from hierarchy_data import HEAD_PREFIXES
 from hierarchy_metrics import compute_hierarchy_metrics
+from option_fields import PROJECT_LOGGER
 from provenance import DataRecord, write_record
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 CallbackType = TypeVar("CallbackType", bound=TrainerCallback)
 
 
@@ -93,6 +94,7 @@ class HierarchicalTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         self.accelerator.dataloader_config.non_blocking = True
 
+    # Private: no public hook sees every batch, of training and of evaluation, once on the device before the model.
     def _prepare_inputs(self, inputs: dict) -> dict[str, torch.Tensor]:
         """The batch on the device (where the data loader already put it), preprocessed there."""
         return self.device_preprocessor(super()._prepare_inputs(inputs))
@@ -101,9 +103,8 @@ class HierarchicalTrainer(Trainer):
         """The Trainer's `train`. With `--logging_nan_inf_filter true` (off by default), non-finite losses are kept out of
         the logged loss on the device, in `training_step`, instead of by the Trainer's own filter, which reads every loss
         on the host and so makes it wait for the device at each step. The option reads as given everywhere else.
-        (Versions of the Trainer that keep the running loss in a local variable keep their own filter.)"""
-        if "_tr_loss" not in Trainer._inner_training_loop.__code__.co_names:
-            return super().train(*args, **kwargs)
+        `training_step` reads the Trainer's running loss `self._tr_loss` and `self._globalstep_last_logged`: no public
+        hook filters the logged loss (tests/test_training.py pins both attributes)."""
         self._filter_loss_on_device, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
         try:
             return super().train(*args, **kwargs)
@@ -133,6 +134,7 @@ class HierarchicalTrainer(Trainer):
         finally:
             self.args.logging_nan_inf_filter = False
 
+    # Private: no public hook runs around the saving of the training arguments.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the model, with the options as given (they are saved too) and the record of its data."""
         with self._options_as_given():
@@ -140,6 +142,7 @@ class HierarchicalTrainer(Trainer):
         if self.data_record is not None and self.args.should_save:
             write_record(output_dir or self.args.output_dir, self.data_record)
 
+    # Private: no public hook runs around the pushing of the training arguments.
     def _push_from_checkpoint(self, *args, **kwargs) -> None:
         """Push a checkpoint, with the options as given (they are pushed too)."""
         with self._options_as_given():
@@ -175,6 +178,8 @@ class HierarchicalTrainer(Trainer):
                 raise self._diverged(f"the training loss is {logs[key]}")
         super().log(logs, *args, **kwargs)
 
+    # Private: `on_save` runs after the checkpoint is written; no public hook runs before it, to refuse a
+    # non-finite one or to write a file that `trainer_state.json` must follow.
     def _save_checkpoint(self, model: nn.Module, trial=None) -> None:
         """Save a checkpoint, never one with NaN or infinite weights (the last good one stays the newest). The
         weight average is written first, so that `trainer_state.json`, written last, marks a complete checkpoint."""
@@ -238,6 +243,7 @@ class HierarchicalTrainer(Trainer):
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    # Private: no public option skips the gradient norm the Trainer computes after every step.
     def _get_grad_norm(self, model: nn.Module, grad_norm: torch.Tensor | float | None = None):
         """The gradient norm for the logs. Without clipping the Trainer would compute it after every step, a pass
         over every gradient as costly as clipping; it is computed only for the steps that log."""

@@ -15,9 +15,9 @@ from transformers.utils.import_utils import is_in_notebook
 
 from calibration import CalibrationArguments
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from option_fields import check_finite_options, option
+from option_fields import PROJECT_LOGGER, check_finite_options, option
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 
 EVAL_MEMORY_FACTOR = 10  # peak memory of an evaluation batch, measured at 32 and 64 px: 11 to 22 times its input
 

@@ -22,7 +22,10 @@ Measured side by side in one run, on the current machine:
    and a worker's CPU time per 1,000 samples, before and after preprocessing moved to the device (which takes
    `DevicePreprocessor`'s time, measured apart); `--data_path_only` measures only this.
 
-Every measurement runs `--repeats` times, alternating, and the fastest run counts. A table goes to stdout, then one
+Every measurement runs `--repeats` times, alternating (ABAB...), and the fastest run counts for the figures. The
+train and pipeline ratios are the median of the ratios of the runs measured back to back (ceiling then Trainer;
+by hand then pipeline), with their lowest and highest; a path faster than its ceiling (median above 1.05) is
+flagged as a measurement problem: the machine's speed moved during the pair. A table goes to stdout, then one
 JSON line with the ratios, the figures behind them and the settings. The targets in the table are for a quiet
 2-core machine; `other_processes_cpu_share` says how busy the machine was (other processes lower every figure).
 
@@ -45,7 +48,15 @@ from typing import Any
 
 import torch
 from data_path import measure_recipe_data_path, print_data_path_table
-from measuring import busy_cpu_seconds, check_at_least, fill_defaults, other_cpu_share, target_met
+from measuring import (
+    MEASUREMENT_PROBLEM_RATIO,
+    busy_cpu_seconds,
+    check_at_least,
+    fill_defaults,
+    other_cpu_share,
+    paired_ratios,
+    target_met,
+)
 from throughput import measure_inference, measure_loader, prepare_splits
 from training_runs import KINDS, fastest, measure_training, run_child, write_plan
 from workloads import write_generated_dataset
@@ -189,15 +200,26 @@ def ratios_and_figures(
     data_path: dict[str, Any],
     runs: dict[str, list[dict[str, Any]]],
 ) -> dict[str, Any]:
-    """The ratios, then every figure behind them (of the fastest run of each training measurement)."""
+    """The ratios (the train and pipeline ones: medians of paired runs, with their spread), then every figure
+    behind them (of the fastest run of each training measurement)."""
     best = fastest(runs)
     ceiling, trainer = best["ceiling"], best["trainer"]
+    paired = {
+        "train_ratio": paired_ratios(
+            [run["images_per_s"] for run in runs["trainer"]], [run["images_per_s"] for run in runs["ceiling"]]
+        ),
+        "pipeline_ratio": paired_ratios(
+            inference["pipeline_images_per_s_runs"], inference["batched_images_per_s_runs"]
+        ),
+        "hierarchical_pipeline_ratio": paired_ratios(
+            inference["hierarchical_pipeline_images_per_s_runs"], inference["batched_images_per_s_runs"]
+        ),
+    }
     figures = {
-        "train_ratio": trainer["images_per_s"] / ceiling["images_per_s"],
+        "train_ratio": paired["train_ratio"]["median"],
         "loader_ratio": loader[args.image_size] / trainer["images_per_s"],
-        "pipeline_ratio": inference["pipeline_images_per_s"] / inference["batched_images_per_s"],
-        "hierarchical_pipeline_ratio": inference["hierarchical_pipeline_images_per_s"]
-        / inference["batched_images_per_s"],
+        "pipeline_ratio": paired["pipeline_ratio"]["median"],
+        "hierarchical_pipeline_ratio": paired["hierarchical_pipeline_ratio"]["median"],
         "memory_ratio": trainer["peak_rss_mb"] / ceiling["peak_rss_mb"],
         "ceiling_images_per_s": ceiling["images_per_s"],
         "trainer_images_per_s": trainer["images_per_s"],
@@ -207,6 +229,9 @@ def ratios_and_figures(
         **inference,
         **data_path,
     }
+    for name, summary in paired.items():
+        figures.update({f"{name}_low": summary["low"], f"{name}_high": summary["high"]})
+    figures["measurement_problems"] = [name for name, summary in paired.items() if summary["measurement_problem"]]
     for name in ("peak_rss_mb", "peak_gpu_mb", "startup_s", "step_spread"):
         figures.update({f"{kind}_{name}": best[kind][name] for kind in KINDS})
     figures.update({f"{kind}_images_per_s_runs": [run["images_per_s"] for run in runs[kind]] for kind in KINDS})
@@ -287,11 +312,22 @@ def print_table(results: dict[str, Any]) -> None:
         memory_text = f"{memory:13.0f}" if memory is not None else f"{'':13}"
         startup_text = f"{startup:11.1f}" if startup is not None else f"{'':11}"
         print(f"{name:<42} {speed:10.1f} {memory_text} {startup_text}  {note}")
-    print(f"\n{'ratio':<28} {'value':>7}  target (quiet 2-core machine, 32 px, batch 64)")
-    for name, (direction, threshold) in TARGETS.items():
-        met = target_met(r[name], direction, threshold)
-        print(f"{name:<28} {r[name]:7.3f}  {direction} {threshold:<5} {'met' if met else 'MISSED'}")
+    print(f"\n{'ratio':<28} {'value':>7}  {'paired runs':<13}  target (quiet 2-core machine, 32 px, batch 64)")
+    for name in TARGETS:
+        print(ratio_line(name, r))
     print()
+
+
+def ratio_line(name: str, results: dict[str, Any]) -> str:
+    """One row of the ratio table: the value, the spread of the paired runs, the target and whether it was met;
+    a paired ratio above `MEASUREMENT_PROBLEM_RATIO` says the measurement, not the code, moved."""
+    direction, threshold = TARGETS[name]
+    value = results[name]
+    spread = f"{results[f'{name}_low']:.3f}-{results[f'{name}_high']:.3f}" if f"{name}_low" in results else ""
+    verdict = "met" if target_met(value, direction, threshold) else "MISSED"
+    if name in results.get("measurement_problems", ()):
+        verdict = f"MEASUREMENT PROBLEM: faster than its ceiling (> {MEASUREMENT_PROBLEM_RATIO}); measure again"
+    return f"{name:<28} {value:7.3f}  {spread:<13}  {direction} {threshold:<5} {verdict}"
 
 
 def report_data_path_only(args: argparse.Namespace, data_path: dict[str, Any]) -> dict[str, Any]:

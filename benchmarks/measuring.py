@@ -41,6 +41,29 @@ def target_met(value: float, direction: str, threshold: float) -> bool:
     return value >= threshold if direction == ">=" else value <= threshold
 
 
+# A path measured faster than its own ceiling by more than this says the machine's speed moved, not the code.
+MEASUREMENT_PROBLEM_RATIO = 1.05
+
+
+def paired_ratios(numerators: list[float], denominators: list[float]) -> dict[str, float | bool]:
+    """The ratio of each pair of runs measured back to back (`numerators[i] / denominators[i]`): their median,
+    lowest and highest, and whether the median is above `MEASUREMENT_PROBLEM_RATIO` (a measurement problem).
+
+    >>> paired_ratios([90.0, 120.0, 100.0], [100.0, 100.0, 125.0])
+    {'median': 0.9, 'low': 0.8, 'high': 1.2, 'measurement_problem': False}
+    """
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError(f"need pairs of runs, got {len(numerators)} and {len(denominators)}")
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    median = float(np.median(ratios))
+    return {
+        "median": median,
+        "low": min(ratios),
+        "high": max(ratios),
+        "measurement_problem": median > MEASUREMENT_PROBLEM_RATIO,
+    }
+
+
 def check_at_least(args: argparse.Namespace, minimum: int, names: Iterable[str]) -> None:
     """`ValueError` naming the first option of `names` below `minimum`, with its value."""
     for name in names:

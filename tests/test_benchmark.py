@@ -3,10 +3,15 @@ they hold on a quiet machine only)."""
 
 import json
 import math
+import sys
 
 import pytest
 
-from conftest import run_script
+from conftest import PROJECT_DIR, run_script
+
+sys.path.insert(0, str(PROJECT_DIR / "benchmarks"))
+from benchmark import ratio_line  # noqa: E402
+from measuring import paired_ratios  # noqa: E402
 
 RATIOS = ("train_ratio", "loader_ratio", "pipeline_ratio", "hierarchical_pipeline_ratio", "memory_ratio")
 FIGURES = (
@@ -24,7 +29,9 @@ def test_tiny_benchmark_prints_the_figures_as_one_json_line():
     results = json.loads(lines[-1])
     for key in RATIOS + FIGURES:
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, (key, results)
-    assert results["train_ratio"] == pytest.approx(results["trainer_images_per_s"] / results["ceiling_images_per_s"])
+    for name in ("train_ratio", "pipeline_ratio"):  # the median of the paired runs lies within their spread
+        assert results[f"{name}_low"] <= results[name] <= results[f"{name}_high"], name
+    assert set(results["measurement_problems"]) <= {"train_ratio", "pipeline_ratio"}
     assert results["pipeline_top1_agreement"] == 1.0  # the pipeline ran the same model on the same images
     assert results["hierarchical_pipeline_batch_size"] > 1  # the default a user gets batches a list
     assert (results["image_size"], results["batch_size"], results["dataset"]) == (32, 8, "generated")
@@ -51,3 +58,28 @@ def test_tiny_data_path_measurement_reports_bytes_and_cpu_time_before_and_after(
             results[f"before_worker_cpu_ms_per_1000_{size}"] / results[f"after_worker_cpu_ms_per_1000_{size}"]
         )
     assert "worker_cpu_reduction_384" in completed.stdout.split("\n{")[0]  # the table comes first
+
+
+def test_paired_ratios_by_hand():
+    # Three pairs measured back to back: 90/100 = 0.9, 120/100 = 1.2, 100/125 = 0.8 -> median 0.9, spread 0.8-1.2.
+    # The ratio of the best runs (120 / 125 = 0.96) would mix two different moments of the machine.
+    assert paired_ratios([90.0, 120.0, 100.0], [100.0, 100.0, 125.0]) == pytest.approx(
+        {"median": 0.9, "low": 0.8, "high": 1.2, "measurement_problem": False}
+    )
+    # A path faster than its own ceiling in most pairs (1.1, 1.2, 0.9 -> median 1.1 > 1.05) is a measurement problem.
+    assert paired_ratios([110.0, 120.0, 90.0], [100.0, 100.0, 100.0])["measurement_problem"] is True
+    with pytest.raises(ValueError, match="pairs of runs"):
+        paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_ratio_table_flags_a_measurement_problem():
+    results = {
+        "train_ratio": 1.1,
+        "train_ratio_low": 0.9,
+        "train_ratio_high": 1.2,
+        "measurement_problems": ["train_ratio"],
+    }
+    line = ratio_line("train_ratio", results)
+    assert "1.100" in line and "0.900-1.200" in line and "MEASUREMENT PROBLEM" in line and "met" not in line
+    results = {"train_ratio": 0.97, "train_ratio_low": 0.95, "train_ratio_high": 0.99, "measurement_problems": []}
+    assert ratio_line("train_ratio", results).endswith(">= 0.95  met")

@@ -40,6 +40,7 @@ from data_utils import (
     load_raw_datasets,
     prepare_datasets,
 )
+from option_fields import PROJECT_LOGGER
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct
@@ -187,7 +188,7 @@ def test_backup_subfolder_is_not_read_and_files_are_logged(tmp_path, caplog):
     make_parquet_dataset(tmp_path / "data", split="test", seed=1)
     (tmp_path / "data" / "backup").mkdir()
     (tmp_path / "data" / "backup" / train.name).write_bytes(train.read_bytes())
-    with caplog.at_level(logging.INFO, logger="data_utils"):
+    with caplog.at_level(logging.INFO, logger=PROJECT_LOGGER):
         raw = load_raw_datasets(data_args(tmp_path, tmp_path / "data"))
     assert {split: len(dataset) for split, dataset in raw.items()} == {"train": NUM_FINE, "test": NUM_FINE}
     assert f"as split 'train': ['{train}']" in caplog.text
@@ -219,7 +220,7 @@ def test_images_shared_by_train_and_test_are_refused(tmp_path):
 def test_drop_duplicate_images_drops_them_from_evaluation(tmp_path, caplog):
     _leaky_dataset(tmp_path / "data")
     args = data_args(tmp_path, tmp_path / "data", train_val_split=0.0, drop_duplicate_images=True)
-    with caplog.at_level(logging.INFO, logger="data_utils"):
+    with caplog.at_level(logging.INFO, logger=PROJECT_LOGGER):
         prepared = prepare_datasets(args, small_config(), seed=0)
     assert len(prepared["train"]) == NUM_FINE
     assert column(prepared["test"], "index").tolist() == [i for i in range(NUM_FINE) if i not in (5, 60)]

@@ -342,7 +342,12 @@ def test_transform_output_shape_and_dtype(image_size, policy):
     image = PIL.Image.fromarray(make_image_array(3, np.random.default_rng(0)))
     output = transform(image)
     assert output.shape == (3, image_size, image_size) and output.dtype == torch.float32
-    assert torch.isfinite(output).all()
+    mean, std = torch.tensor(config.image_mean).view(3, 1, 1), torch.tensor(config.image_std).view(3, 1, 1)
+    pixels = output * std + mean  # back to [0, 1]
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    if policy == "eval" and image_size == 32:  # at the source size: each pixel / 255, normalised
+        expected = (torch.from_numpy(np.asarray(image)).permute(2, 0, 1) / 255.0 - mean) / std
+        torch.testing.assert_close(output, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16", "I", "CMYK", "1", "large", "non-square"])
@@ -550,10 +555,13 @@ def test_decode_image_passes_pil_images_through():
 def test_apply_transforms_and_epoch_callback(tiny_parquet_dir, tmp_path):
     args = data_args(tmp_path, tiny_parquet_dir, max_train_samples=8)
     config = small_config(image_size=32)
-    transformed = apply_transforms(prepare_datasets(args, config, seed=0), config, args, seed=0)
+    prepared = prepare_datasets(args, config, seed=0)
+    transformed = apply_transforms(prepared, config, args, seed=0)
     train, test = transformed["train"], transformed["test"]
     assert sorted(train[0]) == ["augmentation", "coarse_labels", "epoch", "index", "labels", "pixel_values"]
-    assert "epoch" not in test[0] and torch.equal(test[0]["pixel_values"], test[0]["pixel_values"])
+    # an evaluation row decodes to the source image's 8-bit RGB pixels, (3, H, W)
+    source = torch.from_numpy(np.asarray(prepared["test"][3]["image"].convert("RGB"))).permute(2, 0, 1)
+    assert "epoch" not in test[3] and torch.equal(test[3]["pixel_values"], source)
     preprocess, collate = DevicePreprocessor(config), HierarchicalCollator(config)
     epoch0 = preprocess(collate([train[0]]))["pixel_values"]
     callback, training_args = EpochCallback(train), TrainingArguments(output_dir=str(tmp_path))
@@ -612,7 +620,8 @@ def test_collator_stacks_hard_labels():
     assert sorted(batch) == ["coarse_labels", "labels", "pixel_values"]
     assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
     assert batch["pixel_values"].is_contiguous()
-    assert batch["labels"].dtype == torch.int64 and batch["labels"].shape == (8,)
+    assert torch.equal(batch["pixel_values"], torch.stack([example["pixel_values"] for example in _examples()]))
+    assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == [(i * 13) % NUM_FINE for i in range(8)]
     assert batch["coarse_labels"].tolist() == [CIFAR100_FINE_TO_COARSE[label] for label in batch["labels"].tolist()]
 
 

@@ -161,49 +161,74 @@ def test_policy_training_on_the_device_equals_the_per_image_transform(policy, im
     assert any(count > 0 for count in erased) and any(count == 0 for count in erased)
 
 
-def reference_mix(collator: HierarchicalCollator, pixel_values: torch.Tensor, labels: torch.Tensor, seed: int):
-    """MixUp/CutMix of normalised model-size images on the CPU, drawn as `HierarchicalCollator` draws."""
-    rng = np.random.default_rng(seed)
-    targets = torch.nn.functional.one_hot(labels, collator.config.num_labels).float()
-    if rng.random() < collator.mix_prob:
-        permutation = torch.from_numpy(rng.permutation(len(labels)))
-        mixup, cutmix = collator.mixup_alpha, collator.cutmix_alpha
-        if cutmix > 0 and (mixup == 0 or rng.random() < collator.cutmix_switch_prob):
-            lam = float(rng.beta(cutmix, cutmix))
-            height, width = pixel_values.shape[-2:]
-            cut_height, cut_width = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
-            center_y, center_x = rng.integers(height), rng.integers(width)
-            top, bottom = max(center_y - cut_height // 2, 0), min(center_y + cut_height // 2, height)
-            left, right = max(center_x - cut_width // 2, 0), min(center_x + cut_width // 2, width)
-            pixel_values = pixel_values.clone()
-            pixel_values[..., top:bottom, left:right] = pixel_values[permutation, :, top:bottom, left:right]
-            lam = 1.0 - (bottom - top) * (right - left) / (height * width)
-        else:
-            lam = float(rng.beta(mixup, mixup))
-            pixel_values = pixel_values * lam + pixel_values[permutation] * (1.0 - lam)
-        targets = targets * lam + targets[permutation] * (1.0 - lam)
-    return pixel_values, targets, targets @ collator.config.hierarchy_matrix()
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_device_mixing_equals_torchvision_with_the_same_parameters(kind):
+    # Fixed parameters instead of drawn ones: torchvision's MixUp/CutMix pair image i with image i - 1 and take
+    # `lam` or the rectangle as given, so the device must produce the same pixels and targets from them.
+    config = small_config(image_size=64)
+    labels = torch.tensor([3, 17, 42, 42, 90, 5])
+    coarse_labels = torch.tensor([CIFAR100_FINE_TO_COARSE[label] for label in labels.tolist()])
+    pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = {"labels": labels, "coarse_labels": coarse_labels, "pixel_values": pixels}
+    preprocess = DevicePreprocessor(config)
+    unmixed = preprocess(batch)["pixel_values"]  # (6, 3, 64, 64), normalised
+    if kind == "mixup":
+        reference, params, box, weights = v2.MixUp(num_classes=100), {"lam": 0.3}, (0, 0, 0, 0), (0.3, 0.3)
+    else:  # rows 10 to 39, columns 5 to 28 of the 64 x 64 model input come from the partner
+        kept = 1.0 - (30 * 24) / (64 * 64)
+        reference, params = v2.CutMix(num_classes=100), {"box": (5, 10, 29, 40), "lam_adjusted": kept}
+        box, weights = (10, 5, 40, 29), (1.0, kept)
+    augmentation = {
+        "mix_index": torch.tensor([5, 0, 1, 2, 3, 4]),  # image i's partner is image i - 1
+        "mix_box": torch.tensor(box).expand(6, 4),
+        "mix_weights": torch.tensor(weights).expand(6, 2),
+    }
+    ours = preprocess({**batch, "augmentation": augmentation})
+    expected_pixels = reference.transform(unmixed, {**params, "labels": labels, "batch_size": 6})
+    torch.testing.assert_close(ours["pixel_values"], expected_pixels, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours["labels"], reference.transform(labels, {**params, "labels": labels}))
+    coarse_reference = type(reference)(num_classes=20)
+    expected_coarse = coarse_reference.transform(coarse_labels, {**params, "labels": coarse_labels})
+    torch.testing.assert_close(ours["coarse_labels"], expected_coarse)
+    if kind == "cutmix":  # outside the rectangle every image is its own
+        inside = torch.zeros(64, 64, dtype=torch.bool)
+        inside[10:40, 5:29] = True
+        assert torch.equal(ours["pixel_values"][..., ~inside], unmixed[..., ~inside])
+        assert torch.equal(ours["pixel_values"][1][..., inside], unmixed[0][..., inside])
 
 
 @pytest.mark.parametrize("mixup_alpha, cutmix_alpha, mix_prob", [(0.2, 0.0, 1.0), (0.0, 1.0, 1.0), (0.4, 1.0, 0.8)])
-def test_mixing_on_the_device_equals_mixing_on_the_cpu(mixup_alpha, cutmix_alpha, mix_prob):
-    config = small_config(image_size=64)
-    args = DataArguments(augmentation="trivialaugment", mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
-    collator = HierarchicalCollator(config, mixup_alpha, cutmix_alpha, mix_prob=mix_prob, seed=SEED)
-    transform, preprocess = ImageTransform(build_train_transform(config, args), seed=SEED), DevicePreprocessor(config)
-    mixed = 0
-    for epoch in range(4):
-        transform.set_epoch(epoch)
-        batch = collate(transform(encoded_batch([32] * 8)), collator)
-        unmixed = preprocess({**batch, "augmentation": {}})
-        ours = preprocess(batch)
-        expected = reference_mix(
-            collator, unmixed["pixel_values"], unmixed["labels"], derive_seed(SEED, epoch, *range(10, 18))
-        )
-        for name, value in zip(("pixel_values", "labels", "coarse_labels"), expected, strict=True):
-            torch.testing.assert_close(ours[name], value, atol=1e-6, rtol=0)
-        mixed += not torch.equal(ours["pixel_values"], unmixed["pixel_values"])
-    assert mixed >= 2
+def test_collator_draws_partners_rectangles_and_weights(mixup_alpha, cutmix_alpha, mix_prob):
+    # 400 batches: each a permutation of partners, one rectangle and one pair of weights for the batch; CutMix
+    # weighs the targets by the share of the image kept, MixUp pixels and targets alike; mixed batches, CutMix
+    # batches and the MixUp weights in the proportions the options ask for.
+    collator = HierarchicalCollator(small_config(image_size=64), mixup_alpha, cutmix_alpha, mix_prob=mix_prob)
+    mixed, cutmix, mixup_weights = 0, 0, []
+    for seed in range(400):
+        drawn = collator.mix_parameters(8, np.random.default_rng(seed))
+        assert sorted(drawn["mix_index"].tolist()) == list(range(8))
+        assert (drawn["mix_box"] == drawn["mix_box"][0]).all() and (
+            drawn["mix_weights"] == drawn["mix_weights"][0]
+        ).all()
+        top, left, bottom, right = drawn["mix_box"][0].tolist()
+        pixel_weight, target_weight = drawn["mix_weights"][0].tolist()
+        assert 0 <= top <= bottom <= 64 and 0 <= left <= right <= 64
+        if drawn["mix_index"].tolist() == list(range(8)):  # not mixed (a drawn permutation is this 1 in 8!)
+            assert (pixel_weight, target_weight, bottom - top, right - left) == (1.0, 1.0, 0, 0)
+            continue
+        mixed += 1
+        if bottom > top and right > left:
+            cutmix += 1
+            assert pixel_weight == 1.0
+            assert target_weight == pytest.approx(1 - (bottom - top) * (right - left) / 64**2)
+        else:
+            assert target_weight == pixel_weight
+            mixup_weights.append(pixel_weight)
+    assert mixed / 400 == pytest.approx(mix_prob, abs=0.05)
+    expected_cutmix = 0.0 if cutmix_alpha == 0 else 1.0 if mixup_alpha == 0 else collator.cutmix_switch_prob
+    assert cutmix / mixed == pytest.approx(expected_cutmix, abs=0.08)
+    if mixup_alpha > 0:  # Beta(alpha, alpha) has mean 1/2
+        assert np.mean(mixup_weights) == pytest.approx(0.5, abs=0.08)
 
 
 def test_box_mask_matches_torchvision_erase():

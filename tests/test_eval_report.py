@@ -106,14 +106,21 @@ def test_report_numbers_match_compute_hierarchy_metrics(tmp_path, predictions):
     assert np.trace(matrix) == round(expected["coarse_accuracy"] * 300)
 
 
-def test_given_metrics_are_reported_as_given(tmp_path, predictions):
+def test_given_metrics_are_reported_as_given(tmp_path, predictions, caplog):
+    # The Trainer's numbers win over the ones recomputed from the predictions (a disagreement is logged); the
+    # metrics it did not give are computed.
     config = small_config()
     computed = compute_hierarchy_metrics(**predictions, fine_to_coarse=config.fine_to_coarse)
-    trainer_metrics = {f"test_{name}": value for name, value in computed.items()} | {"test_loss": 4.25, "epoch": 1.0}
-    eval_report.write_eval_report(tmp_path, **predictions, config=config, metrics=trainer_metrics)
+    given = {"fine_accuracy": 0.1234, "consistency": 0.9876}
+    assert all(abs(computed[name] - value) > 0.01 for name, value in given.items())
+    trainer_metrics = {f"test_{name}": value for name, value in given.items()} | {"test_loss": 4.25, "epoch": 1.0}
+    with caplog.at_level("WARNING"):
+        eval_report.write_eval_report(tmp_path, **predictions, config=config, metrics=trainer_metrics)
     text = (tmp_path / "eval_report.md").read_text()
-    assert_report_matches(text, computed)
+    assert_report_matches(text, computed | given)
+    assert "| fine_accuracy | 0.1234 |" in text and "| consistency | 0.9876 |" in text
     assert "| loss | 4.2500 |" in text and "| epoch | 1.0000 |" in text
+    assert f"fine_accuracy = 0.1234 in the given metrics but {computed['fine_accuracy']}" in caplog.text
 
 
 def test_figures_are_valid_pngs(tmp_path, predictions, images):

@@ -21,6 +21,7 @@ from configuration_hierarchical import CIFAR100_FINE_LABELS, HierarchicalEfficie
 from conftest import HANG_TIMEOUT_S, PROJECT_DIR, small_config
 from modeling_hierarchical import (
     HierarchicalEfficientNetV2ForImageClassification,
+    build_image_processor,
     hierarchical_probabilities,
 )
 
@@ -292,18 +293,25 @@ with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "y.pt"), model(pixel_values).logits)
 
 
-def test_pipeline_returns_cifar_names(saved_model_dir):
-    classifier = pipeline("image-classification", model=str(saved_model_dir), trust_remote_code=True)
+def test_pipeline_returns_cifar_names(tmp_path):
+    # Fine-head biases 0, 0.1, ..., 9.9 outweigh the freshly initialised weights (logits near 1e-6): the three
+    # most probable classes are 99, 98 and 97 for any image, with the softmax of the biases as their scores.
+    model = HierarchicalEfficientNetV2ForImageClassification(small_config()).eval()
+    with torch.no_grad():
+        model.fine_classifier.bias.copy_(torch.arange(100) / 10)
+    model.save_pretrained(tmp_path)
+    build_image_processor(model.config).save_pretrained(tmp_path)
+    classifier = pipeline("image-classification", model=str(tmp_path), trust_remote_code=True)
     images = [
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)),
         Image.new("L", (50, 40), 128),  # grayscale, other size
     ]
     results = classifier(images, top_k=3)
+    expected_scores = (torch.arange(100) / 10).softmax(0)[[99, 98, 97]].tolist()
     assert len(results) == 2
     for result in results:
-        assert len(result) == 3
-        assert all(r["label"] in CIFAR100_FINE_LABELS and 0.0 <= r["score"] <= 1.0 for r in result)
-        assert result[0]["score"] >= result[1]["score"] >= result[2]["score"]
+        assert [r["label"] for r in result] == [CIFAR100_FINE_LABELS[i] for i in (99, 98, 97)]  # worm, woman, wolf
+        assert [r["score"] for r in result] == pytest.approx(expected_scores, abs=1e-4)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

@@ -229,7 +229,11 @@ def test_a_validation_split_of_rows_the_model_trained_on_is_refused(finished_run
     (model_dir / PROVENANCE_NAME).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="would hold rows it trained on: it trained on every one of the 200 rows"):
         eval_report.evaluate_saved_model(
-            model_dir, str(tiny_parquet_dir), split="validation", output_dir=tmp_path / "report", cache_dir=str(tmp_path)
+            model_dir,
+            str(tiny_parquet_dir),
+            split="validation",
+            output_dir=tmp_path / "report",
+            cache_dir=str(tmp_path),
         )
 
 

@@ -24,6 +24,27 @@ class TinyNet(nn.Module):
         self.norm = nn.BatchNorm1d(2)
 
 
+def test_ema_value_after_two_steps_by_hand():
+    # decay 0.9; the weight starts at w0 (the shadow too), then becomes w0 + 1 and w0 + 3:
+    #   after step 1: 0.9 * w0 + 0.1 * (w0 + 1) = w0 + 0.1
+    #   after step 2: 0.9 * (w0 + 0.1) + 0.1 * (w0 + 3) = w0 + 0.09 + 0.3 = w0 + 0.39
+    # and BatchNorm's running mean likewise (0 -> 2 -> 2): 0.2, then 0.9 * 0.2 + 0.1 * 2 = 0.38.
+    model = TinyNet()
+    args = SimpleNamespace(device="cpu")
+    ema = EMACallback(decay=0.9)
+    ema.on_train_begin(args, None, None, model=model)
+    start = model.linear.weight.detach().clone()
+    with torch.no_grad():
+        model.linear.weight.add_(1.0)
+        model.norm.running_mean.fill_(2.0)
+    ema.on_step_end(args, None, None, model=model)
+    with torch.no_grad():
+        model.linear.weight.add_(2.0)
+    ema.on_step_end(args, None, None, model=model)
+    torch.testing.assert_close(ema.shadow["linear.weight"], start + 0.39)
+    torch.testing.assert_close(ema.shadow["norm.running_mean"], torch.full_like(model.norm.running_mean, 0.38))
+
+
 def test_ema_tracks_saves_restores_and_finalises(tmp_path):
     model = TinyNet()
     args = SimpleNamespace(device="cpu", output_dir=str(tmp_path), should_save=True, load_best_model_at_end=False)

@@ -1,7 +1,9 @@
 """End-to-end tests of run_classification.py: metrics, saved model, optimizer groups, resume, bad options."""
 
+import inspect
 import itertools
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -10,16 +12,30 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from transformers import TrainerControl, TrainerState, pipeline
+import transformers
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments, pipeline
+from transformers.trainer_utils import PredictionOutput
 
 import callbacks
 import run_classification
+from calibration import CalibrationArguments, calibrate_and_select
 from callbacks import TimeBudgetCallback, time_schedule_factor
 from checkpoints import checkpoint_problem
-from conftest import HANG_TIMEOUT_S, METRIC_NAMES, PROJECT_DIR, make_parquet_dataset, small_config, tiny_args
+from conftest import (
+    HANG_TIMEOUT_S,
+    METRIC_NAMES,
+    PROJECT_DIR,
+    data_args,
+    make_parquet_dataset,
+    small_config,
+    tiny_args,
+)
+from data_utils import prepare_datasets
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+from option_fields import PROJECT_LOGGER
 from run_classification import main, parse_args
 from trainer import HierarchicalTrainer, parameter_groups
 
@@ -240,7 +256,106 @@ def test_schedule_by_time_anneals_by_the_end_of_the_budget(tiny_parquet_dir, tmp
     assert rates.index(max(rates)) < len(rates) - 2
 
 
-def test_keep_freed_memory_applies_on_glibc():
-    applied = run_classification.keep_freed_memory()
-    assert applied is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+# In a fresh process: the bytes glibc maps for one 31 MiB allocation, before and after keep_freed_memory
+# (mallinfo2's hblkhd: bytes in mmapped blocks).
+MALLOC_PROBE = """
+import ctypes, json
+import run_classification
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+def mapped_by_malloc():
+    before = libc.mallinfo2().hblkhd
+    libc.malloc(31 * 2**20)  # kept: freeing a mapped block would raise glibc's threshold by itself
+    return libc.mallinfo2().hblkhd - before
+default = mapped_by_malloc()
+applied = run_classification.keep_freed_memory()
+print(json.dumps([default, applied, mapped_by_malloc()]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and mallinfo2 are glibc's")
+def test_keep_freed_memory_puts_large_blocks_on_the_reused_heap():
+    # By default glibc maps a 31 MiB block of its own (given back to the system when freed); after
+    # keep_freed_memory the block comes from the heap, which keeps freed memory for reuse.
+    completed = subprocess.run(
+        [sys.executable, "-c", MALLOC_PROBE], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    default, applied, kept = json.loads(completed.stdout.splitlines()[-1])
+    assert default >= 31 * 2**20 and applied is True and kept == 0
     assert parse_args(["--output_dir", "x"])[2].keep_freed_memory  # on by default
+
+
+def test_the_training_log_shows_the_data_and_evaluation_info_lines(tiny_parquet_dir, tmp_path, caplog):
+    # After the script's logging setup, the INFO lines of the data and evaluation parts reach its log.
+    project_logger = logging.getLogger(PROJECT_LOGGER)
+    level, verbosity = project_logger.level, transformers.utils.logging.get_verbosity()
+    config = small_config()
+    labels = np.arange(100) % 100
+    fine_to_coarse = np.asarray(config.fine_to_coarse)
+    prediction = PredictionOutput(
+        predictions=(np.eye(100)[labels] * 3.0, np.eye(20)[fine_to_coarse[labels]] * 3.0),
+        label_ids=(labels, fine_to_coarse[labels]),
+        metrics={},
+    )
+    try:
+        run_classification.setup_logging(TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+        prepare_datasets(data_args(tmp_path, tiny_parquet_dir), config, seed=0)
+        calibrate_and_select(config, prediction, CalibrationArguments(selective_target_accuracy=0), seed=0)
+    finally:
+        project_logger.setLevel(level)
+        transformers.utils.logging.set_verbosity(verbosity)
+    assert "Prepared splits: {'train': " in caplog.text and "Duplicate-image check" in caplog.text
+    assert "Calibrated on 100 validation images" in caplog.text
+
+
+# What HierarchicalTrainer relies on in the Trainer's private parts (see the comments in trainer.py): a transformers
+# upgrade that changes it fails here, not silently in a run.
+PRIVATE_SIGNATURES = {
+    "_prepare_inputs": ["self", "inputs"],
+    "_save": ["self", "output_dir", "state_dict"],
+    "_push_from_checkpoint": ["self", "checkpoint_folder"],
+    "_save_checkpoint": ["self", "model", "trial"],
+    "_get_grad_norm": ["self", "model", "grad_norm"],
+    "_get_output_dir": ["self", "trial"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRIVATE_SIGNATURES))
+def test_the_trainer_private_methods_overridden_keep_their_signatures(name):
+    assert list(inspect.signature(getattr(Trainer, name)).parameters) == PRIVATE_SIGNATURES[name]
+
+
+class LossOnly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x, labels=None):
+        return {"loss": ((x * self.weight).sum(1) - labels).pow(2).mean()}
+
+
+def test_the_trainer_keeps_its_running_loss_where_training_step_reads_it(tmp_path):
+    # The Trainer sums the step losses in `self._tr_loss` (a tensor, reset at each log) since
+    # `self._globalstep_last_logged`, and reads `args.logging_nan_inf_filter` during the loop.
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((trainer._tr_loss.detach().clone(), trainer._globalstep_last_logged, state.global_step))
+
+    data = [{"x": torch.tensor([1.0, 2.0]), "labels": torch.tensor(1.0)} for _ in range(8)]
+    arguments = TrainingArguments(
+        str(tmp_path), max_steps=3, per_device_train_batch_size=2, logging_steps=2, learning_rate=0.0,
+        report_to=[], save_strategy="no", use_cpu=True,
+    )  # fmt: skip
+    trainer = Trainer(LossOnly(), arguments, train_dataset=data, callbacks=[Spy()])
+    trainer.train()
+    # loss (1 + 2 - 1)^2 = 4 each step (learning rate 0): 4 after step 1, 8 after step 2 (read and reset by the log
+    # at step 2, after the callbacks), then 4 again after step 3 (last logged at step 2)
+    assert [(float(loss), last, step) for loss, last, step in seen] == [(4.0, 0, 1), (8.0, 0, 2), (4.0, 2, 3)]
+    assert "logging_nan_inf_filter" in inspect.getsource(Trainer)
