@@ -6,11 +6,12 @@
     python run_classification.py recipes/cpu_32px_30min.json
 
 Options are the dataclasses of `training_args.py` and `data_utils.py` plus every `TrainingArguments` option; a
-single `.json` file may hold them all.
+`.json` recipe given first may hold any of them, and the options after it override it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import difflib
@@ -26,26 +27,33 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 
-from calibration import calibrate_and_select, evaluate_calibration, subset_prediction
+from calibration import calibrate_and_select, calibration_count, evaluate_calibration, subset_prediction
 from callbacks import EMACallback, TimeBudgetCallback
 from checkpoints import output_dir_lock, resolve_checkpoint
 from collation import EpochCallback, HierarchicalCollator
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_sources import load_raw_datasets
-from data_utils import DataArguments, apply_transforms, prepare_datasets
+from data_utils import DataArguments, apply_transforms, planned_split_sizes, prepare_datasets
 from eval_report import write_prediction_report
 from hierarchy_data import balanced_class_weights, discover_hierarchy, set_class_weights
 from model_loading import load_model
+from option_fields import options_file_argv
 from modeling_hierarchical import build_image_processor
 from remote_resources import check_remote_resources
 from run_summary import quiet_transformers, run_summary, write_run_options
 from trainer import HierarchicalTrainer, compute_metrics
-from training_args import HierarchicalTrainingArguments, ModelArguments, check_batch_fits
+from training_args import OPTION_ALIASES, HierarchicalTrainingArguments, ModelArguments, check_batch_fits
 
 logger = logging.getLogger(__name__)
 # The parts of the script log under their module names, at the script's log level.
 TRAINING_PART_LOGGERS = ("training_args", "checkpoints", "callbacks", "trainer", "model_loading")
 
+
+RECIPE_HELP = """Train, evaluate and calibrate the hierarchical classifier.
+
+A recipe is a JSON file of {"option": value} given as the first argument; options after it override it:
+    python run_classification.py recipes/cpu_32px_30min.json --dataset_name my-data --output_dir outputs/mine
+Each value has the JSON type of its option (true/false for a switch, a number for a number)."""
 
 MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest; smaller blocks come from the heap, which is reused
 MALLOC_TRIM_THRESHOLD = 2**30  # free heap kept before any is handed back to the system
@@ -66,15 +74,29 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD) and mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
 
 
+def build_parser() -> HfArgumentParser:
+    """The parser of every option (the project's, then `TrainingArguments`'); a bad value raises
+    `argparse.ArgumentError` instead of exiting."""
+    return HfArgumentParser(
+        (ModelArguments, DataArguments, HierarchicalTrainingArguments),
+        usage="%(prog)s [RECIPE.json] [--option value ...]",
+        description=RECIPE_HELP,
+        allow_abbrev=False,
+        exit_on_error=False,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, HierarchicalTrainingArguments]:
-    """Parse the command line, or a single `.json` file holding every option."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, HierarchicalTrainingArguments), allow_abbrev=False)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        if not os.path.isfile(argv[0]):
-            raise ValueError(f"options file {argv[0]!r} does not exist")
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    """Parse the command line. A first argument ending in `.json` is a recipe: its options are read as if given
+    first on the command line (`options_file_argv`), so the options that follow it override them."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".json"):
+        argv = [*options_file_argv(parser, argv[0], skip=overridden_options(parser, argv[1:])), *argv[1:]]
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except argparse.ArgumentError as error:
+        raise ValueError(str(error)) from None
     if unknown:
         known = [option for action in parser._actions for option in action.option_strings if "-" not in option[2:]]
         hints = [
@@ -86,6 +108,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         ]
         raise ValueError(f"unknown options: {', '.join(hints or unknown)}; `--help` lists every option")
     return tuple(parsed)
+
+
+def overridden_options(parser: HfArgumentParser, argv: list[str]) -> set[str]:
+    """The options that `argv` sets, with their aliases (`--epochs` overrides a recipe's `num_train_epochs`)."""
+    given = {
+        parser._option_string_actions[arg.split("=")[0]].dest
+        for arg in argv
+        if arg.split("=")[0] in parser._option_string_actions
+    }
+    return given.union(*(aliases for aliases in OPTION_ALIASES if given.intersection(aliases)))
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -139,6 +171,20 @@ def check_run_options(model_args: ModelArguments, training_args: HierarchicalTra
         raise ValueError("evaluating without --do_train needs --model_name_or_path (a trained model)")
 
 
+def check_split_options(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: HierarchicalTrainingArguments,
+    source_sizes: dict[str, int],
+) -> None:
+    """Refuse, as soon as the data's size is known, options that would leave a split empty: `--train_val_split`
+    (an empty training or validation split) and `--calibration_split_fraction` (an empty part of the validation
+    split, found otherwise only after training)."""
+    sizes = planned_split_sizes(data_args, source_sizes)
+    if training_args.do_eval and model_args.calibrate and "validation" in sizes:
+        calibration_count(sizes["validation"], model_args.calibration_split_fraction)
+
+
 def load_data_and_model(
     model_args: ModelArguments, data_args: DataArguments, training_args: HierarchicalTrainingArguments
 ) -> tuple[nn.Module, DatasetDict, str | None]:
@@ -146,6 +192,7 @@ def load_data_and_model(
     the splits with their transforms attached and the checkpoint (None for a fresh start)."""
     with training_args.main_process_first(desc="dataset loading"):
         raw = load_raw_datasets(data_args)
+    check_split_options(model_args, data_args, training_args, {name: len(split) for name, split in raw.items()})
     hierarchy = discover_hierarchy(raw, data_args)  # the classes of the data decide the heads
     if hierarchy is not None:
         logger.info("Classes of the data: %s", hierarchy.describe())

@@ -19,6 +19,12 @@ from option_fields import check_finite_options, option
 
 logger = logging.getLogger(__name__)
 
+# Options that set the same thing: the original tool's name first, then the Trainer's.
+OPTION_ALIASES = (
+    ("epochs", "num_train_epochs"),
+    ("batch_size", "per_device_train_batch_size", "per_device_eval_batch_size"),
+    ("checkpoint_path", "resume_from_checkpoint"),
+)
 EVAL_MEMORY_FACTOR = 10  # peak memory of an evaluation batch, measured at 32 and 64 px: 11 to 22 times its input
 
 
@@ -187,8 +193,17 @@ class HierarchicalTrainingArguments(TrainingArguments):
         self.learning_rate = self.lr_fc
 
     def _check_ranges(self) -> None:
-        """`ValueError` naming the first option out of its range (batch sizes, learning rates, decays, length,
-        resume folder)."""
+        """`ValueError` naming the first option out of its range (schedules, batch sizes, learning rates, decays,
+        length, resume folder)."""
+        for name, choices in (
+            ("lr_scheduler_type", SchedulerType),
+            ("eval_strategy", IntervalStrategy),
+            ("save_strategy", SaveStrategy),
+        ):
+            if getattr(self, name) not in {choice.value for choice in choices}:
+                raise ValueError(
+                    f"--{name} must be one of {[choice.value for choice in choices]}, got {getattr(self, name)!r}"
+                )
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
