@@ -74,6 +74,10 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD) and mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with the description as written and each option's default."""
+
+
 def build_parser() -> HfArgumentParser:
     """The parser of every option (the project's, then `TrainingArguments`'); a bad value raises
     `argparse.ArgumentError` instead of exiting."""
@@ -81,6 +85,7 @@ def build_parser() -> HfArgumentParser:
         (ModelArguments, DataArguments, HierarchicalTrainingArguments),
         usage="%(prog)s [RECIPE.json] [--option value ...]",
         description=RECIPE_HELP,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,
         exit_on_error=False,
     )
