@@ -36,6 +36,7 @@ from data_utils import SPLIT_LIMITS, DataArguments, HierarchicalCollator, evalua
 from hierarchy_metrics import compute_hierarchy_metrics
 from model_loading import load_saved_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+from option_fields import ERRORS_HELP, run_command
 from report_data import compute_report_data
 from report_figures import FIGURE_NAMES, draw_figures
 from report_markdown import render_markdown
@@ -191,7 +192,11 @@ def predict_split(
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Command line: `python eval_report.py MODEL_DIR --dataset_name PATH [--split test] [data options]`."""
     parser = HfArgumentParser(
-        DataArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+        DataArguments,
+        description=__doc__,
+        epilog=ERRORS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("model_dir", help="Saved model folder (save_pretrained / run_classification.py output).")
     parser.add_argument("--split", default="test", choices=tuple(SPLIT_LIMITS), help="Split to evaluate.")
@@ -220,4 +225,4 @@ __all__ = ["REPORT_NAME", "evaluate_saved_model", "main", "write_eval_report", "
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import typing
 from collections.abc import Callable, Collection
 from typing import Any
@@ -40,6 +41,29 @@ def check_finite_options(arguments: object) -> None:
         value = getattr(arguments, declared.name, None)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{declared.name} must be a finite number, got {value}")
+
+
+# Set to 1 to keep the traceback of a user error (`--debug` is a `TrainingArguments` option of its own).
+DEBUG_ENVIRONMENT_VARIABLE = "HIERARCHICAL_DEBUG"
+# What a user's input causes: a bad option, value or file, a missing split, column or download. Anything else is a bug.
+USER_ERRORS = (ValueError, OSError)
+USER_ERROR_EXIT_STATUS = 2  # as argparse exits on a bad command line
+ERRORS_HELP = (
+    "A mistake in the options, the data or a file ends the command with one 'error: ...' line (exit status 2);\n"
+    f"{DEBUG_ENVIRONMENT_VARIABLE}=1 shows its traceback. Any other failure shows its traceback."
+)
+
+
+def run_command(main: Callable[[], Any]) -> None:
+    """Run a script's `main`: a user error (`USER_ERRORS`) ends it with one `error: ...` message on stderr and exit
+    status 2; any other exception is a bug and keeps its traceback, as user errors do with `HIERARCHICAL_DEBUG=1`."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        if os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "0") not in ("", "0"):
+            raise
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(USER_ERROR_EXIT_STATUS) from None
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -132,4 +156,13 @@ def options_file_argv(
     return argv
 
 
-__all__ = ["check_finite_options", "option", "options_file_argv"]
+__all__ = [
+    "DEBUG_ENVIRONMENT_VARIABLE",
+    "ERRORS_HELP",
+    "USER_ERRORS",
+    "USER_ERROR_EXIT_STATUS",
+    "check_finite_options",
+    "option",
+    "options_file_argv",
+    "run_command",
+]

@@ -15,11 +15,13 @@ import argparse
 import contextlib
 import ctypes
 import difflib
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import datasets
 import transformers
@@ -29,7 +31,7 @@ from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, s
 
 from calibration import calibrate_and_select, calibration_count, evaluate_calibration, subset_prediction
 from callbacks import EMACallback, TimeBudgetCallback
-from checkpoints import output_dir_lock, resolve_checkpoint
+from checkpoints import checkpoint_problem, find_checkpoints, output_dir_lock, resolve_checkpoint
 from collation import EpochCallback, HierarchicalCollator
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_sources import load_raw_datasets
@@ -37,10 +39,10 @@ from data_utils import DataArguments, apply_transforms, planned_split_sizes, pre
 from eval_report import write_prediction_report
 from hierarchy_data import balanced_class_weights, discover_hierarchy, set_class_weights
 from model_loading import load_model
-from option_fields import options_file_argv
+from option_fields import ERRORS_HELP, options_file_argv, run_command
 from modeling_hierarchical import build_image_processor
 from remote_resources import check_remote_resources
-from run_summary import quiet_transformers, run_summary, write_run_options
+from run_summary import OPTIONS_FILE, quiet_transformers, run_options, run_summary, write_run_options
 from trainer import HierarchicalTrainer, compute_metrics
 from training_args import OPTION_ALIASES, HierarchicalTrainingArguments, ModelArguments, check_batch_fits
 
@@ -55,6 +57,7 @@ A recipe is a JSON file of {"option": value} given as the first argument; option
     python run_classification.py recipes/cpu_32px_30min.json --dataset_name my-data --output_dir outputs/mine
 Each value has the JSON type of its option (true/false for a switch, a number for a number)."""
 
+INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest; smaller blocks come from the heap, which is reused
 MALLOC_TRIM_THRESHOLD = 2**30  # free heap kept before any is handed back to the system
 
@@ -85,6 +88,7 @@ def build_parser() -> HfArgumentParser:
         (ModelArguments, DataArguments, HierarchicalTrainingArguments),
         usage="%(prog)s [RECIPE.json] [--option value ...]",
         description=RECIPE_HELP,
+        epilog=f"{ERRORS_HELP}\nCtrl-C stops a run and names the checkpoint that the same command resumes from.",
         formatter_class=HelpFormatter,
         allow_abbrev=False,
         exit_on_error=False,
@@ -149,23 +153,34 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
-    """Parse options, hold the output folder, then [`run`]; return all metrics. `callbacks` are added to the
-    Trainer's, after the script's own."""
+    """Parse options, check them against the data, hold the output folder, then [`run`]; return all metrics.
+    `callbacks` are added to the Trainer's, after the script's own. A run already finished with the same options
+    does nothing and returns its metrics. Ctrl-C raises `KeyboardInterrupt` saying where the run can resume."""
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
+    check_run_options(model_args, training_args)
+    finished = finished_run_metrics(model_args, data_args, training_args)
+    if finished is not None:
+        return finished
     image_size = model_args.image_size or HierarchicalEfficientNetV2Config().image_size
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         check_batch_fits(getattr(training_args, name), image_size)
-    check_run_options(model_args, training_args)
-    check_remote_resources(  # everything the run would download, named at once, before anything is written
+    check_remote_resources(  # everything the run would download or upload, named at once, before anything is written
         data_args.dataset_name,
         model_args.model_name_or_path,
         model_args.backbone_weights,
         cache_dir=data_args.cache_dir,
         revision=model_args.model_revision,
+        push_to_hub=training_args.push_to_hub,
     )
-    with output_dir_lock(training_args.output_dir) if training_args.should_save else contextlib.nullcontext():
-        return run(model_args, data_args, training_args, callbacks)
+    with training_args.main_process_first(desc="dataset loading"):
+        raw = load_raw_datasets(data_args)
+    check_split_options(model_args, data_args, training_args, raw)
+    try:
+        with output_dir_lock(training_args.output_dir) if training_args.should_save else contextlib.nullcontext():
+            return run(model_args, data_args, training_args, callbacks, raw=raw)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interruption_note(training_args)) from None
 
 
 def check_run_options(model_args: ModelArguments, training_args: HierarchicalTrainingArguments) -> None:
@@ -180,24 +195,95 @@ def check_split_options(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: HierarchicalTrainingArguments,
-    source_sizes: dict[str, int],
+    raw: DatasetDict,
 ) -> None:
-    """Refuse, as soon as the data's size is known, options that would leave a split empty: `--train_val_split`
+    """Refuse, as soon as the source's splits are known and before the output folder is made, options that need a
+    split the data does not have (`--do_eval`, `--do_predict`) or that would leave one empty: `--train_val_split`
     (an empty training or validation split) and `--calibration_split_fraction` (an empty part of the validation
     split, found otherwise only after training)."""
-    sizes = planned_split_sizes(data_args, source_sizes)
-    if training_args.do_eval and model_args.calibrate and "validation" in sizes:
+    sizes = planned_split_sizes(data_args, {name: len(split) for name, split in raw.items()})
+    found = f"the data {data_args.dataset_name!r} has the splits {list(raw)}"
+    if training_args.do_eval and "validation" not in sizes:
+        raise ValueError(
+            f"--do_eval needs a validation split: {found}, none named {data_args.validation_split_name!r}; pass "
+            "--validation_split_name with one of them, or --train_val_split > 0 to carve one from the training split"
+        )
+    if training_args.do_predict and "test" not in sizes:
+        raise ValueError(
+            f"--do_predict needs a test split: {found}, none named {data_args.test_split_name!r}; pass "
+            "--test_split_name with one of them, or leave out --do_predict"
+        )
+    if training_args.do_eval and model_args.calibrate:
         calibration_count(sizes["validation"], model_args.calibration_split_fraction)
 
 
-def load_data_and_model(
+def finished_run_metrics(
     model_args: ModelArguments, data_args: DataArguments, training_args: HierarchicalTrainingArguments
+) -> dict[str, float] | None:
+    """The metrics (`all_results.json`) of the run in `output_dir` when it ran with these same options and wrote
+    the results of every task of this run (`train_results.json`, `eval_results.json`, `test_results.json`); it is
+    then logged that there is nothing to do. None otherwise: the run starts (or resumes)."""
+    folder = Path(training_args.output_dir)
+    tasks = {"train": "train_results.json", "eval": "eval_results.json", "predict": "test_results.json"}
+    results = [folder / name for task, name in tasks.items() if getattr(training_args, f"do_{task}")]
+    if not all(path.is_file() for path in [folder / OPTIONS_FILE, folder / "all_results.json", *results]):
+        return None
+    this_run = json.loads(json.dumps(run_options(model_args, data_args, training_args)))
+    try:
+        if json.loads((folder / OPTIONS_FILE).read_text()) != this_run:
+            return None
+        metrics = json.loads((folder / "all_results.json").read_text())
+    except (OSError, ValueError):  # unreadable: not a finished run this one can stand for
+        return None
+    done = "Evaluation already finished"
+    if training_args.do_train:
+        try:
+            state = json.loads((folder / "trainer_state.json").read_text())
+            done = f"Training already finished at step {state['global_step']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            done = "Training already finished"
+    logger.warning(
+        "%s: nothing to do; %s holds the finished run of these same options, whose results are kept (%s). Change an "
+        "option or --output_dir to run again.",
+        done,
+        folder,
+        ", ".join(path.name for path in results),
+    )
+    return metrics
+
+
+def interruption_note(training_args: HierarchicalTrainingArguments) -> str:
+    """What a user needs after Ctrl-C: the last complete checkpoint, and that the same command resumes from it."""
+    if not training_args.do_train:
+        return "nothing of this evaluation is kept; the same command starts it again"
+    for path in reversed(find_checkpoints(training_args.output_dir)):
+        if checkpoint_problem(path, needs_ema=training_args.ema_decay > 0) is None:
+            return f"the last complete checkpoint is {path}; the same command resumes from it"
+    return "no checkpoint was complete yet; the same command starts training again"
+
+
+def cli(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> None:
+    """[`main`] for the command line: user errors as one `error:` line (exit status 2), Ctrl-C as one line that
+    says where the run resumes (exit status 130)."""
+    try:
+        run_command(partial(main, argv, callbacks))
+    except KeyboardInterrupt as interruption:
+        sys.stderr.write(f"\ninterrupted: {interruption or 'before the run started'}\n")
+        raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
+
+
+def load_data_and_model(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: HierarchicalTrainingArguments,
+    raw: DatasetDict | None = None,
 ) -> tuple[nn.Module, DatasetDict, str | None]:
-    """Load the data, the model whose heads fit its classes and the checkpoint to resume from; return the model,
-    the splits with their transforms attached and the checkpoint (None for a fresh start)."""
-    with training_args.main_process_first(desc="dataset loading"):
-        raw = load_raw_datasets(data_args)
-    check_split_options(model_args, data_args, training_args, {name: len(split) for name, split in raw.items()})
+    """Load the data (unless `raw`, the source's splits, is given), the model whose heads fit its classes and the
+    checkpoint to resume from; return the model, the splits with their transforms attached and the checkpoint (None
+    for a fresh start)."""
+    if raw is None:
+        with training_args.main_process_first(desc="dataset loading"):
+            raw = load_raw_datasets(data_args)
     hierarchy = discover_hierarchy(raw, data_args)  # the classes of the data decide the heads
     if hierarchy is not None:
         logger.info("Classes of the data: %s", hierarchy.describe())
@@ -220,10 +306,6 @@ def load_data_and_model(
     if training_args.sync_batchnorm and training_args.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     splits = apply_transforms(splits, config, data_args, seed=training_args.seed)
-    if training_args.do_eval and "validation" not in splits:
-        raise ValueError("--do_eval needs a validation split: set --train_val_split > 0 or provide one")
-    if training_args.do_predict and "test" not in splits:
-        raise ValueError(f"--do_predict needs a test split ({data_args.test_split_name!r} not found)")
     return model, splits, checkpoint
 
 
@@ -325,18 +407,28 @@ def run(
     data_args: DataArguments,
     training_args: HierarchicalTrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
+    raw: DatasetDict | None = None,
 ) -> dict[str, float]:
-    """Load data and model, train, evaluate, predict, save; return all metrics."""
+    """Load data (unless `raw`, the source's splits, is given) and model, train, evaluate, predict, save; return
+    all metrics."""
     if training_args.keep_freed_memory and keep_freed_memory():
         logger.debug("glibc allocator keeps freed memory for reuse (--keep_freed_memory)")
     set_seed(training_args.seed)
-    model, splits, checkpoint = load_data_and_model(model_args, data_args, training_args)
+    model, splits, checkpoint = load_data_and_model(model_args, data_args, training_args, raw)
     config = model.config
     if training_args.should_save:
         write_run_options(training_args.output_dir, model_args, data_args, training_args)
     sizes = {split: len(dataset) for split, dataset in splits.items()}
     logger.info(
-        run_summary(model, model_args.model_name_or_path, data_args.dataset_name, sizes, training_args, checkpoint)
+        run_summary(
+            model,
+            model_args.model_name_or_path,
+            data_args.dataset_name,
+            sizes,
+            training_args,
+            checkpoint,
+            calibrate=model_args.calibrate,
+        )
     )
     trainer = build_trainer(model, config, splits, data_args, training_args, checkpoint, callbacks)
 
@@ -356,4 +448,4 @@ def run(
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -111,7 +111,7 @@ class HierarchicalTrainingArguments(TrainingArguments):
     layer_decay: float = option(
         1.0, "Layer-wise LR decay: backbone stage s trains at lr_conv * layer_decay**(7 - s). 1 = off."
     )
-    learning_rate: float | None = option(None, "Not used: see --lr_conv and --lr_fc.")
+    learning_rate: float | None = option(None, "Refused: set --lr_conv and --lr_fc.")
     epochs: float | None = option(None, "Alias of --num_train_epochs.")
     batch_size: int | None = option(None, "Alias: per-device train and eval batch size.")
     checkpoint_path: str | None = option(None, "Alias of --resume_from_checkpoint.")
@@ -186,7 +186,7 @@ class HierarchicalTrainingArguments(TrainingArguments):
                     f"{self.resume_from_checkpoint!r} disagree; give one of them"
                 )
             self.resume_from_checkpoint = self.checkpoint_path
-        if self.learning_rate is not None and self.learning_rate != self.lr_fc:
+        if self.learning_rate is not None:
             raise ValueError(
                 f"--learning_rate {self.learning_rate} is not used: set --lr_conv (backbone) and --lr_fc (heads)"
             )
