@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import difflib
 import json
 import logging
@@ -30,7 +31,7 @@ from torch import nn
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 
 from calibration import calibrate_and_select, calibration_count, evaluate_calibration, subset_prediction
-from callbacks import EMACallback, TimeBudgetCallback
+from callbacks import EMACallback, TimeBudgetCallback, TimedProgressCallback
 from checkpoints import checkpoint_problem, find_checkpoints, output_dir_lock, resolve_checkpoint
 from collation import EpochCallback, HierarchicalCollator
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
@@ -77,14 +78,46 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD) and mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` with the description as written and each option's default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` with the description as written and each option's default once: added where the option has one
+    and its help does not already name it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or "default" in help_text.lower():
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+def group_options(parser: HfArgumentParser) -> None:
+    """Show the project's options first, in groups (model, data, training), and the inherited `TrainingArguments`
+    after them; a `--no_x` switch is listed only as a note on `--x`, not with a copy of its help."""
+    trainer_fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    own_training = [name for name in HierarchicalTrainingArguments.__annotations__ if name not in trainer_fields]
+    groups = {
+        "model and calibration": {field.name for field in dataclasses.fields(ModelArguments)},
+        "data": {field.name for field in dataclasses.fields(DataArguments)},
+        "training": set(own_training),
+        "Trainer options (transformers TrainingArguments, with this project's defaults)": trainer_fields,
+    }
+    for title, names in groups.items():
+        group = parser.add_argument_group(title)
+        for action in [action for action in parser._actions if action.dest in names and action.option_strings]:
+            for container in parser._action_groups:
+                if action in container._group_actions and container is not group:
+                    container._group_actions.remove(action)
+            group._group_actions.append(action)
+    switches = {action.dest: action for action in parser._actions if action.option_strings and action.nargs != 0}
+    for action in parser._actions:
+        if action.nargs == 0 and action.dest in switches and action.option_strings[0].startswith("--no_"):
+            action.help = argparse.SUPPRESS
+            switches[action.dest].help = f"{switches[action.dest].help} ({action.option_strings[0]} turns it off.)"
 
 
 def build_parser() -> HfArgumentParser:
     """The parser of every option (the project's, then `TrainingArguments`'); a bad value raises
     `argparse.ArgumentError` instead of exiting."""
-    return HfArgumentParser(
+    parser = HfArgumentParser(
         (ModelArguments, DataArguments, HierarchicalTrainingArguments),
         usage="%(prog)s [RECIPE.json] [--option value ...]",
         description=RECIPE_HELP,
@@ -93,6 +126,8 @@ def build_parser() -> HfArgumentParser:
         allow_abbrev=False,
         exit_on_error=False,
     )
+    group_options(parser)
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, HierarchicalTrainingArguments]:
@@ -318,13 +353,15 @@ def build_trainer(
     checkpoint: str | None,
     extra_callbacks: Sequence[TrainerCallback] = (),
 ) -> HierarchicalTrainer:
-    """The trainer with its callbacks (epoch for the augmentation seeds, weight average, time budget, then
-    `extra_callbacks`) and the collator (MixUp/CutMix on both heads' targets)."""
+    """The trainer with its callbacks (epoch for the augmentation seeds, weight average, time budget, progress lines
+    when no progress bar is drawn, then `extra_callbacks`) and the collator (MixUp/CutMix on both heads' targets)."""
     callbacks = [EpochCallback(splits["train"])] if "train" in splits else []
     if training_args.do_train and training_args.ema_decay > 0:
         callbacks.append(EMACallback(training_args.ema_decay, resume_from=checkpoint))
     if training_args.max_train_minutes is not None:
         callbacks.append(TimeBudgetCallback(training_args.max_train_minutes))
+    if training_args.do_train and training_args.disable_tqdm:  # no progress bar: a timed progress line instead
+        callbacks.append(TimedProgressCallback())
     trainer = HierarchicalTrainer(
         model=model,
         args=training_args,

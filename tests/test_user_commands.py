@@ -8,16 +8,17 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 import eval_report
 import remote_resources
 import run_classification
-from conftest import PROJECT_DIR, make_parquet_dataset, run_script, small_config, tiny_args
+from conftest import PROJECT_DIR, make_parquet_dataset, small_config, tiny_args
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from option_fields import DEBUG_ENVIRONMENT_VARIABLE, run_command
 from remote_resources import needed_resources
-from run_classification import cli, parse_args
+from callbacks import PROGRESS_INTERVAL_S, TimedProgressCallback, progress_line
+from run_classification import build_parser, cli, parse_args
 from run_summary import run_summary, write_run_options
 
 RECIPE = PROJECT_DIR / "recipes" / "cpu_32px_30min.json"
@@ -57,9 +58,8 @@ def test_the_offline_hint_for_a_recipe_user_is_a_command_that_works(tmp_path):
 
 
 def test_help_says_how_to_adjust_a_recipe():
-    result = run_script("run_classification.py", "--help")
-    assert result.returncode == 0, result.stderr
-    assert "[RECIPE.json]" in result.stdout and "options after it override it" in result.stdout
+    text = build_parser().format_help()
+    assert "[RECIPE.json]" in text and "options after it override it" in text
 
 
 def test_the_readme_adjusts_a_recipe_on_the_command_line():
@@ -199,3 +199,62 @@ def test_a_finished_run_started_again_says_nothing_to_do_and_writes_nothing(tmp_
     (output_dir / "eval_results.json").unlink()  # a run stopped before its evaluation is not finished
     with pytest.raises(AssertionError, match="the run started"):
         run_classification.main(argv)
+
+
+# --help and progress in a log file
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """`{first option string: its help text}` of an argparse help page."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -"):
+            current = stripped.split()[0].rstrip(",")
+            entries[current] = stripped.split("  ", 1)[1].strip() if "  " in stripped else ""
+        elif current and line.startswith(" " * 6) and stripped:
+            entries[current] = f"{entries[current]} {stripped}".strip()
+        else:
+            current = None
+    return entries
+
+
+def test_help_lists_the_projects_options_first_each_default_once_and_no_negation_copies():
+    text = build_parser().format_help()
+    titles = ["model and calibration:", "data:", "training:", "Trainer options (transformers TrainingArguments"]
+    positions = [text.index(f"\n{title}") for title in titles]
+    assert positions == sorted(positions)
+    assert positions[2] < text.index("--lr_conv") < positions[3] < text.index("--per_device_train_batch_size")
+    entries = help_entries(text)
+    assert not [option for option in entries if option.startswith("--no_")]
+    assert "(--no_calibrate turns it off.)" in entries["--calibrate"]
+    for option, help_text in entries.items():  # "(default: x)" added once, and only where the help names none
+        assert help_text.count("(default:") <= 1, (option, help_text)
+        assert "(default:" not in help_text or "default" not in help_text.split("(default:")[0].lower(), option
+    own = [help_text for option, help_text in entries.items() if text.index(option) < positions[3] and help_text]
+    assert len(own) == len(set(own)), "an option of the project repeats another's help"
+    assert entries["--image_size"] == "Input resolution (default 224)."
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_is_logged_at_a_fixed_interval_with_rate_and_time_left(caplog):
+    clock = FakeClock()
+    callback = TimedProgressCallback(interval=PROGRESS_INTERVAL_S, clock=clock)
+    state = TrainerState(global_step=20, max_steps=220)  # resumed at step 20
+    callback.on_train_begin(None, state, TrainerControl())
+    with caplog.at_level(logging.INFO, logger="callbacks"):
+        for _ in range(100):  # a step every 0.5 s: a line every 60 steps
+            clock.now += 0.5
+            state.global_step += 1
+            callback.on_step_end(None, state, TrainerControl())
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["step 80/220 (36%), 2.00 steps/s, 1m10s left"]
+    assert progress_line(10, 100_000, 10.0, 10) == "step 10/100000 (0%), 1.00 steps/s, 27h46m left"
