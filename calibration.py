@@ -60,7 +60,7 @@ class CalibrationArguments:
     selective_target_accuracy: float | None = option(
         0.9,
         "Accuracy that the selective answers (class, else superclass, else 'unknown') must reach on new "
-        "data; the threshold is chosen for it. 0 (or null in a JSON file) skips choosing a threshold.",
+        "data; the threshold is chosen for it. 0 skips choosing a threshold.",
     )
     selective_confidence: float = option(
         0.9,
@@ -266,15 +266,23 @@ class CalibrationResult:
     threshold: SelectiveThreshold | None
 
 
+def calibration_count(num_samples: int, fraction: float) -> int:
+    """How many of `num_samples` validation images `--calibration_split_fraction` (`fraction`) calibrates on;
+    `ValueError` naming the option and both parts' sizes when one part would be empty."""
+    count = num_samples if fraction >= 1.0 else int(round(fraction * num_samples))
+    if not 0 < count <= num_samples or (fraction < 1.0 and count == num_samples):
+        raise ValueError(
+            f"--calibration_split_fraction {fraction} of {num_samples} validation images leaves an empty part: "
+            f"{count} to calibrate on and {num_samples - count} held out; give a share that leaves both non-empty"
+        )
+    return count
+
+
 def split_rows(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
     """A seeded split of `range(num_samples)` into a `fraction` for calibration and the rest (sorted rows)."""
     if fraction >= 1.0:
         return np.arange(num_samples), None
-    count = int(round(fraction * num_samples))
-    if not 0 < count < num_samples:
-        raise ValueError(
-            f"calibration_split_fraction {fraction} of {num_samples} validation images leaves an empty part"
-        )
+    count = calibration_count(num_samples, fraction)
     order = np.random.default_rng(seed).permutation(num_samples)
     return np.sort(order[:count]), np.sort(order[count:])
 
@@ -403,6 +411,7 @@ __all__ = [
     "HierarchicalScores",
     "MIN_CALIBRATION_IMAGES",
     "calibrate_and_select",
+    "calibration_count",
     "evaluate_calibration",
     "hierarchical_scores",
     "split_rows",

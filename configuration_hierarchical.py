@@ -10,6 +10,10 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+# The range of the stored temperatures: the fitter keeps them in it, a config outside it is refused. At 100 a head's
+# probabilities are practically uniform, so the consistent distribution is practically the other head's alone.
+TEMPERATURE_RANGE = (0.01, 100.0)
+
 # The official CIFAR-100 tables: fine names in official (alphabetical) order, the 20 superclass
 # names in official order, and the superclass index of every fine class.
 CIFAR100_FINE_LABELS = [
@@ -164,8 +168,8 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         self.coarse_label_names = list(CIFAR100_COARSE_LABELS if coarse_label_names is None else coarse_label_names)
         self.image_mean = list(IMAGENET_MEAN if image_mean is None else image_mean)
         self.image_std = list(IMAGENET_STD if image_std is None else image_std)
-        self.fine_class_weights = None if fine_class_weights is None else [float(w) for w in fine_class_weights]
-        self.coarse_class_weights = None if coarse_class_weights is None else [float(w) for w in coarse_class_weights]
+        self.fine_class_weights = _float_list("fine_class_weights", fine_class_weights)
+        self.coarse_class_weights = _float_list("coarse_class_weights", coarse_class_weights)
         self.backbone_weights = os.fspath(backbone_weights) if backbone_weights is not None else None
         self.num_frozen_stages = num_frozen_stages
         self.dropout = dropout
@@ -236,23 +240,32 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         """Freezing, regularisation, the loss, the input images, the class weights and the backbone weights."""
         self._check_fields(
             ("num_frozen_stages",),
-            lambda value: isinstance(value, int) and 0 <= value <= NUM_BACKBONE_STAGES,
-            f"be in [0, {NUM_BACKBONE_STAGES}]",
+            lambda value: _is_integer(value) and 0 <= value <= NUM_BACKBONE_STAGES,
+            f"be in [0, {NUM_BACKBONE_STAGES}] (an integer)",
         )
         self._check_fields(
             ("dropout", "drop_path_rate", "label_smoothing"),
-            lambda value: math.isfinite(value) and 0.0 <= value < 1.0,
-            "be in [0, 1)",
+            lambda value: _is_number(value) and math.isfinite(value) and 0.0 <= value < 1.0,
+            "be in [0, 1) (a number)",
         )
         self._check_fields(
-            ("coarse_loss_weight",), lambda value: math.isfinite(value) and value >= 0, "be a finite number >= 0"
+            ("coarse_loss_weight",),
+            lambda value: _is_number(value) and math.isfinite(value) and value >= 0,
+            "be a finite number >= 0",
         )
-        self._check_fields(("image_size",), lambda value: isinstance(value, int) and value >= 16, "be an integer >= 16")
-        self._check_fields(("num_channels",), lambda value: value == 3, "be 3 (the backbone takes RGB input)")
-        channels = f"hold {self.num_channels} values (std > 0)"
-        self._check_fields(("image_mean",), lambda value: len(value) == self.num_channels, channels)
+        self._check_fields(("fine_head_uses_coarse_logits", "channels_last"), _is_bool, "be true or false")
+        self._check_fields(("image_size",), lambda value: _is_integer(value) and value >= 16, "be an integer >= 16")
+        self._check_fields(("num_channels",), lambda value: _is_integer(value) and value == 3, "be 3 (RGB input)")
+        channels = f"hold {self.num_channels} values (finite numbers)"
         self._check_fields(
-            ("image_std",), lambda value: not (len(value) != self.num_channels or min(value) <= 0), channels
+            ("image_mean",),
+            lambda value: len(value) == self.num_channels and all(_is_finite_number(v) for v in value),
+            channels,
+        )
+        self._check_fields(
+            ("image_std",),
+            lambda value: len(value) == self.num_channels and all(_is_finite_number(v) and v > 0 for v in value),
+            f"hold {self.num_channels} values (finite numbers > 0)",
         )
         for field, size in (("fine_class_weights", self.num_labels), ("coarse_class_weights", self.num_coarse_labels)):
             weights = getattr(self, field)
@@ -270,8 +283,8 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         """The temperatures, the selective threshold and what it was chosen for."""
         self._check_fields(
             ("fine_temperature", "coarse_temperature"),
-            lambda value: _is_number(value) and math.isfinite(value) and value > 0,
-            "be a finite number > 0",
+            lambda value: _is_number(value) and TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1],
+            f"be a finite number > 0 in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}] (the range they are fitted in)",
         )
         self._check_fields(
             ("selective_threshold",),
@@ -331,6 +344,30 @@ def _pretrained_config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _is_number(value: Any) -> bool:
     """Whether `value` is an int or float (not a bool); NaN passes here and fails the range checks."""
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """Whether `value` is an int or a finite float (not a bool)."""
+    return _is_number(value) and math.isfinite(value)
+
+
+def _is_integer(value: Any) -> bool:
+    """Whether `value` is an int (not a bool: `true` in a config file is not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_bool(value: Any) -> bool:
+    """Whether `value` is `True` or `False` (not 0, 1 or a string)."""
+    return isinstance(value, bool)
+
+
+def _float_list(field: str, values: list[float] | None) -> list[float] | None:
+    """`values` as floats, or None; `ValueError` naming `field` when an entry is not a number."""
+    if values is None:
+        return None
+    if isinstance(values, str | bytes) or not all(_is_number(value) for value in values):
+        raise ValueError(f"{field} must be a list of numbers, got {values!r}")
+    return [float(value) for value in values]
 
 
 __all__ = ["HierarchicalEfficientNetV2Config"]

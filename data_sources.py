@@ -44,7 +44,8 @@ CIFAR_PYTHON_FILES = ("train", "test", "meta")
 
 LOCAL_DATA_HINT = (
     "make a local copy once on a machine with internet access (`python data_utils.py download cifar100-local`), "
-    "copy that folder here and pass --dataset_name cifar100-local"
+    "copy that folder here and pass --dataset_name cifar100-local (after the recipe's file name, when a recipe "
+    "is used: options after it override it)"
 )
 
 

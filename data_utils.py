@@ -12,6 +12,7 @@ used, it is seeded from such a seed first, so a resumed run sees the same augmen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
 from datasets import Dataset, DatasetDict
@@ -54,6 +55,28 @@ def source_splits(args: DataArguments, splits: Collection[str] | None) -> list[s
     names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
     wanted = [names[split] for split in splits]
     return wanted + [args.train_split_name] if "validation" in splits else wanted
+
+
+def planned_split_sizes(args: DataArguments, source_sizes: dict[str, int]) -> dict[str, int]:
+    """The rows each split will have, from the row counts of the source's splits (`{source split name: rows}`):
+    the validation share carved from "train" (as `split_train_validation` carves it) and the `max_*_samples`
+    limits. `ValueError` naming `--train_val_split` when carving would leave an empty split, before any work."""
+    names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
+    sizes = {split: source_sizes[name] for split, name in names.items() if name in source_sizes}
+    if "validation" not in sizes and "train" in sizes and args.train_val_split > 0:
+        rows = sizes["train"]
+        validation = math.ceil(args.train_val_split * rows)  # the rule of `datasets.Dataset.train_test_split`
+        if not 0 < validation < rows:
+            raise ValueError(
+                f"--train_val_split {args.train_val_split} of the {rows} training rows leaves {rows - validation} "
+                f"to train on and {validation} for validation; give a share that leaves both non-empty"
+            )
+        sizes["train"], sizes["validation"] = rows - validation, validation
+    for split, option_name in SPLIT_LIMITS.items():
+        limit = getattr(args, option_name)
+        if split in sizes and limit is not None:
+            sizes[split] = min(sizes[split], limit)
+    return sizes
 
 
 def prepare_datasets(
@@ -184,6 +207,7 @@ __all__ = [
     "evaluation_inputs",
     "derive_seed",
     "load_raw_datasets",
+    "planned_split_sizes",
     "prepare_datasets",
     "prepare_datasets_with_record",
     "to_rgb",

@@ -45,7 +45,7 @@ from data_utils import (
 from hierarchy_metrics import compute_hierarchy_metrics
 from model_loading import load_saved_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
-from option_fields import PROJECT_LOGGER
+from option_fields import ERRORS_HELP, PROJECT_LOGGER, run_command
 from provenance import PROVENANCE_NAME, read_record
 from report_data import compute_report_data
 from report_figures import FIGURE_NAMES, draw_figures
@@ -237,7 +237,11 @@ def predict_split(
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Command line: `python eval_report.py MODEL_DIR --dataset_name PATH [--split test] [data options]`."""
     parser = HfArgumentParser(
-        DataArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+        DataArguments,
+        description=__doc__,
+        epilog=ERRORS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("model_dir", help="Saved model folder (save_pretrained / run_classification.py output).")
     parser.add_argument("--split", default="test", choices=tuple(SPLIT_LIMITS), help="Split to evaluate.")
@@ -284,7 +288,4 @@ __all__ = [
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # a user error: one line, no traceback
-        raise SystemExit(f"error: {error}") from None
+    run_command(main)

@@ -8,10 +8,10 @@ The metric runs offline: it is defined here rather than fetched from the Hub, an
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any
 
-import datasets
-import evaluate
 import numpy as np
 
 _DESCRIPTION = """Hierarchical classification metrics for a model with a fine head and a coarse head:
@@ -39,39 +39,60 @@ Example:
 """
 
 
-class HierarchicalAccuracy(evaluate.Metric):
-    """`evaluate` metric for hierarchical (superclass + class) image classification."""
+@functools.cache
+def _hierarchical_accuracy_class() -> type:
+    """[`HierarchicalAccuracy`], defined on first use: importing `evaluate` (which imports `transformers.pipelines`)
+    takes seconds that `--help`, an option error or a run's start-up need not wait for."""
+    import datasets
+    import evaluate
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("int64")),
-                    "references": datasets.Value("int64"),
-                    "coarse_predictions": datasets.Value("int64"),
-                    "coarse_references": datasets.Value("int64"),
-                }
-            ),
-        )
+    class HierarchicalAccuracy(evaluate.Metric):
+        """`evaluate` metric for hierarchical (superclass + class) image classification."""
 
-    def _compute(
-        self,
-        predictions: list[list[int]],
-        references: list[int],
-        coarse_predictions: list[int],
-        coarse_references: list[int],
-        fine_to_coarse: list[int],
-    ) -> dict[str, float]:
-        return hierarchy_scores(
-            np.asarray(predictions),
-            np.asarray(references),
-            np.asarray(coarse_predictions),
-            np.asarray(coarse_references),
-            np.asarray(fine_to_coarse),
-        )
+        def _info(self) -> evaluate.MetricInfo:
+            return evaluate.MetricInfo(
+                description=_DESCRIPTION,
+                citation="",
+                inputs_description=_KWARGS_DESCRIPTION,
+                features=datasets.Features(
+                    {
+                        "predictions": datasets.Sequence(datasets.Value("int64")),
+                        "references": datasets.Value("int64"),
+                        "coarse_predictions": datasets.Value("int64"),
+                        "coarse_references": datasets.Value("int64"),
+                    }
+                ),
+            )
+
+        def _compute(
+            self,
+            predictions: list[list[int]],
+            references: list[int],
+            coarse_predictions: list[int],
+            coarse_references: list[int],
+            fine_to_coarse: list[int],
+        ) -> dict[str, float]:
+            return hierarchy_scores(
+                np.asarray(predictions),
+                np.asarray(references),
+                np.asarray(coarse_predictions),
+                np.asarray(coarse_references),
+                np.asarray(fine_to_coarse),
+            )
+
+    HierarchicalAccuracy.__qualname__ = "HierarchicalAccuracy"
+    return HierarchicalAccuracy
+
+
+def __getattr__(name: str) -> Any:
+    """`HierarchicalAccuracy`, the `evaluate` metric, built on first use."""
+    if name == "HierarchicalAccuracy":
+        return _hierarchical_accuracy_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if "evaluate" in sys.modules:  # loaded by `evaluate.load`, which looks for the metric among the module's names
+    HierarchicalAccuracy = _hierarchical_accuracy_class()
 
 
 def hierarchy_scores(
@@ -113,7 +134,7 @@ def compute_hierarchy_metrics(
 ) -> dict[str, float]:
     """Run [`HierarchicalAccuracy`] on raw head outputs (`(n, num_labels)` and `(n, num_coarse)` logits)."""
     top_k = np.argsort(-logits, axis=1, kind="stable")[:, : min(5, logits.shape[1])]
-    metric = HierarchicalAccuracy(keep_in_memory=True)
+    metric = _hierarchical_accuracy_class()(keep_in_memory=True)
     return metric.compute(
         predictions=top_k,
         references=np.asarray(labels),

@@ -1,12 +1,18 @@
 """`option()`: the dataclass field of a command-line option, as `HfArgumentParser` reads it;
-`check_finite_options`, the check every options dataclass runs first; and `PROJECT_LOGGER`, the logger every module
-but the model files logs under."""
+`check_finite_options`, the check every options dataclass runs first; `PROJECT_LOGGER`, the logger every module but
+the model files logs under; and `options_file_argv`, which turns a JSON options file into the command line that says
+the same, so that a file is parsed and checked as the command line is."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
-from collections.abc import Callable
+import os
+import sys
+import typing
+from collections.abc import Callable, Collection
 from typing import Any
 
 # Every module but the four model files logs under this name, so that an entry point sets one level for them all.
@@ -41,4 +47,127 @@ def check_finite_options(arguments: object) -> None:
             raise ValueError(f"--{declared.name} must be a finite number, got {value}")
 
 
-__all__ = ["PROJECT_LOGGER", "check_finite_options", "option"]
+# Set to 1 to keep the traceback of a user error (`--debug` is a `TrainingArguments` option of its own).
+DEBUG_ENVIRONMENT_VARIABLE = "HIERARCHICAL_DEBUG"
+# What a user's input causes: a bad option, value or file, a missing split, column or download. Anything else is a bug.
+USER_ERRORS = (ValueError, OSError)
+USER_ERROR_EXIT_STATUS = 2  # as argparse exits on a bad command line
+ERRORS_HELP = (
+    "A mistake in the options, the data or a file ends the command with one 'error: ...' line (exit status 2);\n"
+    f"{DEBUG_ENVIRONMENT_VARIABLE}=1 shows its traceback. Any other failure shows its traceback."
+)
+
+
+def run_command(main: Callable[[], Any]) -> None:
+    """Run a script's `main`: a user error (`USER_ERRORS`) ends it with one `error: ...` message on stderr and exit
+    status 2; any other exception is a bug and keeps its traceback, as user errors do with `HIERARCHICAL_DEBUG=1`."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        if os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "0") not in ("", "0"):
+            raise
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(USER_ERROR_EXIT_STATUS) from None
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.load` hook: a JSON object, refusing a key given twice (JSON would keep the last one silently)."""
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"the key {duplicates[0]!r} is given more than once")
+    return dict(pairs)
+
+
+def _accepts_dict(parser: argparse.ArgumentParser, dest: str) -> bool:
+    """Whether the dataclass field `dest` of an `HfArgumentParser` is declared to take a dict (given on the command
+    line as a JSON string, as `TrainingArguments`' `fsdp_config` or `lr_scheduler_kwargs`)."""
+    for dataclass_type in getattr(parser, "dataclass_types", ()):
+        hints = typing.get_type_hints(dataclass_type)
+        if dest in hints:
+            return "dict" in str(hints[dest])
+    return False
+
+
+def _option_value(parser: argparse.ArgumentParser, action: argparse.Action, value: Any) -> list[str] | str:
+    """The command-line words for the JSON `value` of `action`'s option, or a string saying what JSON type the
+    option takes (when `value` is not of it)."""
+    converter = action.type
+    if isinstance(value, list) and action.nargs in ("+", "*"):
+        words = [_option_value(parser, action, item) for item in value]
+        problem = next((word for word in words if isinstance(word, str)), None)
+        return [word for item in words for word in item] if problem is None else f"a list, each item {problem}"
+    if getattr(converter, "__name__", "") == "string_to_bool":
+        return ["true" if value else "false"] if isinstance(value, bool) else "a boolean (true or false)"
+    if isinstance(value, bool):  # a boolean is not a number nor a name
+        value = None
+    if converter is int:
+        return [str(value)] if isinstance(value, int) else "an integer"
+    if converter is float:
+        return [repr(float(value))] if isinstance(value, int | float) else "a number"
+    if isinstance(value, dict) and _accepts_dict(parser, action.dest):
+        return [json.dumps(value)]
+    return [value] if isinstance(value, str) else "a string"
+
+
+def options_file_argv(
+    parser: argparse.ArgumentParser, path: str | os.PathLike, skip: Collection[str] = ()
+) -> list[str]:
+    """The command line that says what the JSON options file `path` says, for `parser` to parse as any other.
+
+    The file holds one JSON object of `{option: value}`. Each value must have the JSON type of its option: a
+    boolean (`true`/`false`) for a switch, a number for a numeric option (an integer for an integer option),
+    a string for a name, a list (or one value) for an option that takes several values, an object for an option
+    that takes a dict. `null` is accepted only where the option's default is unset (it then stays unset). A value
+    of another type, a string `"false"` for a switch or `"1e-3"` for a number, is a `ValueError` naming the key and
+    the type it takes; an unknown key is reported as an unknown option. Keys in `skip` are left out.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"options file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as file:
+            options = json.load(file, object_pairs_hook=_reject_duplicate_keys)
+    except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"options file {path!r} is not a JSON object of options: {error}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"options file {path!r} must hold a JSON object of options, got {type(options).__name__}")
+    actions = {}
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0:  # the --no_x switches share the dest of --x
+            actions.setdefault(action.dest, action)
+    argv: list[str] = []
+    for key, value in options.items():
+        if key in skip:
+            continue
+        action = actions.get(key)
+        if action is None:  # reported with the command line's unknown options, with a suggestion
+            argv += [f"--{key}", json.dumps(value)]
+            continue
+        if value is None:
+            if action.default is not None:
+                raise ValueError(
+                    f"options file {path!r}: {key!r} cannot be null (its default is {action.default!r}); "
+                    "leave the key out for the default"
+                )
+            continue
+        words = _option_value(parser, action, value)
+        if isinstance(words, str):
+            raise ValueError(
+                f"options file {path!r}: {key!r} takes {words}, as on the command line, got {json.dumps(value)}"
+            )
+        argv += [action.option_strings[0], *words]
+    return argv
+
+
+__all__ = [
+    "DEBUG_ENVIRONMENT_VARIABLE",
+    "PROJECT_LOGGER",
+    "ERRORS_HELP",
+    "USER_ERRORS",
+    "USER_ERROR_EXIT_STATUS",
+    "check_finite_options",
+    "option",
+    "options_file_argv",
+    "run_command",
+]

@@ -91,10 +91,21 @@ def needed_resources(
     backbone_weights: str | None = None,
     cache_dir: str | None = None,
     revision: str | None = None,
+    push_to_hub: bool = False,
 ) -> list[Resource]:
-    """The remote resources a run with these options downloads, with whether each is cached here (`None`: the
-    option is not given; no model to start from, random backbone weights)."""
+    """The remote resources a run with these options downloads (or, with `push_to_hub`, uploads to), with whether
+    each is cached here (`None`: the option is not given; no model to start from, random backbone weights)."""
     needed = []
+    if push_to_hub:
+        needed.append(
+            Resource(
+                "the Hub, to upload the model at the end (--push_to_hub)",
+                False,
+                "hub",
+                "leave out --push_to_hub and upload the output folder later from a machine with internet access "
+                "(`hf upload NAME OUTPUT_DIR`)",
+            )
+        )
     if is_hub_dataset(dataset_name):
         needed.append(
             Resource(
@@ -136,8 +147,10 @@ def check_remote_resources(
     backbone_weights: str | None,
     cache_dir: str | None = None,
     revision: str | None = None,
+    push_to_hub: bool = False,
 ) -> None:
-    """Fail fast, naming everything missing at once, when a needed resource is neither cached nor reachable.
+    """Fail fast, naming everything missing at once, when a needed resource is neither cached nor reachable (the
+    Hub, with `push_to_hub`, must be reachable).
 
     Probes the Hub (once, with a short timeout) when the run needs anything from it; when it does not answer,
     switches on offline mode so that cached resources load from the cache. Raises `FileNotFoundError` listing every
@@ -149,6 +162,7 @@ def check_remote_resources(
         backbone_weights=backbone_weights,
         cache_dir=cache_dir,
         revision=revision,
+        push_to_hub=push_to_hub,
     )
     offline_asked = hub_constants.HF_HUB_OFFLINE
     reachable: dict[str, bool] = {}

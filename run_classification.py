@@ -6,19 +6,23 @@
     python run_classification.py recipes/cpu_32px_30min.json
 
 Options are the dataclasses of `training_args.py` and `data_utils.py` plus every `TrainingArguments` option; a
-single `.json` file may hold them all.
+`.json` recipe given first may hold any of them, and the options after it override it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
+import dataclasses
 import difflib
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import datasets
 import transformers
@@ -26,27 +30,34 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 
-from calibration import calibrate_and_select, evaluate_calibration, subset_prediction
-from callbacks import EMACallback, TimeBudgetCallback
-from checkpoints import output_dir_lock, resolve_checkpoint
+from calibration import calibrate_and_select, calibration_count, evaluate_calibration, subset_prediction
+from callbacks import EMACallback, TimeBudgetCallback, TimedProgressCallback
+from checkpoints import checkpoint_problem, find_checkpoints, output_dir_lock, resolve_checkpoint
 from collation import EpochCallback, HierarchicalCollator
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_sources import load_raw_datasets
-from data_utils import DataArguments, apply_transforms, prepare_datasets_with_record, source_splits
+from data_utils import DataArguments, apply_transforms, planned_split_sizes, prepare_datasets_with_record, source_splits
 from eval_report import report_folder, write_prediction_report
 from hierarchy_data import balanced_class_weights, discover_hierarchy, set_class_weights
 from label_columns import data_columns
 from model_loading import load_model
 from modeling_hierarchical import build_image_processor
-from option_fields import PROJECT_LOGGER
+from option_fields import ERRORS_HELP, PROJECT_LOGGER, options_file_argv, run_command
 from provenance import PROVENANCE_NAME, DataRecord, check_resumed_data, read_record
 from remote_resources import check_remote_resources
-from run_summary import quiet_transformers, run_summary, write_run_options
+from run_summary import OPTIONS_FILE, quiet_transformers, run_options, run_summary, write_run_options
 from trainer import HierarchicalTrainer, compute_metrics, parameter_groups
-from training_args import HierarchicalTrainingArguments, ModelArguments, check_batch_fits
+from training_args import OPTION_ALIASES, HierarchicalTrainingArguments, ModelArguments, check_batch_fits
 
 logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 
+RECIPE_HELP = """Train, evaluate and calibrate the hierarchical classifier.
+
+A recipe is a JSON file of {"option": value} given as the first argument; options after it override it:
+    python run_classification.py recipes/cpu_32px_30min.json --dataset_name my-data --output_dir outputs/mine
+Each value has the JSON type of its option (true/false for a switch, a number for a number)."""
+
+INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest; smaller blocks come from the heap, which is reused
 MALLOC_TRIM_THRESHOLD = 2**30  # free heap kept before any is handed back to the system
 
@@ -66,15 +77,69 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD) and mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` with the description as written and each option's default once: added where the option has one
+    and its help does not already name it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or "default" in help_text.lower():
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+def group_options(parser: HfArgumentParser) -> None:
+    """Show the project's options first, in groups (model, data, training), and the inherited `TrainingArguments`
+    after them; a `--no_x` switch is listed only as a note on `--x`, not with a copy of its help."""
+    trainer_fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    own_training = [name for name in HierarchicalTrainingArguments.__annotations__ if name not in trainer_fields]
+    groups = {
+        "model and calibration": {field.name for field in dataclasses.fields(ModelArguments)},
+        "data": {field.name for field in dataclasses.fields(DataArguments)},
+        "training": set(own_training),
+        "Trainer options (transformers TrainingArguments, with this project's defaults)": trainer_fields,
+    }
+    for title, names in groups.items():
+        group = parser.add_argument_group(title)
+        for action in [action for action in parser._actions if action.dest in names and action.option_strings]:
+            for container in parser._action_groups:
+                if action in container._group_actions and container is not group:
+                    container._group_actions.remove(action)
+            group._group_actions.append(action)
+    switches = {action.dest: action for action in parser._actions if action.option_strings and action.nargs != 0}
+    for action in parser._actions:
+        if action.nargs == 0 and action.dest in switches and action.option_strings[0].startswith("--no_"):
+            action.help = argparse.SUPPRESS
+            switches[action.dest].help = f"{switches[action.dest].help} ({action.option_strings[0]} turns it off.)"
+
+
+def build_parser() -> HfArgumentParser:
+    """The parser of every option (the project's, then `TrainingArguments`'); a bad value raises
+    `argparse.ArgumentError` instead of exiting."""
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, HierarchicalTrainingArguments),
+        usage="%(prog)s [RECIPE.json] [--option value ...]",
+        description=RECIPE_HELP,
+        epilog=f"{ERRORS_HELP}\nCtrl-C stops a run and names the checkpoint that the same command resumes from.",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+        exit_on_error=False,
+    )
+    group_options(parser)
+    return parser
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, HierarchicalTrainingArguments]:
-    """Parse the command line, or a single `.json` file holding every option."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, HierarchicalTrainingArguments), allow_abbrev=False)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        if not os.path.isfile(argv[0]):
-            raise ValueError(f"options file {argv[0]!r} does not exist")
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    """Parse the command line. A first argument ending in `.json` is a recipe: its options are read as if given
+    first on the command line (`options_file_argv`), so the options that follow it override them."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".json"):
+        argv = [*options_file_argv(parser, argv[0], skip=overridden_options(parser, argv[1:])), *argv[1:]]
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except argparse.ArgumentError as error:
+        raise ValueError(str(error)) from None
     if unknown:
         known = [option for action in parser._actions for option in action.option_strings if "-" not in option[2:]]
         hints = [
@@ -86,6 +151,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         ]
         raise ValueError(f"unknown options: {', '.join(hints or unknown)}; `--help` lists every option")
     return tuple(parsed)
+
+
+def overridden_options(parser: HfArgumentParser, argv: list[str]) -> set[str]:
+    """The options that `argv` sets, with their aliases (`--epochs` overrides a recipe's `num_train_epochs`)."""
+    given = {
+        parser._option_string_actions[arg.split("=")[0]].dest
+        for arg in argv
+        if arg.split("=")[0] in parser._option_string_actions
+    }
+    return given.union(*(aliases for aliases in OPTION_ALIASES if given.intersection(aliases)))
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -111,23 +186,34 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
-    """Parse options, hold the output folder, then [`run`]; return all metrics. `callbacks` are added to the
-    Trainer's, after the script's own."""
+    """Parse options, check them against the data, hold the output folder, then [`run`]; return all metrics.
+    `callbacks` are added to the Trainer's, after the script's own. A run already finished with the same options
+    does nothing and returns its metrics. Ctrl-C raises `KeyboardInterrupt` saying where the run can resume."""
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
+    check_run_options(model_args, training_args)
+    finished = finished_run_metrics(model_args, data_args, training_args)
+    if finished is not None:
+        return finished
     image_size = model_args.image_size or HierarchicalEfficientNetV2Config().image_size
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         check_batch_fits(getattr(training_args, name), image_size)
-    check_run_options(model_args, training_args)
-    check_remote_resources(  # everything the run would download, named at once, before anything is written
+    check_remote_resources(  # everything the run would download or upload, named at once, before anything is written
         data_args.dataset_name,
         model_args.model_name_or_path,
         model_args.backbone_weights,
         cache_dir=data_args.cache_dir,
         revision=model_args.model_revision,
+        push_to_hub=training_args.push_to_hub,
     )
-    with output_dir_lock(training_args.output_dir) if training_args.should_save else contextlib.nullcontext():
-        return run(model_args, data_args, training_args, callbacks)
+    with training_args.main_process_first(desc="dataset loading"):
+        raw = load_raw_datasets(data_args, source_splits(data_args, used_splits(training_args)))
+    check_split_options(model_args, data_args, training_args, raw)
+    try:
+        with output_dir_lock(training_args.output_dir) if training_args.should_save else contextlib.nullcontext():
+            return run(model_args, data_args, training_args, callbacks, raw=raw)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interruption_note(training_args)) from None
 
 
 def check_run_options(model_args: ModelArguments, training_args: HierarchicalTrainingArguments) -> None:
@@ -138,20 +224,104 @@ def check_run_options(model_args: ModelArguments, training_args: HierarchicalTra
         raise ValueError("evaluating without --do_train needs --model_name_or_path (a trained model)")
 
 
-def load_data_and_model(
+def check_split_options(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: HierarchicalTrainingArguments,
+    raw: DatasetDict,
+) -> None:
+    """Refuse, as soon as the source's splits are known and before the output folder is made, options that need a
+    split the data does not have (`--do_eval`, `--do_predict`) or that would leave one empty: `--train_val_split`
+    (an empty training or validation split) and `--calibration_split_fraction` (an empty part of the validation
+    split, found otherwise only after training)."""
+    sizes = planned_split_sizes(data_args, {name: len(split) for name, split in raw.items()})
+    found = f"the data {data_args.dataset_name!r} has the splits {list(raw)}"
+    if training_args.do_eval and "validation" not in sizes:
+        raise ValueError(
+            f"--do_eval needs a validation split: {found}, none named {data_args.validation_split_name!r}; pass "
+            "--validation_split_name with one of them, or --train_val_split > 0 to carve one from the training split"
+        )
+    if training_args.do_predict and "test" not in sizes:
+        raise ValueError(
+            f"--do_predict needs a test split: {found}, none named {data_args.test_split_name!r}; pass "
+            "--test_split_name with one of them, or leave out --do_predict"
+        )
+    if training_args.do_eval and model_args.calibrate:
+        calibration_count(sizes["validation"], model_args.calibration_split_fraction)
+
+
+def finished_run_metrics(
     model_args: ModelArguments, data_args: DataArguments, training_args: HierarchicalTrainingArguments
+) -> dict[str, float] | None:
+    """The metrics (`all_results.json`) of the run in `output_dir` when it ran with these same options and wrote
+    the results of every task of this run (`train_results.json`, `eval_results.json`, `test_results.json`); it is
+    then logged that there is nothing to do. None otherwise: the run starts (or resumes)."""
+    folder = Path(training_args.output_dir)
+    tasks = {"train": "train_results.json", "eval": "eval_results.json", "predict": "test_results.json"}
+    results = [folder / name for task, name in tasks.items() if getattr(training_args, f"do_{task}")]
+    if not all(path.is_file() for path in [folder / OPTIONS_FILE, folder / "all_results.json", *results]):
+        return None
+    this_run = json.loads(json.dumps(run_options(model_args, data_args, training_args)))
+    try:
+        if json.loads((folder / OPTIONS_FILE).read_text()) != this_run:
+            return None
+        metrics = json.loads((folder / "all_results.json").read_text())
+    except (OSError, ValueError):  # unreadable: not a finished run this one can stand for
+        return None
+    done = "Evaluation already finished"
+    if training_args.do_train:
+        try:
+            state = json.loads((folder / "trainer_state.json").read_text())
+            done = f"Training already finished at step {state['global_step']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            done = "Training already finished"
+    logger.warning(
+        "%s: nothing to do; %s holds the finished run of these same options, whose results are kept (%s). Change an "
+        "option or --output_dir to run again.",
+        done,
+        folder,
+        ", ".join(path.name for path in results),
+    )
+    return metrics
+
+
+def interruption_note(training_args: HierarchicalTrainingArguments) -> str:
+    """What a user needs after Ctrl-C: the last complete checkpoint, and that the same command resumes from it."""
+    if not training_args.do_train:
+        return "nothing of this evaluation is kept; the same command starts it again"
+    for path in reversed(find_checkpoints(training_args.output_dir)):
+        if checkpoint_problem(path, needs_ema=training_args.ema_decay > 0) is None:
+            return f"the last complete checkpoint is {path}; the same command resumes from it"
+    return "no checkpoint was complete yet; the same command starts training again"
+
+
+def cli(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> None:
+    """[`main`] for the command line: user errors as one `error:` line (exit status 2), Ctrl-C as one line that
+    says where the run resumes (exit status 130)."""
+    try:
+        run_command(partial(main, argv, callbacks))
+    except KeyboardInterrupt as interruption:
+        sys.stderr.write(f"\ninterrupted: {interruption or 'before the run started'}\n")
+        raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
+
+
+def load_data_and_model(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: HierarchicalTrainingArguments,
+    raw: DatasetDict | None = None,
 ) -> tuple[nn.Module, DatasetDict, str | None, DataRecord | None, str]:
-    """Load the data, the model whose heads fit its classes and the checkpoint to resume from; return the model,
-    the splits with their transforms attached, the checkpoint (None for a fresh start), the record of the data
-    the model is trained on (`provenance.py`: this run's when it trains, else the one saved with the model) and
-    which columns of the data were read.
+    """Load the data (unless `raw`, the source's splits, is given), the model whose heads fit its classes and the
+    checkpoint to resume from; return the model, the splits with their transforms attached, the checkpoint (None
+    for a fresh start), the record of the data the model is trained on (`provenance.py`: this run's when it trains,
+    else the one saved with the model) and which columns of the data were read.
 
     A checkpoint of another run (other label tables, optimizer groups or data) is refused before any training. An
     evaluation of a saved model's validation split evaluates the rows recorded with it, whatever `--seed` says. An
     evaluation-only run reads only the splits it evaluates."""
-    wanted = used_splits(training_args)
-    with training_args.main_process_first(desc="dataset loading"):
-        raw = load_raw_datasets(data_args, source_splits(data_args, wanted))
+    if raw is None:
+        with training_args.main_process_first(desc="dataset loading"):
+            raw = load_raw_datasets(data_args, source_splits(data_args, used_splits(training_args)))
     first_split = next(name for name in (data_args.train_split_name, data_args.validation_split_name,
                                          data_args.test_split_name, *raw) if name in raw)  # fmt: skip
     columns = data_columns(raw[first_split], data_args).describe()
@@ -178,7 +348,7 @@ def load_data_and_model(
             raw=raw,
             recorded=recorded if training_args.do_eval else None,
             recorded_in=f"--model_name_or_path {source!r}",
-            splits=wanted,
+            splits=used_splits(training_args),
         )
     if checkpoint is not None:
         check_resumed_data(checkpoint, record, data_args.allow_data_mismatch)
@@ -192,10 +362,6 @@ def load_data_and_model(
     if training_args.sync_batchnorm and training_args.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     splits = apply_transforms(splits, config, data_args, seed=training_args.seed)
-    if training_args.do_eval and "validation" not in splits:
-        raise ValueError("--do_eval needs a validation split: set --train_val_split > 0 or provide one")
-    if training_args.do_predict and "test" not in splits:
-        raise ValueError(f"--do_predict needs a test split ({data_args.test_split_name!r} not found)")
     return model, splits, checkpoint, record if training_args.do_train else recorded, columns
 
 
@@ -235,14 +401,16 @@ def build_trainer(
     extra_callbacks: Sequence[TrainerCallback] = (),
     data_record: DataRecord | None = None,
 ) -> HierarchicalTrainer:
-    """The trainer with its callbacks (epoch for the augmentation seeds, weight average, time budget, then
-    `extra_callbacks`), the collator (MixUp/CutMix on both heads' targets) and the record of the model's data,
-    saved with every checkpoint and the model."""
+    """The trainer with its callbacks (epoch for the augmentation seeds, weight average, time budget, progress lines
+    when no progress bar is drawn, then `extra_callbacks`), the collator (MixUp/CutMix on both heads' targets) and
+    the record of the model's data, saved with every checkpoint and the model."""
     callbacks = [EpochCallback(splits["train"])] if "train" in splits else []
     if training_args.do_train and training_args.ema_decay > 0:
         callbacks.append(EMACallback(training_args.ema_decay, resume_from=checkpoint))
     if training_args.max_train_minutes is not None:
         callbacks.append(TimeBudgetCallback(training_args.max_train_minutes))
+    if training_args.do_train and training_args.disable_tqdm:  # no progress bar: a timed progress line instead
+        callbacks.append(TimedProgressCallback())
     trainer = HierarchicalTrainer(
         model=model,
         args=training_args,
@@ -330,19 +498,28 @@ def run(
     data_args: DataArguments,
     training_args: HierarchicalTrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
+    raw: DatasetDict | None = None,
 ) -> dict[str, float]:
-    """Load data and model, train, evaluate, predict, save; return all metrics."""
+    """Load data (unless `raw`, the source's splits, is given) and model, train, evaluate, predict, save; return
+    all metrics."""
     if training_args.keep_freed_memory and keep_freed_memory():
         logger.debug("glibc allocator keeps freed memory for reuse (--keep_freed_memory)")
     set_seed(training_args.seed)
-    model, splits, checkpoint, data_record, columns = load_data_and_model(model_args, data_args, training_args)
+    model, splits, checkpoint, data_record, columns = load_data_and_model(model_args, data_args, training_args, raw)
     config = model.config
     if training_args.should_save:
         write_run_options(training_args.output_dir, model_args, data_args, training_args)
     sizes = {split: len(dataset) for split, dataset in splits.items()}
     logger.info(
         run_summary(
-            model, model_args.model_name_or_path, data_args.dataset_name, sizes, training_args, checkpoint, columns
+            model,
+            model_args.model_name_or_path,
+            data_args.dataset_name,
+            sizes,
+            training_args,
+            checkpoint,
+            columns,
+            calibrate=model_args.calibrate,
         )
     )
     trainer = build_trainer(model, config, splits, data_args, training_args, checkpoint, callbacks, data_record)
@@ -364,4 +541,4 @@ def run(
 
 
 if __name__ == "__main__":
-    main()
+    cli()

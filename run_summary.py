@@ -74,9 +74,12 @@ def run_summary(
     training_args: TrainingArguments,
     checkpoint: str | None,
     columns: str | None = None,
+    calibrate: bool = False,
 ) -> str:
-    """A few lines a person reads before the run starts: model, data (and `columns`, the columns read), image
-    size, batch, learning rates, epochs, devices, output folder and resume point."""
+    """A few lines a person reads before the run starts: model, data (and `columns`, the columns read), image size,
+    batch, learning rates, epochs, devices, the tasks (with the evaluation and calibration that `--do_train` brings by
+    default), output folder and resume point. `calibrate`: whether the validation split also calibrates the model
+    (`--calibrate`)."""
     sizes = ", ".join(
         f"{split} {split_sizes[split]:,}" for split in ("train", "validation", "test") if split in split_sizes
     )
@@ -90,16 +93,31 @@ def run_summary(
         lines += _training_lines(training_args, split_sizes.get("train", 0))
     else:
         lines.append(f"batch:          {training_args.per_device_eval_batch_size} per device (evaluation)")
-    tasks = [name for name in ("train", "eval", "predict") if getattr(training_args, f"do_{name}")]
     lines += [
         f"devices:        {training_args.device.type} x {max(1, training_args.world_size)} process(es)",
-        f"tasks:          {', '.join(tasks)}",
+        f"tasks:          {', '.join(_tasks(training_args, calibrate))}",
         f"output folder:  {os.path.abspath(training_args.output_dir)}",
     ]
     if training_args.do_train:
         lines.append(f"resume from:    {checkpoint if checkpoint else 'nothing (training starts at step 0)'}")
     lines.append(f"all options:    {os.path.join(os.path.abspath(training_args.output_dir), OPTIONS_FILE)}")
     return "Run summary\n  " + "\n  ".join(lines)
+
+
+def _tasks(training_args: TrainingArguments, calibrate: bool) -> list[str]:
+    """What the run does, in order; the evaluation and calibration that come with `--do_train` say how to skip them."""
+    tasks = ["train"] if training_args.do_train else []
+    if training_args.do_eval:
+        schedule = _plain(training_args.eval_strategy)
+        if training_args.do_train and schedule != "no":
+            tasks.append(f"evaluate on the validation split (--eval_strategy {schedule}; --eval_strategy no skips it)")
+        else:
+            tasks.append("evaluate on the validation split")
+        if calibrate:
+            tasks.append("calibrate on it (temperatures, selective threshold; --no_calibrate skips it)")
+    if training_args.do_predict:
+        tasks.append("predict on the test split")
+    return tasks
 
 
 def _model_line(model: nn.Module, model_source: str | None) -> str:

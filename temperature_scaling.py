@@ -8,14 +8,13 @@ import math
 import numpy as np
 import torch
 
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from configuration_hierarchical import TEMPERATURE_RANGE, HierarchicalEfficientNetV2Config
 from prediction_hierarchical import hierarchical_log_probabilities
 
 Array = np.ndarray | torch.Tensor  # predictions as `Trainer.predict` returns them, or tensors
 
-# Temperatures are kept in [0.01, 100]: at 100 a head's probabilities are practically uniform, so the consistent
-# distribution is practically the other head's alone.
-LOG_TEMPERATURE_RANGE = (math.log(0.01), math.log(100.0))
+# Temperatures are fitted in the range a config accepts (`TEMPERATURE_RANGE`), as logarithms.
+LOG_TEMPERATURE_RANGE = (math.log(TEMPERATURE_RANGE[0]), math.log(TEMPERATURE_RANGE[1]))
 MAX_LBFGS_ITERATIONS = 100
 
 
@@ -71,7 +70,7 @@ def fit_temperatures(
 
     The two scalars minimise the negative log-likelihood of the true class plus that of the true superclass under
     the consistent probabilities the model predicts with ([`hierarchical_log_probabilities`]). They are optimised
-    as logarithms (so they stay positive), within [0.01, 100], with L-BFGS. Dividing logits by a positive
+    as logarithms (so they stay positive), within `TEMPERATURE_RANGE` ([0.01, 100]), with L-BFGS. Dividing logits by a positive
     temperature never changes a head's argmax; it makes the scores mean what they say.
 
     Example:
@@ -101,8 +100,9 @@ def fit_temperatures(
         return loss
 
     optimizer.step(closure)
+    low, high = TEMPERATURE_RANGE  # exp(log(x)) in float32 can fall just outside [low, high]
     fine_temperature, coarse_temperature = (
-        float(t) for t in log_temperatures.detach().clamp(*LOG_TEMPERATURE_RANGE).exp()
+        min(max(float(t), low), high) for t in log_temperatures.detach().clamp(*LOG_TEMPERATURE_RANGE).exp()
     )
     if not all(math.isfinite(t) and t > 0 for t in (fine_temperature, coarse_temperature)):
         raise ValueError(f"temperature fitting diverged: got {fine_temperature}, {coarse_temperature}")

@@ -19,6 +19,12 @@ from option_fields import PROJECT_LOGGER, check_finite_options, option
 
 logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
 
+# Options that set the same thing: the original tool's name first, then the Trainer's.
+OPTION_ALIASES = (
+    ("epochs", "num_train_epochs"),
+    ("batch_size", "per_device_train_batch_size", "per_device_eval_batch_size"),
+    ("checkpoint_path", "resume_from_checkpoint"),
+)
 EVAL_MEMORY_FACTOR = 10  # peak memory of an evaluation batch, measured at 32 and 64 px: 11 to 22 times its input
 
 
@@ -105,7 +111,7 @@ class HierarchicalTrainingArguments(TrainingArguments):
     layer_decay: float = option(
         1.0, "Layer-wise LR decay: backbone stage s trains at lr_conv * layer_decay**(7 - s). 1 = off."
     )
-    learning_rate: float | None = option(None, "Not used: see --lr_conv and --lr_fc.")
+    learning_rate: float | None = option(None, "Refused: set --lr_conv and --lr_fc.")
     epochs: float | None = option(None, "Alias of --num_train_epochs.")
     batch_size: int | None = option(None, "Alias: per-device train and eval batch size.")
     checkpoint_path: str | None = option(None, "Alias of --resume_from_checkpoint.")
@@ -180,15 +186,24 @@ class HierarchicalTrainingArguments(TrainingArguments):
                     f"{self.resume_from_checkpoint!r} disagree; give one of them"
                 )
             self.resume_from_checkpoint = self.checkpoint_path
-        if self.learning_rate is not None and self.learning_rate != self.lr_fc:
+        if self.learning_rate is not None:
             raise ValueError(
                 f"--learning_rate {self.learning_rate} is not used: set --lr_conv (backbone) and --lr_fc (heads)"
             )
         self.learning_rate = self.lr_fc
 
     def _check_ranges(self) -> None:
-        """`ValueError` naming the first option out of its range (batch sizes, learning rates, decays, length,
-        resume folder)."""
+        """`ValueError` naming the first option out of its range (schedules, batch sizes, learning rates, decays,
+        length, resume folder)."""
+        for name, choices in (
+            ("lr_scheduler_type", SchedulerType),
+            ("eval_strategy", IntervalStrategy),
+            ("save_strategy", SaveStrategy),
+        ):
+            if getattr(self, name) not in {choice.value for choice in choices}:
+                raise ValueError(
+                    f"--{name} must be one of {[choice.value for choice in choices]}, got {getattr(self, name)!r}"
+                )
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,222 @@
+"""Options are typed the same from every source: a JSON options file is read as the command line is, config
+fields refuse values of another type, stored temperatures stay in the fitted range, and options that depend on the
+data's size are checked before any work."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import run_classification
+from configuration_hierarchical import TEMPERATURE_RANGE, HierarchicalEfficientNetV2Config
+from conftest import NUM_FINE, make_parquet_dataset, small_config, tiny_args
+from data_utils import AUGMENTATION_POLICIES
+from run_classification import parse_args
+from temperature_scaling import LOG_TEMPERATURE_RANGE, fit_temperatures
+
+
+def floats(low: float, high: float) -> st.SearchStrategy:
+    """Numbers for a float option: in and out of its range, whole numbers, NaN and infinities."""
+    return st.one_of(st.floats(low, high), st.integers(-3, 3), st.sampled_from([math.nan, math.inf, -math.inf, 1e-9]))
+
+
+# option -> (JSON type it takes, a strategy of values of that type, some out of the option's range)
+OPTIONS = {
+    "calibrate": ("bool", st.booleans()),
+    "horizontal_flip": ("bool", st.booleans()),
+    "channels_last": ("bool", st.booleans()),
+    "fine_head_uses_coarse_logits": ("bool", st.booleans()),
+    "do_train": ("bool", st.booleans()),
+    "schedule_by_time": ("bool", st.booleans()),
+    "image_size": ("int", st.integers(-5, 300)),
+    "num_frozen_stages": ("int", st.integers(-2, 10)),
+    "max_train_samples": ("int", st.integers(-2, 1000)),
+    "batch_size": ("int", st.integers(-1, 256)),
+    "seed": ("int", st.integers(0, 2**31)),
+    "dropout": ("float", floats(-0.5, 1.5)),
+    "lr_fc": ("float", floats(-1.0, 1.0)),
+    "train_val_split": ("float", floats(-0.5, 1.5)),
+    "epochs": ("float", floats(-1.0, 50.0)),
+    "mix_prob": ("float", floats(-0.5, 1.5)),
+    "calibration_split_fraction": ("float", floats(-0.5, 1.5)),
+    "max_train_minutes": ("float", floats(-1.0, 100.0)),
+    "augmentation": ("str", st.sampled_from([*AUGMENTATION_POLICIES, "bogus"])),
+    "lr_scheduler_type": ("str", st.sampled_from(["cosine", "linear", "bogus"])),
+    "dataset_name": ("str", st.text("abc-/_", min_size=1, max_size=8)),
+}
+
+
+def command_line_word(value) -> str:
+    """How a user types `value` on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def parsed_or_error(argv: list[str]) -> tuple[str, str]:
+    """("ok", every parsed value as JSON) or ("error", the message)."""
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+    except ValueError as error:
+        return "error", str(error)
+    values = [dataclasses.asdict(model_args), dataclasses.asdict(data_args), training_args.to_dict()]
+    return "ok", json.dumps(values, sort_keys=True, default=str)
+
+
+@settings(max_examples=20)
+@given(options=st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.none(), max_size=6).flatmap(
+    lambda chosen: st.fixed_dictionaries({name: OPTIONS[name][1] for name in chosen})
+))  # fmt: skip
+def test_an_options_file_parses_as_the_same_command_line(options, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("options")
+    options = {"output_dir": str(folder / "out"), **options}
+    path = folder / "options.json"
+    path.write_text(json.dumps(options))
+    command_line = [word for name, value in options.items() for word in (f"--{name}", command_line_word(value))]
+
+    from_file, from_command_line = parsed_or_error([str(path)]), parsed_or_error(command_line)
+
+    assert from_file == from_command_line
+    if from_file[0] == "error":
+        assert any(name in from_file[1] for name in options), from_file[1]
+
+
+WRONG_TYPES = {
+    "bool": st.one_of(st.sampled_from(["false", "true", "no"]), st.integers(0, 1)),
+    "int": st.one_of(st.booleans(), st.sampled_from([32.0, "32", "nan"])),
+    "float": st.one_of(st.booleans(), st.sampled_from(["nan", "1e-3", "0.5", [0.5]])),
+    "str": st.one_of(st.booleans(), st.integers(), st.floats(allow_nan=False)),
+}
+EXPECTED_TYPES = {"bool": "a boolean", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+@settings(max_examples=20)
+@given(name=st.sampled_from(sorted(OPTIONS)), data=st.data())
+def test_a_value_of_another_json_type_is_refused_naming_the_key_and_the_type(name, data, tmp_path_factory):
+    kind = OPTIONS[name][0]
+    value = data.draw(WRONG_TYPES[kind])
+    path = tmp_path_factory.mktemp("options") / "options.json"
+    path.write_text(json.dumps({name: value}))
+
+    with pytest.raises(ValueError, match=f"'{name}' takes {EXPECTED_TYPES[kind]}") as error:
+        parse_args([str(path)])
+    assert str(path) in str(error.value)
+
+
+def test_the_reported_examples_of_an_options_file(tmp_path):
+    path = tmp_path / "options.json"
+    path.write_text('{"calibrate": "false"}')
+    with pytest.raises(ValueError, match=r"'calibrate' takes a boolean \(true or false\).*got \"false\""):
+        parse_args([str(path)])
+    path.write_text('{"epochs": "nan"}')
+    with pytest.raises(ValueError, match="'epochs' takes a number"):
+        parse_args([str(path)])
+    path.write_text('{"epochs": NaN}')
+    with pytest.raises(ValueError, match="--epochs must be a finite number, got nan"):
+        parse_args([str(path)])
+    path.write_text('{"seed": 1, "seed": 2}')
+    with pytest.raises(ValueError, match="'seed' is given more than once"):
+        parse_args([str(path)])
+    path.write_text('{"selective_target_accuracy": null}')
+    with pytest.raises(ValueError, match="'selective_target_accuracy' cannot be null"):
+        parse_args([str(path)])
+
+
+# config field -> values of another type than it takes
+CONFIG_WRONG_TYPES = {
+    "num_frozen_stages": [True, False, 2.0, "2"],
+    "image_size": [True, 32.0, "32"],
+    "num_channels": [True, 3.0],
+    "dropout": [True, False, "0.1", None],
+    "drop_path_rate": [False, "0"],
+    "label_smoothing": [False, "0.1"],
+    "coarse_loss_weight": [True, "1"],
+    "fine_head_uses_coarse_logits": [1, 0, "true", None],
+    "channels_last": [0, "false"],
+    "fine_temperature": [True, "1.0"],
+    "coarse_temperature": [True],
+    "selective_threshold": [True, "0.5"],
+    "image_mean": [[True, 0.5, 0.5], ["0.5", 0.5, 0.5], "abc"],
+    "image_std": [[0.5, 0.5, math.nan], [True, 1, 1]],
+}
+
+
+@settings(max_examples=25)
+@given(field_and_value=st.sampled_from([(f, v) for f, values in CONFIG_WRONG_TYPES.items() for v in values]))
+def test_config_fields_refuse_values_of_another_type(field_and_value):
+    field, value = field_and_value
+    with pytest.raises(ValueError, match=f"^{field} must"):
+        small_config(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["fine_class_weights", "coarse_class_weights"])
+def test_class_weights_refuse_booleans_and_strings(field):
+    size = 4 if field == "fine_class_weights" else 2
+    for weights in ([True] * size, ["1"] * size):
+        with pytest.raises(ValueError, match=f"{field} must be a list of numbers"):
+            small_config(**{field: weights})
+
+
+def test_a_stored_boolean_is_not_a_number_of_frozen_stages(tmp_path):
+    small_config().save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**stored, "num_frozen_stages": True}))
+    with pytest.raises(ValueError, match=r"num_frozen_stages must be in \[0, 8\] \(an integer\)"):
+        HierarchicalEfficientNetV2Config.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("temperature", [0.009, 100.5, 1e6])
+def test_a_stored_temperature_outside_the_fitted_range_is_refused_at_load(tmp_path, temperature):
+    small_config().save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**stored, "coarse_temperature": temperature}))
+    with pytest.raises(ValueError, match=r"coarse_temperature must be a finite number > 0 in \[0.01, 100.0\]"):
+        HierarchicalEfficientNetV2Config.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e4])
+def test_fitted_temperatures_at_the_bounds_are_accepted_by_the_config(scale):
+    assert (math.log(TEMPERATURE_RANGE[0]), math.log(TEMPERATURE_RANGE[1])) == LOG_TEMPERATURE_RANGE
+    config = small_config()
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, config.num_labels, 64)
+    coarse_labels = np.asarray(config.fine_to_coarse)[labels]
+    # logits far too confident (scale 1e4, and wrong half the time) or flat (1e-4) push the fit to a bound
+    logits = scale * rng.normal(size=(64, config.num_labels))
+    coarse_logits = scale * rng.normal(size=(64, config.num_coarse_labels))
+    temperatures = fit_temperatures(logits, coarse_logits, labels, coarse_labels, config)
+    assert all(TEMPERATURE_RANGE[0] <= t <= TEMPERATURE_RANGE[1] for t in temperatures)
+    small_config(fine_temperature=temperatures[0], coarse_temperature=temperatures[1])  # accepted
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--train_val_split", "0.999"],
+            rf"--train_val_split 0.999 of the {2 * NUM_FINE} training rows leaves 0 to train on and {2 * NUM_FINE}",
+        ),
+        (
+            ["--train_val_split", "0.5", "--calibration_split_fraction", "1e-9"],
+            rf"--calibration_split_fraction 1e-09 of {NUM_FINE} validation images leaves an empty part: "
+            rf"0 to calibrate on and {NUM_FINE} held out",
+        ),
+    ],
+)
+def test_options_that_depend_on_the_data_size_are_checked_before_the_model_is_built(
+    tmp_path, monkeypatch, extra, message
+):
+    data = make_parquet_dataset(tmp_path / "data", rows_per_class=2, split="train")
+
+    def model_is_built(*args, **kwargs):
+        raise AssertionError("the model was built before the options were checked")
+
+    monkeypatch.setattr(run_classification, "load_model", model_is_built)
+    argv = tiny_args(data, tmp_path / "out", "--do_train", "--do_eval", *extra)
+    argv.remove("--max_eval_samples"), argv.remove("20")
+    with pytest.raises(ValueError, match=message):
+        run_classification.main(argv)
