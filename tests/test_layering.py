@@ -49,8 +49,9 @@ MODEL_FILES = {
     "modeling_hierarchical",
     "prediction_hierarchical",
     "pipeline_hierarchical",
+    "image_processing_hierarchical",
 }
-ENTRY_POINTS = {"run_classification", "data_utils", "eval_report"}
+ENTRY_POINTS = {"run_classification", "data_utils", "eval_report", "export_onnx", "check_install"}
 
 # Sub-packages of PACKAGE, and its bottom-layer modules.
 PACKAGE_LAYERS = {"data": DATA, "evaluation": EVALUATION, "training": TRAINING, "options": BOTTOM, "hub": BOTTOM}
@@ -68,6 +69,8 @@ FLAT_LAYERS = {
     "hierarchy_data": DATA,
     "hierarchy_files": DATA,
     "image_decoding": DATA,
+    "label_columns": DATA,
+    "provenance": DATA,
     "calibration": EVALUATION,
     "hierarchy_metrics": EVALUATION,
     "report_data": EVALUATION,
@@ -79,6 +82,7 @@ FLAT_LAYERS = {
     "checkpoints": TRAINING,
     "model_card": TRAINING,
     "model_loading": TRAINING,
+    "onnx_export": TRAINING,
     "remote_resources": TRAINING,
     "run_summary": TRAINING,
     "trainer": TRAINING,
