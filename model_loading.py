@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from checkpoints import safetensors_problem
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_sources import is_hub_id
 from hierarchy_data import Hierarchy, reinitialize_heads
-from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
+from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, skip_backbone_weights
 from option_fields import PROJECT_LOGGER
 from training_args import ModelArguments
 
@@ -106,8 +108,23 @@ def load_saved_model(
         for kind in ("missing_keys", "mismatched_keys")
         for key in info.get(kind) or ()
     }
-    check_finite_weights(model, source, not_loaded)
+    if not_loaded:
+        initialise_fresh(model, not_loaded)
+    check_finite_weights(model, source)
     return model
+
+
+def initialise_fresh(model: HierarchicalEfficientNetV2ForImageClassification, names: set[str]) -> None:
+    """Give the tensors `names` of `model` (those its weights file did not hold, or held at another shape) the
+    values of a freshly built model of the same config: loading skips their initialisation, which would leave
+    whatever the memory held."""
+    with skip_backbone_weights():
+        fresh = type(model)(model.config).state_dict()
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in names:
+            if name in state and name in fresh:
+                state[name].copy_(fresh[name])
 
 
 def check_finite_weights(

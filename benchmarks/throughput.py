@@ -118,7 +118,9 @@ def measure_inference(
     tensor_batches = [
         processor(images=batch, return_tensors="pt")["pixel_values"].to(device) for batch in image_batches
     ]
-    classifier = pipeline("image-classification", model=str(folder), batch_size=batch_size, device=device)
+    classifier = pipeline(
+        "image-classification", model=str(folder), batch_size=batch_size, device=device, trust_remote_code=True
+    )
     hierarchical = pipeline(  # at its default batch size
         "hierarchical-image-classification", model=str(folder), device=device, trust_remote_code=True
     )

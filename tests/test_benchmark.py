@@ -31,7 +31,7 @@ def test_tiny_benchmark_prints_the_figures_as_one_json_line():
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, (key, results)
     for name in ("train_ratio", "pipeline_ratio"):  # the median of the paired runs lies within their spread
         assert results[f"{name}_low"] <= results[name] <= results[f"{name}_high"], name
-    assert set(results["measurement_problems"]) <= {"train_ratio", "pipeline_ratio"}
+    assert set(results["measurement_problems"]) <= {"train_ratio", "pipeline_ratio", "hierarchical_pipeline_ratio"}
     assert results["pipeline_top1_agreement"] == 1.0  # the pipeline ran the same model on the same images
     assert results["hierarchical_pipeline_batch_size"] > 1  # the default a user gets batches a list
     assert (results["image_size"], results["batch_size"], results["dataset"]) == (32, 8, "generated")

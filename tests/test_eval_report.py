@@ -206,15 +206,16 @@ def test_evaluate_saved_model(saved_model_dir, tiny_parquet_dir, tmp_path):
     assert report.read_text().startswith("# Evaluation report: validation split")
 
 
-def test_a_report_already_there_is_refused_with_one_error_line(tmp_path, monkeypatch):
+def test_a_report_already_there_is_refused_with_one_error_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "reports" / "test").mkdir(parents=True)
     (tmp_path / "reports" / "test" / "superclass_accuracy.png").write_bytes(b"a figure of another run")
     monkeypatch.setattr(sys, "argv", ["eval_report.py", str(tmp_path), "--dataset_name", str(tmp_path / "no-data")])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(eval_report.__file__, run_name="__main__")  # the command line, in this process
-    assert str(exit_info.value) == (
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
         f"error: {tmp_path / 'reports' / 'test' / 'superclass_accuracy.png'} already exists: a report is not "
-        "replaced without --overwrite (overwrite=True); pass --overwrite, or another --output_dir"
+        "replaced without --overwrite (overwrite=True); pass --overwrite, or another --output_dir\n"
     )
     assert (tmp_path / "reports" / "test" / "superclass_accuracy.png").read_bytes() == b"a figure of another run"
 

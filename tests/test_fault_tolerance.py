@@ -128,7 +128,7 @@ def test_broken_checkpoints_are_skipped_and_kept(tiny_parquet_dir, tmp_path, cap
     for checkpoint in output_dir.glob("checkpoint-*"):
         (checkpoint / "optimizer.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="holds checkpoints but none is complete.*--restart_from_scratch"):
-        main(checkpoint_args(tiny_parquet_dir, output_dir, epochs=3))
+        main(checkpoint_args(tiny_parquet_dir, output_dir, epochs=4))  # more epochs: not the finished run
     assert len(list(output_dir.glob("incomplete-*"))) >= 3, "nothing deleted"
 
 

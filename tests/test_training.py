@@ -34,6 +34,7 @@ from conftest import (
     tiny_args,
 )
 from data_utils import prepare_datasets
+from model_card import MODEL_ID_PLACEHOLDER
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from option_fields import PROJECT_LOGGER
 from run_classification import main, parse_args
@@ -70,6 +71,8 @@ def test_card_usage_snippet_runs_as_written(trained_run, tmp_path):
     """The card's snippet, run in a folder without this project: the model loads from the output folder's code."""
     output_dir, _ = trained_run
     snippet = (output_dir / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    assert f'model_id = "{MODEL_ID_PLACEHOLDER}"' in snippet, "no Hub id given: the placeholder the text names"
+    snippet = snippet.replace(MODEL_ID_PLACEHOLDER, str(output_dir))  # as a user does after reading the card
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     completed = subprocess.run(
         [sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
