@@ -26,7 +26,7 @@ from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
 
 from data_sources import CIFAR_PYTHON_FILES
-from option_fields import PROJECT_LOGGER
+from option_fields import PROJECT_LOGGER, run_command
 from remote_resources import hub_reachable, imagenet_weights_path, url_reachable
 
 logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
@@ -253,11 +253,9 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`main` for the command line: errors as one line on stderr and exit status 1, without a traceback."""
-    try:
-        main(argv)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"error: {error}") from None
+    """`main` for the command line: a user error as one `error:` line on stderr and exit status 2, as the other
+    commands end theirs (`option_fields.run_command`)."""
+    run_command(lambda: main(argv))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ runner (`run_script`), and the session's caches kept in its temporary folder."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -31,6 +32,12 @@ from data_utils import DataArguments  # noqa: E402
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor  # noqa: E402
 
 NUM_FINE = len(CIFAR100_FINE_LABELS)
+
+# Under pytest-xdist (`-n 2`, the README's command) each worker computes on one thread, and so do the scripts it
+# starts: two workers then share the two cores without oversubscribing them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 # Property-based tests: the same examples on every run (a CI failure reproduces), no per-example deadline (the
 # machine's speed varies), and a small example count so that all of them together stay within a minute.

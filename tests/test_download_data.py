@@ -148,7 +148,12 @@ def test_without_internet_the_commands_stop_at_once_with_one_line(tmp_path, monk
     monkeypatch.setattr(download_data, "load_dataset", lambda name: pytest.fail("no download may be attempted"))
     monkeypatch.setattr(download_data, "download_url", lambda *args, **kwargs: pytest.fail("no download"))
     for command in (["download", str(tmp_path / "a")], ["download", str(tmp_path / "b"), "--source", "archive"]):
-        with pytest.raises(SystemExit, match="does not answer: this command needs internet access"):
+        with pytest.raises(SystemExit) as exit_info:
             download_data.cli(command)
-    with pytest.raises(SystemExit, match="download.pytorch.org"):
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and "does not answer: this command needs internet access" in error
+        assert error.count("\n") == 1, "one line"
+    with pytest.raises(SystemExit) as exit_info:
         download_data.cli(["download-weights"])
+    assert exit_info.value.code == 2 and "download.pytorch.org" in capsys.readouterr().err
