@@ -150,12 +150,18 @@ def time_schedule_factor(progress: float, warmup: float) -> float:
 class TimedProgressCallback(TrainerCallback):
     """Logs a progress line every `interval` seconds of training (step, share done, steps per second, time left),
     for a log file where no progress bar is drawn. `clock` gives seconds (`time.monotonic`; a test passes its own).
-    The rate counts only the steps of this process's run (a resumed run starts its own count)."""
+    The rate counts only the steps of this process's run (a resumed run starts its own count). With `budget` (the
+    run's `--max_train_minutes`), the time left is the budget's when it ends training first."""
 
-    def __init__(self, interval: float = PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        interval: float = PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        budget: TimeBudgetCallback | None = None,
+    ):
         if not interval > 0:
             raise ValueError(f"interval must be > 0 seconds, got {interval}")
-        self.interval, self.clock = interval, clock
+        self.interval, self.clock, self.budget = interval, clock, budget
         self.start: tuple[float, int] | None = None  # (time, step) when training began
         self.last_line = 0.0
 
@@ -169,18 +175,30 @@ class TimedProgressCallback(TrainerCallback):
             return
         self.last_line = now
         started, first_step = self.start
-        logger.info(progress_line(state.global_step, state.max_steps, now - started, state.global_step - first_step))
+        budget_left = None if self.budget is None else max(self.budget.seconds - self.budget.elapsed(), 0.0)
+        logger.info(
+            progress_line(
+                state.global_step, state.max_steps, now - started, state.global_step - first_step, budget_left
+            )
+        )
 
 
-def progress_line(step: int, max_steps: int, elapsed: float, steps_done: int) -> str:
-    """`step 40/120 (33%), 0.52 steps/s, 2m34s left` from the steps this run made in `elapsed` seconds."""
+def progress_line(step: int, max_steps: int, elapsed: float, steps_done: int, budget_left: float | None = None) -> str:
+    """`step 40/120 (33%), 0.52 steps/s, 2m34s left` from the steps this run made in `elapsed` seconds; with
+    `budget_left` (seconds of a time budget) the time left is the sooner of the two ends, and says so when it is the
+    budget's."""
     rate = steps_done / elapsed if elapsed > 0 else 0.0
     share = f" ({100 * step / max_steps:.0f}%)" if max_steps > 0 else ""
     line = f"step {step}/{max_steps}{share}, {rate:.2f} steps/s"
-    if rate > 0 and max_steps > step:
-        left = round((max_steps - step) / rate)
+    left = (max_steps - step) / rate if rate > 0 and max_steps > step else None
+    by_budget = budget_left is not None and (left is None or budget_left < left)
+    if by_budget:
+        left = budget_left
+    if left is not None:
+        left = round(left)
         hours, minutes, seconds = left // 3600, left // 60 % 60, left % 60
         line += f", {hours}h{minutes:02d}m left" if hours else f", {minutes}m{seconds:02d}s left"
+        line += " (--max_train_minutes)" if by_budget else ""
     return line
 
 

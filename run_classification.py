@@ -407,10 +407,11 @@ def build_trainer(
     callbacks = [EpochCallback(splits["train"])] if "train" in splits else []
     if training_args.do_train and training_args.ema_decay > 0:
         callbacks.append(EMACallback(training_args.ema_decay, resume_from=checkpoint))
-    if training_args.max_train_minutes is not None:
-        callbacks.append(TimeBudgetCallback(training_args.max_train_minutes))
+    budget = None if training_args.max_train_minutes is None else TimeBudgetCallback(training_args.max_train_minutes)
+    if budget is not None:
+        callbacks.append(budget)
     if training_args.do_train and training_args.disable_tqdm:  # no progress bar: a timed progress line instead
-        callbacks.append(TimedProgressCallback())
+        callbacks.append(TimedProgressCallback(budget=budget))
     trainer = HierarchicalTrainer(
         model=model,
         args=training_args,

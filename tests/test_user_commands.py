@@ -16,7 +16,7 @@ import run_classification
 from callbacks import PROGRESS_INTERVAL_S, TimedProgressCallback, progress_line
 from conftest import PROJECT_DIR, make_parquet_dataset, small_config, tiny_args
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
-from option_fields import DEBUG_ENVIRONMENT_VARIABLE, run_command
+from option_fields import DEBUG_ENVIRONMENT_VARIABLE, PROJECT_LOGGER, run_command
 from remote_resources import needed_resources
 from run_classification import build_parser, cli, parse_args
 from run_summary import run_summary, write_run_options
@@ -253,7 +253,7 @@ def test_progress_is_logged_at_a_fixed_interval_with_rate_and_time_left(caplog):
     callback = TimedProgressCallback(interval=PROGRESS_INTERVAL_S, clock=clock)
     state = TrainerState(global_step=20, max_steps=220)  # resumed at step 20
     callback.on_train_begin(None, state, TrainerControl())
-    with caplog.at_level(logging.INFO, logger="callbacks"):
+    with caplog.at_level(logging.INFO, logger=f"{PROJECT_LOGGER}.callbacks"):
         for _ in range(100):  # a step every 0.5 s: a line every 60 steps
             clock.now += 0.5
             state.global_step += 1
@@ -261,3 +261,8 @@ def test_progress_is_logged_at_a_fixed_interval_with_rate_and_time_left(caplog):
     lines = [record.getMessage() for record in caplog.records]
     assert lines == ["step 80/220 (36%), 2.00 steps/s, 1m10s left"]
     assert progress_line(10, 100_000, 10.0, 10) == "step 10/100000 (0%), 1.00 steps/s, 27h46m left"
+    # a time budget that ends training sooner gives the time left, and says so; a later one changes nothing
+    assert progress_line(10, 100_000, 10.0, 10, budget_left=470.4) == (
+        "step 10/100000 (0%), 1.00 steps/s, 7m50s left (--max_train_minutes)"
+    )
+    assert progress_line(10, 20, 10.0, 10, budget_left=470.4) == "step 10/20 (50%), 1.00 steps/s, 0m10s left"
