@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from measuring import REPO_ROOT, SEED, busy_cpu_seconds, check_at_least, other_cpu_share
-from throughput import best_speeds, prepare_splits
+from throughput import prepare_splits, timed_runs
 
 BATCH_SIZES = (1, 64)
 DEFAULT_RECIPE = REPO_ROOT / "recipes" / "cpu_32px_30min.json"
@@ -114,7 +114,8 @@ def measure_speeds(model, sessions: dict, args: argparse.Namespace) -> dict[int,
             runs[name] = lambda session=session, arrays=arrays: [session.logits(array) for array in arrays]
         for run in runs.values():
             run()  # warm-up
-        speeds[batch_size] = best_speeds(runs, args.repeats, len(batches) * batch_size)
+        timed = timed_runs(runs, args.repeats, len(batches) * batch_size)
+        speeds[batch_size] = {name: max(values) for name, values in timed.items()}  # best of the repeats
     return speeds
 
 
