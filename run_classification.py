@@ -465,8 +465,12 @@ def evaluate_validation(
             report = (subset_prediction(prediction, rows), validation.select(rows), "validation, held out")
         if trainer.is_world_process_zero():
             config.save_pretrained(training_args.output_dir)
-    trainer.log(eval_metrics)  # as trainer.evaluate does: log history, integrations, "epoch"
-    trainer.log_metrics("eval", eval_metrics)
+    numbers = {name: value for name, value in eval_metrics.items() if not isinstance(value, str)}
+    trainer.log(numbers)  # as trainer.evaluate does: log history, integrations, "epoch"
+    trainer.log_metrics("eval", numbers)  # the texts (why no calibration, the guarantee) on lines of their own
+    for name, text in eval_metrics.items():
+        if isinstance(text, str):
+            logger.info("%s: %s", name, text)
     trainer.save_metrics("eval", eval_metrics)
     if trainer.is_world_process_zero():  # the run's own folder: a rerun replaces its report
         folder = report_folder(training_args.output_dir, "validation")
