@@ -24,6 +24,7 @@ from data_sources import is_hub_dataset
 from report_figures import FIGURE_NAMES
 from report_markdown import FIGURE_TITLES, REPORT_NAME, markdown_cell, report_folder, table_row
 from run_summary import OPTIONS_FILE
+from selective_threshold import guarantee_text
 
 METRICS = {  # key in all_results.json -> (model-index metric type, readable name; {fine}/{coarse}: head sizes)
     "fine_accuracy": ("accuracy", "Class accuracy ({fine} classes, top-1)"),
@@ -346,8 +347,9 @@ def calibration_section(config: PretrainedConfig, results: dict[str, float]) -> 
         selective = (
             f"Selective threshold {threshold:.3f} (the default `min_confidence` of the hierarchical pipeline): the "
             "class when its probability reaches it, else the superclass, else *unknown*. It was chosen on validation "
-            f"images so that the answers are at least {config.selective_target_accuracy:g} accurate on new images of "
-            f"the same distribution with confidence {confidence:g}, that is {GUARANTEE} = {1 - confidence:.3g}."
+            f"images for a target accuracy of {config.selective_target_accuracy:g} at confidence {confidence:g}: "
+            f"{guarantee_text(config.selective_target_accuracy, confidence)}. In symbols, {GUARANTEE} = "
+            f"{1 - confidence:.3g}, over the draw of the calibration images, for new images of the same distribution."
         )
     elif threshold is not None:
         selective = (

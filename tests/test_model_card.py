@@ -13,6 +13,7 @@ from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from conftest import small_config
 from model_card import build_model_card, write_model_card
 from run_classification import parse_args
+from selective_threshold import guarantee_text
 
 RESULTS = {
     "eval_fine_accuracy": 0.61234,
@@ -152,7 +153,8 @@ def test_card_for_the_hub_names_weights_calibration_versions_and_data(output_dir
     assert 'model_id = "me/shop-classifier"' in text and "/data/" not in card.content  # no path of this machine
     assert "min_confidence=0.5" not in text and "the stored threshold 0.873 is its default min_confidence" in text
     assert "fine 1.250, coarse 0.800, fitted on 500 validation images" in text
-    assert "Selective threshold 0.873" in text and "at least 0.9 accurate" in text and "confidence 0.95" in text
+    assert "Selective threshold 0.873" in text and "target accuracy of 0.9 at confidence 0.95" in text
+    assert guarantee_text(0.9, 0.95) in text  # the one wording of the guarantee, as the log and the report give it
     assert "P(a threshold is chosen and it misses the target) <= 1 - confidence = 0.05" in text
     assert "best checkpoint of training, step 10, epoch 1.0 (training ran to step 20, epoch 2.0)" in text
     assert "fine_accuracy 0.4100, coarse_accuracy 0.5500, loss 3.9000" in text
