@@ -467,6 +467,7 @@ def evaluate_validation(
             config.save_pretrained(training_args.output_dir)
     numbers = {name: value for name, value in eval_metrics.items() if not isinstance(value, str)}
     trainer.log(numbers)  # as trainer.evaluate does: log history, integrations, "epoch"
+    eval_metrics.update(numbers)  # with the "epoch" that `log` adds
     trainer.log_metrics("eval", numbers)  # the texts (why no calibration, the guarantee) on lines of their own
     for name, text in eval_metrics.items():
         if isinstance(text, str):
