@@ -36,7 +36,7 @@ from data_checks import (
     resolve_image_paths,
     standardise_split,
 )
-from data_sources import CifarUnpickler, load_raw_datasets, source_folder
+from data_sources import CifarUnpickler, load_raw_datasets, only_splits, source_folder
 from device_preprocess import JITTER_ORDERS
 from hierarchy_data import discover_hierarchy
 from image_decoding import decode_image, to_rgb
@@ -119,8 +119,7 @@ def prepare_datasets_with_record(
         keep = source_splits(args, wanted)
         if "train" not in wanted and args.validation_split_name in raw:  # no validation split to carve
             keep = [name for name in keep if name != args.train_split_name]
-        if any(name in raw for name in keep):
-            raw = DatasetDict({name: dataset for name, dataset in raw.items() if name in keep})
+        raw = only_splits(raw, keep)
     if not any(name in raw for name in source_names.values()):
         raise ValueError(
             f"the dataset has the splits {list(raw)}, none named {list(source_names.values())}; "
@@ -141,8 +140,7 @@ def prepare_datasets_with_record(
     splits, record = split_with_record(
         splits, args.train_val_split, seed, recorded, recorded_in, allow_data_mismatch=args.allow_data_mismatch
     )
-    if wanted is not None and any(split in splits for split in wanted):
-        splits = {split: dataset for split, dataset in splits.items() if split in wanted}
+    splits = only_splits(splits, wanted)
     for split, option_name in SPLIT_LIMITS.items():
         limit = getattr(args, option_name)
         if split in splits and limit is not None and limit < len(splits[split]):

@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 from torchvision.transforms import v2
 
-from image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, check_regular_file, decode_rgb
+from image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, as_decodable, check_regular_file, decode_rgb
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -32,15 +32,7 @@ def decode_image(
     must name a regular file; with `image_size`, sides above twice that are reduced while decoding.
     """
     where = f"row index={index} of split {split!r}"
-    if isinstance(value, PIL.Image.Image):
-        source = value
-    elif value.get("bytes") is not None:
-        source = value["bytes"]
-    elif value.get("path") is not None:
-        source = value["path"]
-    else:
-        raise ValueError(f"could not decode the image of {where}: the row has neither image bytes nor an image path")
-    return decode_rgb(source, image_size, max_pixels, where)
+    return decode_rgb(as_decodable(value, where), image_size, max_pixels, where)
 
 
 def decode_to_tensor(

@@ -266,9 +266,17 @@ class HierarchicalImageProcessor(ViTImageProcessor):
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
 
 
-def as_decodable(image: Any) -> str | os.PathLike | bytes | PIL.Image.Image:
-    """`image` as `decode_rgb` takes it: `(H, W)`/`(H, W, C)` arrays and `(C, H, W)` tensors become PIL images;
-    `TypeError` for anything else."""
+def as_decodable(image: Any, where: str = "the input") -> str | os.PathLike | bytes | PIL.Image.Image:
+    """`image` as `decode_rgb` takes it: `(H, W)`/`(H, W, C)` arrays and `(C, H, W)` tensors become PIL images, a
+    `datasets` image as stored (`{"bytes": ..., "path": ...}`) its bytes, else its path (`ValueError` naming `where`
+    without either); `TypeError` for anything else."""
+    if isinstance(image, dict):
+        source = image.get("bytes") if image.get("bytes") is not None else image.get("path")
+        if source is None:
+            raise ValueError(
+                f"could not decode the image of {where}: the row has neither image bytes nor an image path"
+            )
+        return source
     if isinstance(image, np.ndarray):
         return PIL.Image.fromarray(image)
     if isinstance(image, torch.Tensor):

@@ -15,7 +15,7 @@ from datasets import Image as ImageFeature
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchy_metrics import ECE_BINS
-from image_processing_hierarchical import decode_rgb
+from image_processing_hierarchical import as_decodable, decode_rgb
 from report_data import MAX_CONFUSION_SUPERCLASSES, ReportData
 
 FIGURE_NAMES = {
@@ -337,9 +337,6 @@ def _images_at(images: Sequence[PIL.Image.Image] | Dataset, rows: list[int], ima
     for row, value in zip(rows, values, strict=True):
         if not isinstance(value, PIL.Image.Image | dict):
             raise TypeError(f"images must hold PIL images, got {type(value).__name__}")
-        if isinstance(value, dict):
-            value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
-        if value is None:
-            raise ValueError(f"row {row} of the evaluated images has neither image bytes nor an image path")
-        decoded.append(decode_rgb(value, image_size, where=f"row {row} of the evaluated images"))
+        where = f"row {row} of the evaluated images"
+        decoded.append(decode_rgb(as_decodable(value, where), image_size, where=where))
     return decoded
