@@ -5,6 +5,7 @@ runner (`run_script`), and the session's caches kept in its temporary folder."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import subprocess
@@ -64,6 +65,17 @@ def caches_in_session_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterat
         patch.setenv("HF_MODULES_CACHE", modules_cache)
         patch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", modules_cache)
         yield
+
+
+@pytest.fixture(autouse=True)
+def log_levels_restored() -> Iterator[None]:
+    """A script's `main` sets the transformers, datasets and project log levels for its process; each test starts
+    from the levels the session began with, whatever ran before it in the same worker."""
+    names = ("transformers", "datasets", "hierarchical")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def small_config(**kwargs) -> HierarchicalEfficientNetV2Config:
