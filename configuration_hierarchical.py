@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # the largest image decoded, from its header (`--max_image_pixels`)
+
 # The range of the stored temperatures: the fitter keeps them in it, a config outside it is refused. At 100 a head's
 # probabilities are practically uniform, so the consistent distribution is practically the other head's alone.
 TEMPERATURE_RANGE = (0.01, 100.0)

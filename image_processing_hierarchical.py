@@ -7,7 +7,7 @@ is decoded. `HierarchicalImageProcessor` (saved with every model as `preprocesso
 decode through it; so do the training script's datasets (`image_decoding.py`).
 
 Saved beside the model (`modeling_hierarchical.py` and `pipeline_hierarchical.py` import it by relative import), so
-it imports only torch, torchvision, transformers and what they install (numpy, PIL).
+it imports only `configuration_hierarchical.py`, torch, torchvision, transformers and what they install (numpy, PIL).
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from torchvision.transforms import v2
 from transformers import ViTImageProcessor
 from transformers.image_processing_utils import BatchFeature
 
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+try:  # loaded as a Hub module (trust_remote_code) or inside a package
+    from .configuration_hierarchical import DEFAULT_MAX_IMAGE_PIXELS
+except ImportError:  # imported from the project folder
+    from configuration_hierarchical import DEFAULT_MAX_IMAGE_PIXELS
+
 # A decoded image keeps at least this many times the model's image size on each side (when its source has it), so
 # the crop, rotation and antialiased resize that follow still sample it finely; it is reduced by an integer factor
 # per side down to that, which leaves each side below twice as much: under 4 x image_size.

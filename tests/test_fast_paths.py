@@ -9,6 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import run_classification
+import training_run
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def stage_outputs(monkeypatch) -> list[tuple[torch.dtype, bool]]:
     """(dtype, is channels-last) of every training-mode output of backbone stage 2 (48 x 8 x 8 at 32 px) of the
     model that `run_classification.main` builds."""
     seen = []
-    load_model = run_classification.load_model
+    load_model = training_run.load_model
 
     def load_and_hook(*args, **kwargs):
         model = load_model(*args, **kwargs)
@@ -54,7 +55,7 @@ def stage_outputs(monkeypatch) -> list[tuple[torch.dtype, bool]]:
         model.features[2].register_forward_hook(record)
         return model
 
-    monkeypatch.setattr(run_classification, "load_model", load_and_hook)
+    monkeypatch.setattr(training_run, "load_model", load_and_hook)
     return seen
 
 

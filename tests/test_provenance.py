@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import eval_report
-import run_classification
+import training_run
 from checkpoints import checkpoint_problem, find_checkpoints
 from conftest import data_args, make_parquet_dataset, small_config, tiny_args
 from data_utils import prepare_datasets_with_record
@@ -190,13 +190,13 @@ def test_an_evaluation_only_run_uses_the_recorded_rows_whatever_the_seed(
     finished_run, tiny_parquet_dir, tmp_path, monkeypatch
 ):
     seen = []
-    original = run_classification.evaluate_validation
+    original = training_run.evaluate_validation
 
     def spy(trainer, config, validation, *args):
         seen.append(sorted(validation["index"]))
         return original(trainer, config, validation, *args)
 
-    monkeypatch.setattr(run_classification, "evaluate_validation", spy)
+    monkeypatch.setattr(training_run, "evaluate_validation", spy)
     args = tiny_args(tiny_parquet_dir, tmp_path / "eval", "--do_eval", "--seed", "7")
     main(args + ["--model_name_or_path", str(finished_run)])
     assert seen == [sorted(read_record(str(finished_run)).validation_rows)]

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PredictionOutput
 
 import callbacks
-import run_classification
+import training_run
 from calibration import CalibrationArguments, calibrate_and_select
 from callbacks import TimeBudgetCallback, time_schedule_factor
 from checkpoints import checkpoint_problem
@@ -263,7 +263,7 @@ def test_schedule_by_time_anneals_by_the_end_of_the_budget(tiny_parquet_dir, tmp
 # (mallinfo2's hblkhd: bytes in mmapped blocks).
 MALLOC_PROBE = """
 import ctypes, json
-import run_classification
+import training_run
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -275,7 +275,7 @@ def mapped_by_malloc():
     libc.malloc(31 * 2**20)  # kept: freeing a mapped block would raise glibc's threshold by itself
     return libc.mallinfo2().hblkhd - before
 default = mapped_by_malloc()
-applied = run_classification.keep_freed_memory()
+applied = training_run.keep_freed_memory()
 print(json.dumps([default, applied, mapped_by_malloc()]))
 """
 
@@ -306,7 +306,7 @@ def test_the_training_log_shows_the_data_and_evaluation_info_lines(tiny_parquet_
         metrics={},
     )
     try:
-        run_classification.setup_logging(TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+        training_run.setup_logging(TrainingArguments(output_dir=str(tmp_path), report_to=[]))
         prepare_datasets(data_args(tmp_path, tiny_parquet_dir), config, seed=0)
         calibrate_and_select(config, prediction, CalibrationArguments(selective_target_accuracy=0), seed=0)
     finally:

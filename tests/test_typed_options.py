@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import run_classification
+import training_run
 from configuration_hierarchical import TEMPERATURE_RANGE, HierarchicalEfficientNetV2Config
 from conftest import NUM_FINE, make_parquet_dataset, small_config, tiny_args
 from data_utils import AUGMENTATION_POLICIES
@@ -215,7 +216,7 @@ def test_options_that_depend_on_the_data_size_are_checked_before_the_model_is_bu
     def model_is_built(*args, **kwargs):
         raise AssertionError("the model was built before the options were checked")
 
-    monkeypatch.setattr(run_classification, "load_model", model_is_built)
+    monkeypatch.setattr(training_run, "load_model", model_is_built)
     argv = tiny_args(data, tmp_path / "out", "--do_train", "--do_eval", *extra)
     argv.remove("--max_eval_samples"), argv.remove("20")
     with pytest.raises(ValueError, match=message):

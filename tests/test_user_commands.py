@@ -13,8 +13,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 import eval_report
 import remote_resources
 import run_classification
+import training_run
 from callbacks import PROGRESS_INTERVAL_S, TimedProgressCallback, progress_line
-from conftest import PROJECT_DIR, make_parquet_dataset, small_config, tiny_args
+from conftest import PROJECT_DIR, make_parquet_dataset, run_script, small_config, tiny_args
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from option_fields import DEBUG_ENVIRONMENT_VARIABLE, PROJECT_LOGGER, run_command
 from remote_resources import needed_resources
@@ -125,7 +126,7 @@ def test_the_debug_variable_keeps_the_traceback_and_bugs_keep_theirs(train_only_
     def bug(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(run_classification, "load_raw_datasets", bug)
+    monkeypatch.setattr(training_run, "load_raw_datasets", bug)
     with pytest.raises(KeyError, match="a bug"):
         cli(argv)
 
@@ -139,7 +140,7 @@ def test_eval_report_ends_a_user_error_with_one_line(train_only_data, saved_mode
 
 def test_push_to_hub_is_checked_with_the_other_downloads_before_any_work(train_only_data, tmp_path, monkeypatch):
     monkeypatch.setattr(remote_resources, "hub_reachable", lambda: False)
-    monkeypatch.setattr(run_classification, "load_raw_datasets", lambda *args: pytest.fail("data loaded"))
+    monkeypatch.setattr(training_run, "load_raw_datasets", lambda *args: pytest.fail("data loaded"))
     argv = tiny_args(train_only_data, tmp_path / "out", "--do_train", "--push_to_hub", "--hub_model_id", "me/model")
     with pytest.raises(FileNotFoundError, match=r"--push_to_hub\): leave out --push_to_hub"):
         run_classification.main(argv)
@@ -191,7 +192,7 @@ def test_a_finished_run_started_again_says_nothing_to_do_and_writes_nothing(tmp_
     def started(*args, **kwargs):
         raise AssertionError("the run started")
 
-    monkeypatch.setattr(run_classification, "check_remote_resources", started)  # nothing else is done
+    monkeypatch.setattr(training_run, "check_remote_resources", started)  # nothing else is done
 
     with caplog.at_level(logging.INFO):
         assert run_classification.main(argv) == metrics
@@ -238,6 +239,45 @@ def test_help_lists_the_projects_options_first_each_default_once_and_no_negation
     own = [help_text for option, help_text in entries.items() if text.index(option) < positions[3] and help_text]
     assert len(own) == len(set(own)), "an option of the project repeats another's help"
     assert entries["--image_size"] == "Input resolution (default 224)."
+
+
+# What a command loads before it answers `--help` or an option error: the option dataclasses and transformers'
+# TrainingArguments, not the data library, the Trainer, the model code or the image libraries (seconds of start-up).
+LOADED_MODULES = """
+import json, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit:
+    print(json.dumps({"status": exit.code, "modules": sorted(sys.modules)}))
+"""
+HEAVY_MODULES = (
+    "datasets",
+    "evaluate",
+    "torchvision",
+    "transformers.trainer",
+    "transformers.modeling_utils",
+    "modeling_hierarchical",
+    "image_processing_hierarchical",
+    "pipeline_hierarchical",
+)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run_classification.py", "--help"],
+        ["run_classification.py", "--output_dir", "out", "--do_train", "--lr_cnv", "1e-3"],
+    ],
+    ids=["help", "unknown option"],
+)
+def test_help_and_option_errors_load_no_data_trainer_or_model_code(argv):
+    result = run_script("-c", LOADED_MODULES, *argv)
+    answer = json.loads(result.stdout.splitlines()[-1])
+    assert answer["status"] in (0, 2), result.stderr
+    assert "--lr_conv" in result.stdout + result.stderr
+    loaded = [name for name in HEAVY_MODULES if name in answer["modules"]]
+    assert not loaded, f"{' '.join(argv)} loaded {loaded}"
 
 
 class FakeClock:
