@@ -30,6 +30,7 @@ KEEP = {
     "modeling_hierarchical",
     "prediction_hierarchical",
     "pipeline_hierarchical",
+    "image_processing_hierarchical",
     "run_classification",
     "data_utils",
     "eval_report",
@@ -48,6 +49,8 @@ MOVES = {
     "hierarchy_data": "data/hierarchy",
     "hierarchy_files": "data/hierarchy_files",
     "image_decoding": "data/decoding",
+    "label_columns": "data/label_columns",
+    "provenance": "data/provenance",
     "calibration": "evaluation/calibration",
     "hierarchy_metrics": "evaluation/metrics",
     "report_data": "evaluation/report_data",
@@ -63,6 +66,10 @@ MOVES = {
     "run_summary": "training/run_summary",
     "trainer": "training/trainer",
     "training_args": "training/arguments",
+    "training_run": "training/run",
+    "onnx_export": "training/onnx_export",
+    "export_onnx": "export_onnx",
+    "check_install": "check_install",
 }
 
 PACKAGE_DOCS = {
@@ -72,7 +79,7 @@ PACKAGE_DOCS = {
     "evaluation": "Predictions to numbers, text and figures: metrics, temperature scaling, selective threshold, "
     "calibration, report data, markdown and figures.",
     "training": "The run: arguments, model loading and head surgery, trainer, callbacks, checkpoints, remote "
-    "resources, run summary, model card.",
+    "resources, run summary, model card, the run itself, ONNX export.",
 }
 
 TEXT_SUFFIXES = (".py", ".ipynb", ".md", ".toml")
