@@ -1,11 +1,11 @@
 """Data pipeline of the hierarchical CIFAR-100 classifier: the two entry points, and the data options from
-`data_arguments.py`.
+`hierarchical/data/arguments.py`.
 
 `prepare_datasets` turns any supported source into splits with the columns `image`, `labels`, `coarse_labels`
 and `index`; `apply_transforms` attaches the transforms; `HierarchicalCollator` builds batches and draws
 their MixUp/CutMix parameters, which `DevicePreprocessor` applies on the training device. The parts live in
-`data_sources.py` (loading), `data_checks.py` (labels, paths, duplicates), `image_decoding.py`,
-`augmentation.py`, `collation.py` and `device_preprocess.py`.
+`hierarchical/data/sources.py` (loading), `hierarchical/data/checks.py` (labels, paths, duplicates), `hierarchical/data/decoding.py`,
+`hierarchical/data/augmentation.py`, `hierarchical/data/collation.py` and `hierarchical/data/device_preprocess.py`.
 All training randomness comes from seeds derived from (seed, epoch, row index): where the global torch RNG is
 used, it is seeded from such a seed first, so a resumed run sees the same augmentations as an uninterrupted one.
 """
@@ -19,7 +19,9 @@ from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 from transformers.utils import logging
 
-from augmentation import (
+from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from hierarchical.data.arguments import AUGMENTATION_POLICIES, SPLIT_LIMITS, DataArguments
+from hierarchical.data.augmentation import (
     BatchedAugment,
     PolicyAugment,
     RandomCropWithPadding,
@@ -28,21 +30,19 @@ from augmentation import (
     derive_seed,
     uniform_draws,
 )
-from collation import EpochCallback, HierarchicalCollator, ImageTransform
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from data_arguments import AUGMENTATION_POLICIES, SPLIT_LIMITS, DataArguments
-from data_checks import (
+from hierarchical.data.checks import (
     check_duplicate_images,
     resolve_image_paths,
     standardise_split,
 )
-from data_sources import CifarUnpickler, load_raw_datasets, only_splits, source_folder
-from device_preprocess import JITTER_ORDERS
-from hierarchy_data import discover_hierarchy
-from image_decoding import decode_image, to_rgb
+from hierarchical.data.collation import EpochCallback, HierarchicalCollator, ImageTransform
+from hierarchical.data.decoding import decode_image, to_rgb
+from hierarchical.data.device_preprocess import JITTER_ORDERS
+from hierarchical.data.hierarchy import discover_hierarchy
+from hierarchical.data.provenance import DataRecord, split_with_record
+from hierarchical.data.sources import CifarUnpickler, load_raw_datasets, only_splits, source_folder
+from hierarchical.options import PROJECT_LOGGER
 from image_processing_hierarchical import ToNormalizedFloat
-from option_fields import PROJECT_LOGGER
-from provenance import DataRecord, split_with_record
 
 logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 
@@ -213,7 +213,9 @@ __all__ = [
 ]
 
 
-if __name__ == "__main__":  # `python data_utils.py download DEST`: a local copy of CIFAR-100, see download_data.py
-    from download_data import cli
+if (
+    __name__ == "__main__"
+):  # `python data_utils.py download DEST`: a local copy of CIFAR-100, see hierarchical/data/download.py
+    from hierarchical.data.download import cli
 
     cli()

@@ -12,7 +12,7 @@ writes its reports the same way), and a report already there is replaced only wi
 
 `cifar100-local` is a local copy of CIFAR-100 (`python data_utils.py download cifar100-local`); a Hub id works too.
 
-The numbers come from `report_data.py`, the text from `report_markdown.py`, the figures from `report_figures.py`.
+The numbers come from `hierarchical/evaluation/report_data.py`, the text from `hierarchical/evaluation/report_markdown.py`, the figures from `hierarchical/evaluation/report_figures.py`.
 The figures need matplotlib (optional): without it the markdown report is still written.
 """
 
@@ -33,7 +33,6 @@ from transformers import HfArgumentParser
 from transformers.trainer_utils import PredictionOutput
 from transformers.utils import logging
 
-from calibration import evaluate_calibration
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from data_utils import (
     SPLIT_LIMITS,
@@ -42,16 +41,17 @@ from data_utils import (
     evaluation_inputs,
     prepare_datasets_with_record,
 )
-from hierarchy_metrics import compute_hierarchy_metrics
-from model_loading import load_saved_model
+from hierarchical.data.provenance import PROVENANCE_NAME, read_record
+from hierarchical.evaluation.calibration import evaluate_calibration
+from hierarchical.evaluation.metrics import compute_hierarchy_metrics
+from hierarchical.evaluation.report_data import compute_report_data
+from hierarchical.evaluation.report_figures import FIGURE_NAMES, draw_figures
+from hierarchical.evaluation.report_markdown import REPORT_NAME, REPORTS_FOLDER, render_markdown, report_folder
+from hierarchical.options import ERRORS_HELP, PROJECT_LOGGER, run_command
+from hierarchical.training.arguments import HierarchicalTrainingArguments, ModelArguments
+from hierarchical.training.model_loading import load_saved_model
+from hierarchical.training.trainer import HierarchicalTrainer
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
-from option_fields import ERRORS_HELP, PROJECT_LOGGER, run_command
-from provenance import PROVENANCE_NAME, read_record
-from report_data import compute_report_data
-from report_figures import FIGURE_NAMES, draw_figures
-from report_markdown import REPORT_NAME, REPORTS_FOLDER, render_markdown, report_folder
-from trainer import HierarchicalTrainer
-from training_args import HierarchicalTrainingArguments, ModelArguments
 
 logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
 

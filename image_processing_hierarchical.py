@@ -4,7 +4,7 @@
 starts from: an image above the pixel limit is refused from its header, before it is decoded; deeper pixels are
 scaled to 8 bits by the range their mode stands for; an image much larger than the model's input is reduced while it
 is decoded. `HierarchicalImageProcessor` (saved with every model as `preprocessor_config.json`) and both pipelines
-decode through it; so do the training script's datasets (`image_decoding.py`).
+decode through it; so do the training script's datasets (`hierarchical/data/decoding.py`).
 
 Saved beside the model (`modeling_hierarchical.py` and `pipeline_hierarchical.py` import it by relative import), so
 it imports only `configuration_hierarchical.py`, torch, torchvision, transformers and what they install (numpy, PIL).

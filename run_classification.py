@@ -5,7 +5,7 @@
     accelerate launch run_classification.py --output_dir outputs/run --do_train --do_eval --do_predict
     python run_classification.py recipes/cpu_32px_30min.json
 
-Options are the dataclasses of `training_args.py` and `data_utils.py` plus every `TrainingArguments` option; a
+Options are the dataclasses of `hierarchical/training/arguments.py` and `data_utils.py` plus every `TrainingArguments` option; a
 `.json` recipe given first may hold any of them, and the options after it override it.
 """
 
@@ -20,9 +20,9 @@ from functools import partial
 
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
-from data_arguments import DataArguments
-from option_fields import ERRORS_HELP, options_file_argv, run_command
-from training_args import OPTION_ALIASES, HierarchicalTrainingArguments, ModelArguments
+from hierarchical.data.arguments import DataArguments
+from hierarchical.options import ERRORS_HELP, options_file_argv, run_command
+from hierarchical.training.arguments import OPTION_ALIASES, HierarchicalTrainingArguments, ModelArguments
 
 RECIPE_HELP = """Train, evaluate and calibrate the hierarchical classifier.
 
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     its metrics. Ctrl-C raises `KeyboardInterrupt` saying where the run can resume."""
     model_args, data_args, training_args = parse_args(argv)
     check_run_options(model_args, training_args)
-    from training_run import start  # after parsing: `--help` and option errors load no data, Trainer or model code
+    from hierarchical.training.run import (
+        start,  # after parsing: `--help` and option errors load no data, Trainer or model code
+    )
 
     return start(model_args, data_args, training_args, callbacks)
 

@@ -126,7 +126,7 @@ def measure_data_path(splits, data_args, image_size: int, batch_size: int, batch
 
     from configuration_hierarchical import HierarchicalEfficientNetV2Config
     from data_utils import HierarchicalCollator, ImageTransform, build_train_transform
-    from device_preprocess import DevicePreprocessor
+    from hierarchical.data.device_preprocess import DevicePreprocessor
 
     config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=image_size)
     train = splits["train"].cast_column("image", Image(decode=False))

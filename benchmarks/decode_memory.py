@@ -42,9 +42,9 @@ def measure_batches(paths: list[str], batch_size: int, image_size: int, reduce: 
     """In this process: decode `paths` in batches as evaluation does and turn each batch into model inputs; the peak
     resident memory above the start (MiB) and the largest decoded image (pixels)."""
     sys.path.insert(0, str(PROJECT_DIR))
-    from collation import ImageTransform
     from configuration_hierarchical import HierarchicalEfficientNetV2Config
-    from device_preprocess import DevicePreprocessor
+    from hierarchical.data.collation import ImageTransform
+    from hierarchical.data.device_preprocess import DevicePreprocessor
 
     config = HierarchicalEfficientNetV2Config(backbone_weights=None, image_size=image_size)
     transform = ImageTransform(split="test", max_image_pixels=None, image_size=image_size if reduce else None)

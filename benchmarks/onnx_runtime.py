@@ -63,12 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_or_build_model(args: argparse.Namespace, folder: Path):
     """The model of `--model_dir`, else a random one at the recipe's image size, saved with its image processor to
     `folder`; with a note on its weights for the table."""
+    from hierarchical.training.onnx_export import load_image_processor
     from modeling_hierarchical import (
         HierarchicalEfficientNetV2Config,
         HierarchicalEfficientNetV2ForImageClassification,
         build_image_processor,
     )
-    from onnx_export import load_image_processor
 
     if args.model_dir is not None:
         model = HierarchicalEfficientNetV2ForImageClassification.from_pretrained(args.model_dir).eval()
@@ -86,7 +86,7 @@ def load_or_build_model(args: argparse.Namespace, folder: Path):
 
 def export_and_quantize(model, folder: Path) -> tuple[Path, Path]:
     """`folder/model.onnx` from `export_onnx` and its int8 dynamic-quantised copy `folder/model.int8.onnx`."""
-    from onnx_export import ONNX_FILE, export_onnx, import_extra
+    from hierarchical.training.onnx_export import ONNX_FILE, export_onnx, import_extra
 
     fp32 = export_onnx(model, folder / ONNX_FILE)
     int8 = folder / "model.int8.onnx"
@@ -123,7 +123,7 @@ def evaluation_images(args: argparse.Namespace, image_size: int):
     """Up to `--eval_images` PIL images with their (class, superclass) labels, and where they come from: the held-out
     split of `--dataset_name`, else (no labels) images spread over `--images`, else generated ones."""
     if args.dataset_name is None:
-        from onnx_export import check_images
+        from hierarchical.training.onnx_export import check_images
 
         images, source = check_images(args.images, args.eval_images, image_size)
         return images, None, source
@@ -181,7 +181,7 @@ def compare_answers(model, classifiers: dict, images, labels, trained: bool) -> 
 
 def main(argv: list[str] | None = None) -> None:
     """Export, quantise, time and compare; print the table."""
-    from onnx_export import OnnxHierarchicalClassifier
+    from hierarchical.training.onnx_export import OnnxHierarchicalClassifier
 
     args = parse_args(argv)
     if args.threads is not None:

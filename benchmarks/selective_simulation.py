@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hierarchy_metrics import selective_curve  # noqa: E402
-from selective_threshold import THRESHOLD_GRID, choose_selective_threshold  # noqa: E402
+from hierarchical.evaluation.metrics import selective_curve  # noqa: E402
+from hierarchical.evaluation.selective_threshold import THRESHOLD_GRID, choose_selective_threshold  # noqa: E402
 
 SEED = 0
 POPULATION = 400_000
@@ -140,7 +140,7 @@ def simulate_temperatures(args: argparse.Namespace) -> list[tuple]:
     import torch
 
     from configuration_hierarchical import HierarchicalEfficientNetV2Config
-    from temperature_scaling import fit_temperatures, hierarchical_nll
+    from hierarchical.evaluation.temperature_scaling import fit_temperatures, hierarchical_nll
 
     config = HierarchicalEfficientNetV2Config(backbone_weights=None)
     fine_to_coarse = np.asarray(config.fine_to_coarse)

@@ -41,7 +41,7 @@ def write_generated_dataset(folder: Path, num_rows: int) -> None:
     from datasets import ClassLabel, Dataset, Features, Image
 
     from configuration_hierarchical import CIFAR100_COARSE_LABELS, CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE
-    from data_sources import png_bytes
+    from hierarchical.data.sources import png_bytes
 
     rng = np.random.default_rng(SEED)
     # Smooth colour fields plus noise: closer to photographs than white noise in PNG size and decoding cost.
@@ -64,9 +64,9 @@ def write_generated_dataset(folder: Path, num_rows: int) -> None:
 def training_plan(argv: list[str]) -> dict[str, Any]:
     """What the Trainer builds for `argv`, for the plain loop to copy: model config, parameter groups (by parameter
     name), optimizer kwargs, device, mixed precision and torch.compile settings."""
-    from model_loading import load_model
+    from hierarchical.training.model_loading import load_model
+    from hierarchical.training.trainer import HierarchicalTrainer, parameter_groups
     from run_classification import parse_args
-    from trainer import HierarchicalTrainer, parameter_groups
 
     model_args, _, training_args = parse_args(argv)
     model = load_model(model_args)

@@ -16,20 +16,20 @@ from transformers import pipeline
 from configuration_hierarchical import CIFAR100_FINE_LABELS, HierarchicalEfficientNetV2Config
 from conftest import encode_image, make_image_array, small_config, tiny_args
 from data_utils import DataArguments, HierarchicalCollator, load_raw_datasets, prepare_datasets
-from device_preprocess import DevicePreprocessor
 from eval_report import write_eval_report
-from hierarchy_data import (
+from hierarchical.data.device_preprocess import DevicePreprocessor
+from hierarchical.data.hierarchy import (
     Hierarchy,
     balanced_class_weights,
     discover_hierarchy,
     set_class_weights,
 )
-from hierarchy_files import read_hierarchy_file
-from hierarchy_metrics import compute_hierarchy_metrics
-from model_loading import load_model
+from hierarchical.data.hierarchy_files import read_hierarchy_file
+from hierarchical.evaluation.metrics import compute_hierarchy_metrics
+from hierarchical.training.arguments import ModelArguments
+from hierarchical.training.model_loading import load_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from run_classification import main
-from training_args import ModelArguments
 
 # Unbalanced superclasses (3, 1 and 7 classes) with spaces, unicode and a class named like a split.
 TREE = {

@@ -12,7 +12,9 @@ import pytest
 import torch
 from transformers.trainer_utils import PredictionOutput
 
-from calibration import (
+from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from conftest import small_config, tiny_args
+from hierarchical.evaluation.calibration import (
     MIN_CALIBRATION_IMAGES,
     CalibrationArguments,
     calibrate_and_select,
@@ -20,9 +22,7 @@ from calibration import (
     hierarchical_scores,
     split_rows,
 )
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from conftest import small_config, tiny_args
-from hierarchy_metrics import (
+from hierarchical.evaluation.metrics import (
     brier_score,
     expected_calibration_error,
     hierarchical_risk_coverage,
@@ -31,16 +31,16 @@ from hierarchy_metrics import (
     selective_curve,
     selective_scores,
 )
-from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
-from report_markdown import selective_answer_lines
-from run_classification import main, parse_args
-from selective_threshold import (
+from hierarchical.evaluation.report_markdown import selective_answer_lines
+from hierarchical.evaluation.selective_threshold import (
     DEFAULT_START_COVERAGES,
     accuracy_lower_bound,
     binomial_cdf,
     choose_selective_threshold,
 )
-from temperature_scaling import fit_temperatures, hierarchical_nll
+from hierarchical.evaluation.temperature_scaling import fit_temperatures, hierarchical_nll
+from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
+from run_classification import main, parse_args
 
 
 def overconfident_predictions(

@@ -1,4 +1,4 @@
-"""`python check_install.py`: one line per check, and a `fix` line naming the command for each problem."""
+"""`python -m hierarchical.check_install`: one line per check, and a `fix` line naming the command for each problem."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.ops
 
-import check_install
+from hierarchical import check_install
 
 
 def run_checks(capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:

@@ -40,7 +40,7 @@ from data_utils import (
     load_raw_datasets,
     prepare_datasets,
 )
-from option_fields import PROJECT_LOGGER
+from hierarchical.options import PROJECT_LOGGER
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct

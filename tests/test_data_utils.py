@@ -25,7 +25,6 @@ from conftest import (
     small_config,
     write_cifar_python,
 )
-from data_sources import source_folder
 from data_utils import (
     JITTER_ORDERS,
     BatchedAugment,
@@ -42,7 +41,8 @@ from data_utils import (
     prepare_datasets,
     uniform_draws,
 )
-from device_preprocess import DevicePreprocessor
+from hierarchical.data.device_preprocess import DevicePreprocessor
+from hierarchical.data.sources import source_folder
 
 STANDARD_COLUMNS = ["image", "labels", "coarse_labels", "index"]
 

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from transformers import AutoImageProcessor, pipeline
 
 import eval_report
-from augmentation import build_eval_transform
 from conftest import encode_image, make_parquet_dataset, small_config
-from device_preprocess import DevicePreprocessor
-from image_decoding import decode_image, decode_to_tensor
+from hierarchical.data.augmentation import build_eval_transform
+from hierarchical.data.decoding import decode_image, decode_to_tensor
+from hierarchical.data.device_preprocess import DevicePreprocessor
 from image_processing_hierarchical import decode_rgb, decoded_side_bound
 
 CONFIG = small_config()  # 32 px: images above 64 px on a side are reduced while decoded

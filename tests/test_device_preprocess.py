@@ -16,19 +16,19 @@ from torchvision.transforms import v2
 from transformers import Trainer, TrainerCallback
 
 import run_classification
-from augmentation import (
+from configuration_hierarchical import CIFAR100_FINE_TO_COARSE, HierarchicalEfficientNetV2Config
+from conftest import encode_image, make_image_array, small_config, tiny_args
+from data_utils import DataArguments
+from hierarchical.data.augmentation import (
     PolicyAugment,
     RandomCropWithPadding,
     build_eval_transform,
     build_train_transform,
     derive_seed,
 )
-from collation import HierarchicalCollator, ImageTransform
-from configuration_hierarchical import CIFAR100_FINE_TO_COARSE, HierarchicalEfficientNetV2Config
-from conftest import encode_image, make_image_array, small_config, tiny_args
-from data_utils import DataArguments
-from device_preprocess import DevicePreprocessor, box_mask
-from image_decoding import to_rgb
+from hierarchical.data.collation import HierarchicalCollator, ImageTransform
+from hierarchical.data.decoding import to_rgb
+from hierarchical.data.device_preprocess import DevicePreprocessor, box_mask
 from image_processing_hierarchical import ToNormalizedFloat
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 

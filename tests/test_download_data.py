@@ -15,9 +15,9 @@ import datasets
 import pytest
 import torch
 
-import download_data
 from conftest import make_parquet_dataset, run_script, small_config, write_cifar_python
 from data_utils import DataArguments, prepare_datasets
+from hierarchical.data import download as download_data
 
 
 @pytest.fixture

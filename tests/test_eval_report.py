@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 import eval_report
 import run_classification
 from conftest import small_config
-from hierarchy_metrics import compute_hierarchy_metrics
-from report_data import compute_report_data
-from report_markdown import render_markdown
+from hierarchical.evaluation.metrics import compute_hierarchy_metrics
+from hierarchical.evaluation.report_data import compute_report_data
+from hierarchical.evaluation.report_markdown import render_markdown
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HIERARCHY_METRICS = {
@@ -314,9 +314,9 @@ def test_report_tables_keep_their_columns_whatever_the_class_names(fine_names, c
 def test_misclassified_captions_show_the_prediction_the_model_returns(predictions):
     """With temperatures that let the coarse head outweigh the fine head, the consistent prediction differs from
     each head's argmax on some images: the captions name the consistent class and superclass."""
-    from calibration import hierarchical_scores
-    from report_data import compute_report_data
-    from report_figures import misclassified_captions
+    from hierarchical.evaluation.calibration import hierarchical_scores
+    from hierarchical.evaluation.report_data import compute_report_data
+    from hierarchical.evaluation.report_figures import misclassified_captions
 
     config = small_config(fine_temperature=3.0, coarse_temperature=0.3)
     data = compute_report_data(**predictions, config=config)

@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import run_classification
-import training_run
+from hierarchical.training import run as training_run
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from callbacks import EMA_FILE
 from conftest import HANG_TIMEOUT_S, METRIC_NAMES, PROJECT_DIR, tiny_args
+from hierarchical.training.callbacks import EMA_FILE
 from run_classification import main
 
 SCRIPT = str(PROJECT_DIR / "run_classification.py")

@@ -1,10 +1,10 @@
-"""The headline hierarchy metrics on small cases worked out by hand (hierarchy_metrics.py)."""
+"""The headline hierarchy metrics on small cases worked out by hand (hierarchical/evaluation/metrics.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from hierarchy_metrics import compute_hierarchy_metrics
+from hierarchical.evaluation.metrics import compute_hierarchy_metrics
 
 # 8 fine classes under 3 superclasses: fine 0-2 -> coarse 0, fine 3-5 -> coarse 1, fine 6-7 -> coarse 2.
 FINE_TO_COARSE = [0, 0, 0, 1, 1, 1, 2, 2]

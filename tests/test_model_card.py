@@ -11,9 +11,9 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from conftest import small_config
-from model_card import build_model_card, write_model_card
+from hierarchical.evaluation.selective_threshold import guarantee_text
+from hierarchical.training.model_card import build_model_card, write_model_card
 from run_classification import parse_args
-from selective_threshold import guarantee_text
 
 RESULTS = {
     "eval_fine_accuracy": 0.61234,

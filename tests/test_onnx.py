@@ -1,4 +1,4 @@
-"""Tests of the ONNX export (`export_onnx.py`, `onnx_export.py`): both heads with a free batch size, the check
+"""Tests of the ONNX export (`hierarchical/export_onnx.py`, `hierarchical/training/onnx_export.py`): both heads with a free batch size, the check
 against PyTorch, predictions with ONNX Runtime, and the messages for bad input and missing extras."""
 
 from __future__ import annotations
@@ -13,12 +13,7 @@ import pytest
 import torch
 
 from conftest import run_script, small_config
-from modeling_hierarchical import (
-    BACKBONE_CHANNELS,
-    HierarchicalEfficientNetV2ForImageClassification,
-    build_image_processor,
-)
-from onnx_export import (
+from hierarchical.training.onnx_export import (
     INSTALL_COMMAND,
     ONNX_FILE,
     OnnxHierarchicalClassifier,
@@ -27,6 +22,11 @@ from onnx_export import (
     cli,
     import_extra,
     main,
+)
+from modeling_hierarchical import (
+    BACKBONE_CHANNELS,
+    HierarchicalEfficientNetV2ForImageClassification,
+    build_image_processor,
 )
 
 ONNX_EXTRAS = ("onnx", "onnxscript", "onnxruntime")
@@ -54,7 +54,7 @@ def generated_images(count: int, seed: int = 1) -> list[PIL.Image.Image]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, HierarchicalEfficientNetV2ForImageClassification, object]:
-    """The informative model saved with its image processor, exported by `export_onnx.py`'s `main`: (folder, model,
+    """The informative model saved with its image processor, exported by `hierarchical/export_onnx.py`'s `main`: (folder, model,
     the check `main` returned)."""
     for name in ONNX_EXTRAS:
         pytest.importorskip(name, reason=SKIP_REASON)
@@ -168,7 +168,7 @@ def test_bad_input_ends_with_one_error_line(tmp_path, capsys, saved_model_dir, a
 
 @pytest.mark.slow  # a fresh process imports torch and transformers
 def test_export_script_refuses_a_missing_folder(tmp_path):
-    result = run_script("export_onnx.py", str(tmp_path / "missing"))
+    result = run_script("hierarchical/export_onnx.py", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 

@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import eval_report
-import training_run
-from checkpoints import checkpoint_problem, find_checkpoints
 from conftest import data_args, make_parquet_dataset, small_config, tiny_args
 from data_utils import prepare_datasets_with_record
-from hierarchy_data import Hierarchy
-from provenance import PROVENANCE_NAME, read_record, tables_difference
+from hierarchical.data.hierarchy import Hierarchy
+from hierarchical.data.provenance import PROVENANCE_NAME, read_record, tables_difference
+from hierarchical.training import run as training_run
+from hierarchical.training.checkpoints import checkpoint_problem, find_checkpoints
 from run_classification import main
 
 

@@ -17,11 +17,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import small_config, write_cifar_python
-from data_checks import standardise_split
 from data_utils import DataArguments, load_raw_datasets
-from hierarchy_data import discover_hierarchy
-from hierarchy_files import read_hierarchy_file
-from label_columns import DataColumns, data_columns, normalise_name
+from hierarchical.data.checks import standardise_split
+from hierarchical.data.hierarchy import discover_hierarchy
+from hierarchical.data.hierarchy_files import read_hierarchy_file
+from hierarchical.data.label_columns import DataColumns, data_columns, normalise_name
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")
 CAFE_NFD = unicodedata.normalize("NFD", "café")

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import PROJECT_DIR, small_config
 from data_utils import load_raw_datasets, prepare_datasets
-from hierarchy_data import discover_hierarchy
-from label_columns import data_columns
+from hierarchical.data.hierarchy import discover_hierarchy
+from hierarchical.data.label_columns import data_columns
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from run_classification import main, parse_args
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks import EMA_FILE, EMACallback
 from conftest import small_config
 from data_utils import HierarchicalCollator
-from device_preprocess import DevicePreprocessor
+from hierarchical.data.device_preprocess import DevicePreprocessor
+from hierarchical.training.callbacks import EMA_FILE, EMACallback
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from run_classification import parse_args
 

@@ -7,8 +7,8 @@ import huggingface_hub
 import pytest
 import torch
 
-import remote_resources
 from conftest import tiny_args
+from hierarchical.training import remote_resources
 from run_classification import main
 
 

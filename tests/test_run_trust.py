@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerControl, TrainerState
 
-from callbacks import NonFiniteTrainingError, ResumeCheckCallback
-from checkpoints import LOCK_FILE, checkpoint_problem, output_dir_lock, resolve_checkpoint
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from conftest import HANG_TIMEOUT_S, METRIC_NAMES, PROJECT_DIR, small_config, tiny_args
-from model_loading import load_model
+from hierarchical.training.arguments import ModelArguments
+from hierarchical.training.callbacks import NonFiniteTrainingError, ResumeCheckCallback
+from hierarchical.training.checkpoints import LOCK_FILE, checkpoint_problem, output_dir_lock, resolve_checkpoint
+from hierarchical.training.model_loading import load_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from run_classification import main, parse_args
-from training_args import ModelArguments
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -228,7 +228,7 @@ def test_rerunning_a_finished_run_keeps_its_results(finished_run, tiny_parquet_d
 def test_a_second_run_into_a_busy_output_dir_is_refused(tiny_parquet_dir, tmp_path):
     output_dir = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from checkpoints import output_dir_lock\n"
+        [sys.executable, "-c", "import sys, time; from hierarchical.training.checkpoints import output_dir_lock\n"
          f"with output_dir_lock({str(output_dir)!r}):\n    print('held', flush=True); time.sleep(600)"],
         cwd=PROJECT_DIR, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

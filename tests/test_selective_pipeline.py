@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from calibration import evaluate_calibration, hierarchical_scores
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from conftest import HANG_TIMEOUT_S, PROJECT_DIR, small_config
-from hierarchy_metrics import selective_scores
+from hierarchical.evaluation.calibration import evaluate_calibration, hierarchical_scores
+from hierarchical.evaluation.metrics import selective_scores
 from modeling_hierarchical import (
     HierarchicalEfficientNetV2ForImageClassification,
     build_image_processor,

@@ -19,11 +19,6 @@ import transformers
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments, pipeline
 from transformers.trainer_utils import PredictionOutput
 
-import callbacks
-import training_run
-from calibration import CalibrationArguments, calibrate_and_select
-from callbacks import TimeBudgetCallback, time_schedule_factor
-from checkpoints import checkpoint_problem
 from conftest import (
     HANG_TIMEOUT_S,
     METRIC_NAMES,
@@ -34,11 +29,16 @@ from conftest import (
     tiny_args,
 )
 from data_utils import prepare_datasets
-from model_card import MODEL_ID_PLACEHOLDER
+from hierarchical.evaluation.calibration import CalibrationArguments, calibrate_and_select
+from hierarchical.options import PROJECT_LOGGER
+from hierarchical.training import callbacks
+from hierarchical.training import run as training_run
+from hierarchical.training.callbacks import TimeBudgetCallback, time_schedule_factor
+from hierarchical.training.checkpoints import checkpoint_problem
+from hierarchical.training.model_card import MODEL_ID_PLACEHOLDER
+from hierarchical.training.trainer import HierarchicalTrainer, parameter_groups
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
-from option_fields import PROJECT_LOGGER
 from run_classification import main, parse_args
-from trainer import HierarchicalTrainer, parameter_groups
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +263,7 @@ def test_schedule_by_time_anneals_by_the_end_of_the_budget(tiny_parquet_dir, tmp
 # (mallinfo2's hblkhd: bytes in mmapped blocks).
 MALLOC_PROBE = """
 import ctypes, json
-import training_run
+from hierarchical.training import run as training_run
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -316,7 +316,7 @@ def test_the_training_log_shows_the_data_and_evaluation_info_lines(tiny_parquet_
     assert "Calibrated on 100 validation images" in caplog.text
 
 
-# What HierarchicalTrainer relies on in the Trainer's private parts (see the comments in trainer.py): a transformers
+# What HierarchicalTrainer relies on in the Trainer's private parts (see the comments in hierarchical/training/trainer.py): a transformers
 # upgrade that changes it fails here, not silently in a run.
 PRIVATE_SIGNATURES = {
     "_prepare_inputs": ["self", "inputs"],

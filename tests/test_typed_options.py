@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import run_classification
-import training_run
 from configuration_hierarchical import TEMPERATURE_RANGE, HierarchicalEfficientNetV2Config
 from conftest import NUM_FINE, make_parquet_dataset, small_config, tiny_args
 from data_utils import AUGMENTATION_POLICIES
+from hierarchical.evaluation.temperature_scaling import LOG_TEMPERATURE_RANGE, fit_temperatures
+from hierarchical.training import run as training_run
 from run_classification import parse_args
-from temperature_scaling import LOG_TEMPERATURE_RANGE, fit_temperatures
 
 
 def floats(low: float, high: float) -> st.SearchStrategy:

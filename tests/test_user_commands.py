@@ -11,16 +11,16 @@ import pytest
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 import eval_report
-import remote_resources
 import run_classification
-import training_run
-from callbacks import PROGRESS_INTERVAL_S, TimedProgressCallback, progress_line
 from conftest import PROJECT_DIR, make_parquet_dataset, run_script, small_config, tiny_args
+from hierarchical.options import DEBUG_ENVIRONMENT_VARIABLE, PROJECT_LOGGER, run_command
+from hierarchical.training import remote_resources
+from hierarchical.training import run as training_run
+from hierarchical.training.callbacks import PROGRESS_INTERVAL_S, TimedProgressCallback, progress_line
+from hierarchical.training.remote_resources import needed_resources
+from hierarchical.training.run_summary import run_summary, write_run_options
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
-from option_fields import DEBUG_ENVIRONMENT_VARIABLE, PROJECT_LOGGER, run_command
-from remote_resources import needed_resources
 from run_classification import build_parser, cli, parse_args
-from run_summary import run_summary, write_run_options
 
 RECIPE = PROJECT_DIR / "recipes" / "cpu_32px_30min.json"
 

@@ -16,17 +16,22 @@ from torch import nn
 from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, TrainOutput
 
-import model_card
-from callbacks import EMACallback, NonFiniteTrainingError, ResumeCheckCallback, TimeBudgetCallback, time_schedule_factor
-from checkpoints import find_checkpoints
 from configuration_hierarchical import NUM_BACKBONE_STAGES
-from device_preprocess import DevicePreprocessor
-from hierarchy_data import HEAD_PREFIXES
-from hierarchy_metrics import compute_hierarchy_metrics
-from option_fields import PROJECT_LOGGER
-from provenance import DataRecord, write_record
+from hierarchical.data.device_preprocess import DevicePreprocessor
+from hierarchical.data.hierarchy import HEAD_PREFIXES
+from hierarchical.data.provenance import DataRecord, write_record
+from hierarchical.evaluation.metrics import compute_hierarchy_metrics
+from hierarchical.training import model_card
+from hierarchical.training.callbacks import (
+    EMACallback,
+    NonFiniteTrainingError,
+    ResumeCheckCallback,
+    TimeBudgetCallback,
+    time_schedule_factor,
+)
+from hierarchical.training.checkpoints import find_checkpoints
 
-logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.getLogger(__name__)
 CallbackType = TypeVar("CallbackType", bound=TrainerCallback)
 
 

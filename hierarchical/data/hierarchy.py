@@ -8,7 +8,7 @@ A dataset names its hierarchy in one of three ways:
   exactly one coarse label across all splits;
 * a hierarchy file (`--hierarchy_file`, JSON or CSV: fine name -> coarse name) for data with fine labels only.
 
-The folder tree and the hierarchy file are read in `hierarchy_files.py`.
+The folder tree and the hierarchy file are read in `hierarchical/data/hierarchy_files.py`.
 
 `discover_hierarchy` returns a [`Hierarchy`] (the CIFAR-100 tables when the names are CIFAR-100's), or `None`
 when the data names no hierarchy (plain integer labels, or class names without superclasses): the model's config
@@ -33,15 +33,14 @@ from configuration_hierarchical import (
     CIFAR100_FINE_TO_COARSE,
     HierarchicalEfficientNetV2Config,
 )
-from hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
-from label_columns import column_names, data_columns
-from option_fields import PROJECT_LOGGER
+from hierarchical.data.hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
+from hierarchical.data.label_columns import column_names, data_columns
 
 if TYPE_CHECKING:
-    from data_arguments import DataArguments
+    from hierarchical.data.arguments import DataArguments
     from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 
-logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.get_logger(__name__)
 
 HEAD_PREFIXES = ("coarse_classifier.", "fine_classifier.")
 

@@ -23,9 +23,7 @@ from transformers import (
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from option_fields import PROJECT_LOGGER
-
-logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.getLogger(__name__)
 
 EMA_FILE = "ema.safetensors"
 PROGRESS_INTERVAL_S = 30.0  # a progress line in a log file at most this often, whatever --logging_steps says

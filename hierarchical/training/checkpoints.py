@@ -23,13 +23,12 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_N
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from callbacks import EMA_FILE
-from hierarchy_data import Hierarchy
-from option_fields import PROJECT_LOGGER
-from provenance import folder_tables, tables_difference
-from training_args import HierarchicalTrainingArguments
+from hierarchical.data.hierarchy import Hierarchy
+from hierarchical.data.provenance import folder_tables, tables_difference
+from hierarchical.training.arguments import HierarchicalTrainingArguments
+from hierarchical.training.callbacks import EMA_FILE
 
-logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 RNG_FILE_RE = re.compile(r"^rng_state(_\d+)?\.pth$")

@@ -6,7 +6,7 @@ copy the folder (and the weights file) to the offline machine.
     python data_utils.py download cifar100-local --source archive   # the official cifar-100-python.tar.gz
     python data_utils.py download-weights                           # ImageNet weights into the torch hub cache
 
-Then `python run_classification.py --dataset_name cifar100-local ...`. `python download_data.py` takes the same
+Then `python run_classification.py --dataset_name cifar100-local ...`. `python -m hierarchical.data.download` takes the same
 commands.
 """
 
@@ -25,11 +25,11 @@ from torchvision.datasets.utils import check_integrity, download_url
 from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
 
-from data_sources import CIFAR_PYTHON_FILES
-from option_fields import PROJECT_LOGGER, run_command
-from remote_resources import hub_reachable, imagenet_weights_path, url_reachable
+from hierarchical.data.sources import CIFAR_PYTHON_FILES
+from hierarchical.options import run_command
+from hierarchical.training.remote_resources import hub_reachable, imagenet_weights_path, url_reachable
 
-logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.get_logger(__name__)
 
 HUB_DATASET = "uoft-cs/cifar100"
 CIFAR100_ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check the environment this project runs in, and say what to fix:
 
-    python check_install.py
+    python -m hierarchical.check_install
 
 - the Python version;
 - every package of `requirements.txt` installed, at a version in the range the project was tested with (the

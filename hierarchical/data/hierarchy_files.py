@@ -16,13 +16,12 @@ from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from transformers.utils import logging
 
-from label_columns import normalise_name
-from option_fields import PROJECT_LOGGER
+from hierarchical.data.label_columns import normalise_name
 
 if TYPE_CHECKING:
-    from data_arguments import DataArguments
+    from hierarchical.data.arguments import DataArguments
 
-logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.get_logger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_NAMES_SHOWN = 10

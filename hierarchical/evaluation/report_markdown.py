@@ -8,9 +8,9 @@ import re
 import numpy as np
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from hierarchy_metrics import ECE_BINS
-from report_data import MAX_CONFUSION_SUPERCLASSES, ReportData, largest_cells
-from selective_threshold import guarantee_text
+from hierarchical.evaluation.metrics import ECE_BINS
+from hierarchical.evaluation.report_data import MAX_CONFUSION_SUPERCLASSES, ReportData, largest_cells
+from hierarchical.evaluation.selective_threshold import guarantee_text
 
 FIGURE_TITLES = {
     "superclass_accuracy": "Accuracy per superclass",

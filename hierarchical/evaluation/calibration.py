@@ -1,8 +1,8 @@
 """Calibrated scores and selective answers for the hierarchical classifier, after training.
 
-- [`fit_temperatures`] (`temperature_scaling.py`): one temperature per head, fitted by L-BFGS on the negative
+- [`fit_temperatures`] (`hierarchical/evaluation/temperature_scaling.py`): one temperature per head, fitted by L-BFGS on the negative
   log-likelihood of the consistent probabilities at both levels (held-out logits, a few seconds on CPU).
-- [`choose_selective_threshold`] (`selective_threshold.py`): the lowest confidence threshold whose answers (class,
+- [`choose_selective_threshold`] (`hierarchical/evaluation/selective_threshold.py`): the lowest confidence threshold whose answers (class,
   else superclass, else abstain) reach a target accuracy on new data with a stated confidence, by fixed-sequence
   binomial tests over a grid of thresholds (Learn-then-Test).
 - [`evaluate_calibration`]: calibration error, likelihood, Brier score, the risk-coverage area, the outcome of the
@@ -21,7 +21,7 @@ from transformers.trainer_utils import PredictionOutput
 from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from hierarchy_metrics import (
+from hierarchical.evaluation.metrics import (
     ECE_BINS,
     brier_score,
     expected_calibration_error,
@@ -29,17 +29,17 @@ from hierarchy_metrics import (
     negative_log_likelihood,
     selective_scores,
 )
-from option_fields import PROJECT_LOGGER, option
-from prediction_hierarchical import hierarchical_log_probabilities
-from selective_threshold import (
+from hierarchical.evaluation.selective_threshold import (
     DEFAULT_START_COVERAGES,
     SelectiveThreshold,
     choose_selective_threshold,
     guarantee_text,
 )
-from temperature_scaling import Array, check_predictions, fit_temperatures
+from hierarchical.evaluation.temperature_scaling import Array, check_predictions, fit_temperatures
+from hierarchical.options import option
+from prediction_hierarchical import hierarchical_log_probabilities
 
-logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.get_logger(__name__)
 
 # Below this many calibration images the run keeps temperature 1 and no selective threshold. Measured with
 # benchmarks/selective_simulation.py (temperatures part, an accurate and a weak simulated model): fitted on 3

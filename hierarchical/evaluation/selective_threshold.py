@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hierarchy_metrics import selective_curve
+from hierarchical.evaluation.metrics import selective_curve
 
 THRESHOLD_GRID = np.arange(1000, 0, -1) / 1000  # 1.000, 0.999, ..., 0.001: tested from the most conservative down
 

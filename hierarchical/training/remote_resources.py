@@ -20,10 +20,9 @@ from huggingface_hub import constants as hub_constants
 from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
 
-from data_sources import LOCAL_DATA_HINT, is_hub_dataset, is_hub_id
-from option_fields import PROJECT_LOGGER
+from hierarchical.data.sources import LOCAL_DATA_HINT, is_hub_dataset, is_hub_id
 
-logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.get_logger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
 

@@ -14,12 +14,11 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
-from augmentation import NO_BOX, TrainAugment, derive_seed
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from image_decoding import DEFAULT_MAX_IMAGE_PIXELS, decode_image, decode_to_tensor
-from option_fields import PROJECT_LOGGER
+from hierarchical.data.augmentation import NO_BOX, TrainAugment, derive_seed
+from hierarchical.data.decoding import DEFAULT_MAX_IMAGE_PIXELS, decode_image, decode_to_tensor
 
-logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.get_logger(__name__)
 
 
 class ImageTransform:

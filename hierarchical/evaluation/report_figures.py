@@ -14,9 +14,9 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from hierarchy_metrics import ECE_BINS
+from hierarchical.evaluation.metrics import ECE_BINS
+from hierarchical.evaluation.report_data import MAX_CONFUSION_SUPERCLASSES, ReportData
 from image_processing_hierarchical import as_decodable, decode_rgb
-from report_data import MAX_CONFUSION_SUPERCLASSES, ReportData
 
 FIGURE_NAMES = {
     "superclass_accuracy": "superclass_accuracy.png",

@@ -27,8 +27,8 @@ from datasets import Dataset
 from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from data_checks import image_digests, split_train_validation
-from hierarchy_data import Hierarchy
+from hierarchical.data.checks import image_digests, split_train_validation
+from hierarchical.data.hierarchy import Hierarchy
 
 logger = logging.get_logger(f"data_utils.{__name__}")
 

@@ -1,6 +1,6 @@
 """The numbers of the evaluation report: `compute_report_data` turns head outputs and labels into a `ReportData`
 (metrics, accuracy per superclass and class, confusions, calibration and selective-answer curves), which
-`report_markdown.py` and `report_figures.py` render."""
+`hierarchical/evaluation/report_markdown.py` and `hierarchical/evaluation/report_figures.py` render."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging
 
-from calibration import evaluate_calibration, hierarchical_scores
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from hierarchy_metrics import ECE_BINS, compute_hierarchy_metrics, reliability_bins, selective_curve
-from option_fields import PROJECT_LOGGER
-from temperature_scaling import check_predictions
+from hierarchical.evaluation.calibration import evaluate_calibration, hierarchical_scores
+from hierarchical.evaluation.metrics import ECE_BINS, compute_hierarchy_metrics, reliability_bins, selective_curve
+from hierarchical.evaluation.temperature_scaling import check_predictions
 
-logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.get_logger(__name__)
 
 CURVE_THRESHOLDS = np.linspace(0.0, 1.0, 201)  # the x axis of the risk-coverage figure
 TOP_CONFUSED_PAIRS = 15

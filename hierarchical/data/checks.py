@@ -16,14 +16,13 @@ from datasets import Image as ImageFeature
 from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from image_decoding import check_regular_file
-from label_columns import check_label_range, column_names, column_values, data_columns, ids_from_names
-from option_fields import PROJECT_LOGGER
+from hierarchical.data.decoding import check_regular_file
+from hierarchical.data.label_columns import check_label_range, column_names, column_values, data_columns, ids_from_names
 
 if TYPE_CHECKING:  # only in annotations
-    from data_arguments import DataArguments
+    from hierarchical.data.arguments import DataArguments
 
-logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.get_logger(__name__)
 
 
 def standardise_split(

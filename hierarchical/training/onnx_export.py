@@ -25,8 +25,8 @@ from transformers import AutoImageProcessor
 from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from hierarchy_files import IMAGE_EXTENSIONS
-from image_decoding import to_rgb
+from hierarchical.data.decoding import to_rgb
+from hierarchical.data.hierarchy_files import IMAGE_EXTENSIONS
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
 from prediction_hierarchical import HierarchicalPrediction
 
@@ -139,11 +139,13 @@ class OnnxHierarchicalClassifier:
     def from_pretrained(
         cls, model_dir: str | os.PathLike, onnx_file: str = ONNX_FILE, threads: int | None = None
     ) -> OnnxHierarchicalClassifier:
-        """Load `model_dir/onnx_file` (written by `export_onnx.py`) on ONNX Runtime's CPU provider (with `threads`
+        """Load `model_dir/onnx_file` (written by `hierarchical/export_onnx.py`) on ONNX Runtime's CPU provider (with `threads`
         intra-op threads, ONNX Runtime's choice when None), with the folder's config and image processor."""
         onnx_path = os.path.join(model_dir, onnx_file)
         if not os.path.isfile(onnx_path):
-            raise ValueError(f"{onnx_path!r} does not exist: write it with python export_onnx.py {model_dir}")
+            raise ValueError(
+                f"{onnx_path!r} does not exist: write it with python -m hierarchical.export_onnx {model_dir}"
+            )
         config = HierarchicalEfficientNetV2Config.from_pretrained(model_dir)
         return cls(onnx_session(onnx_path, threads), config, load_image_processor(model_dir, config))
 
@@ -305,9 +307,9 @@ def check_images(paths: Sequence[str], count: int, image_size: int) -> tuple[lis
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The options of `export_onnx.py`."""
+    """The options of `hierarchical/export_onnx.py`."""
     parser = argparse.ArgumentParser(
-        prog="export_onnx.py",
+        prog="hierarchical/export_onnx.py",
         description=f"Write MODEL_DIR/{ONNX_FILE} (outputs logits and coarse_logits, dynamic batch) from a model saved "
         "by run_classification.py, then check it: ONNX Runtime and PyTorch on the same images give logits within "
         f"--atol and the same class, superclass and selective answers. Needs the ONNX extras ({INSTALL_COMMAND}).",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from configuration_hierarchical import DEFAULT_MAX_IMAGE_PIXELS
-from option_fields import check_finite_options, option
+from hierarchical.options import check_finite_options, option
 
 AUGMENTATION_POLICIES = ("original", "trivialaugment", "randaugment", "autoaugment", "none")
 

@@ -21,18 +21,23 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from transformers.utils import logging
 
-from hierarchy_files import HIDDEN_PREFIXES, IMAGE_EXTENSIONS, image_folder_layout, load_hierarchy_tree, walk_files
-from option_fields import PROJECT_LOGGER
+from hierarchical.data.hierarchy_files import (
+    HIDDEN_PREFIXES,
+    IMAGE_EXTENSIONS,
+    image_folder_layout,
+    load_hierarchy_tree,
+    walk_files,
+)
 
 if TYPE_CHECKING:  # only in annotations
-    from data_arguments import DataArguments
+    from hierarchical.data.arguments import DataArguments
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
 
-logger = logging.get_logger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.get_logger(__name__)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `name` or `owner/name`

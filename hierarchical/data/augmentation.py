@@ -11,12 +11,12 @@ import torch
 from torchvision.transforms import v2
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from device_preprocess import JITTER_ORDERS, DevicePreprocessor
-from image_decoding import to_rgb
+from hierarchical.data.decoding import to_rgb
+from hierarchical.data.device_preprocess import JITTER_ORDERS, DevicePreprocessor
 from image_processing_hierarchical import build_model_input_transform
 
 if TYPE_CHECKING:  # only in annotations
-    from data_arguments import DataArguments
+    from hierarchical.data.arguments import DataArguments
 
 
 IntOrArray = TypeVar("IntOrArray", int, np.ndarray)

@@ -8,15 +8,14 @@ import os
 
 import torch
 
-from checkpoints import safetensors_problem
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from data_sources import is_hub_id
-from hierarchy_data import Hierarchy, reinitialize_heads
+from hierarchical.data.hierarchy import Hierarchy, reinitialize_heads
+from hierarchical.data.sources import is_hub_id
+from hierarchical.training.arguments import ModelArguments
+from hierarchical.training.checkpoints import safetensors_problem
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, skip_backbone_weights
-from option_fields import PROJECT_LOGGER
-from training_args import ModelArguments
 
-logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.getLogger(__name__)
 
 
 def load_model(

@@ -22,27 +22,38 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from calibration import calibrate_and_select, calibration_count, evaluate_calibration, subset_prediction
-from callbacks import EMACallback, TimeBudgetCallback, TimedProgressCallback
-from checkpoints import checkpoint_problem, find_checkpoints, output_dir_lock, resolve_checkpoint
-from collation import EpochCallback, HierarchicalCollator
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from data_arguments import DataArguments
-from data_sources import load_raw_datasets
 from data_utils import apply_transforms, planned_split_sizes, prepare_datasets_with_record, source_splits
 from eval_report import report_folder, write_prediction_report
-from hierarchy_data import balanced_class_weights, discover_hierarchy, set_class_weights
-from label_columns import data_columns
-from model_loading import load_model
+from hierarchical.data.arguments import DataArguments
+from hierarchical.data.collation import EpochCallback, HierarchicalCollator
+from hierarchical.data.hierarchy import balanced_class_weights, discover_hierarchy, set_class_weights
+from hierarchical.data.label_columns import data_columns
+from hierarchical.data.provenance import PROVENANCE_NAME, DataRecord, check_resumed_data, read_record
+from hierarchical.data.sources import load_raw_datasets
+from hierarchical.evaluation.calibration import (
+    calibrate_and_select,
+    calibration_count,
+    evaluate_calibration,
+    subset_prediction,
+)
+from hierarchical.options import PROJECT_LOGGER
+from hierarchical.training.arguments import HierarchicalTrainingArguments, ModelArguments, check_batch_fits
+from hierarchical.training.callbacks import EMACallback, TimeBudgetCallback, TimedProgressCallback
+from hierarchical.training.checkpoints import checkpoint_problem, find_checkpoints, output_dir_lock, resolve_checkpoint
+from hierarchical.training.model_loading import load_model
+from hierarchical.training.remote_resources import check_remote_resources
+from hierarchical.training.run_summary import (
+    OPTIONS_FILE,
+    quiet_transformers,
+    run_options,
+    run_summary,
+    write_run_options,
+)
+from hierarchical.training.trainer import HierarchicalTrainer, compute_metrics, parameter_groups
 from modeling_hierarchical import build_image_processor
-from option_fields import PROJECT_LOGGER
-from provenance import PROVENANCE_NAME, DataRecord, check_resumed_data, read_record
-from remote_resources import check_remote_resources
-from run_summary import OPTIONS_FILE, quiet_transformers, run_options, run_summary, write_run_options
-from trainer import HierarchicalTrainer, compute_metrics, parameter_groups
-from training_args import HierarchicalTrainingArguments, ModelArguments, check_batch_fits
 
-logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.getLogger(__name__)
 
 MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest; smaller blocks come from the heap, which is reused
 MALLOC_TRIM_THRESHOLD = 2**30  # free heap kept before any is handed back to the system
@@ -198,7 +209,7 @@ def load_data_and_model(
 ) -> tuple[nn.Module, DatasetDict, str | None, DataRecord | None, str]:
     """Load the data (unless `raw`, the source's splits, is given), the model whose heads fit its classes and the
     checkpoint to resume from; return the model, the splits with their transforms attached, the checkpoint (None
-    for a fresh start), the record of the data the model is trained on (`provenance.py`: this run's when it trains,
+    for a fresh start), the record of the data the model is trained on (`hierarchical/data/provenance.py`: this run's when it trains,
     else the one saved with the model) and which columns of the data were read.
 
     A checkpoint of another run (other label tables, optimizer groups or data) is refused before any training. An

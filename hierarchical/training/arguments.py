@@ -13,11 +13,11 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.utils.import_utils import is_in_notebook
 
-from calibration import CalibrationArguments
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from option_fields import PROJECT_LOGGER, check_finite_options, option
+from hierarchical.evaluation.calibration import CalibrationArguments
+from hierarchical.options import check_finite_options, option
 
-logger = logging.getLogger(f"{PROJECT_LOGGER}.{__name__}")
+logger = logging.getLogger(__name__)
 
 # Options that set the same thing: the original tool's name first, then the Trainer's.
 OPTION_ALIASES = (

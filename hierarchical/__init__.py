@@ -1,0 +1,1 @@
+"""The hierarchical classifier's library: option fields (`options`), data, evaluation and training."""

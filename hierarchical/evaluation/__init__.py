@@ -1,0 +1,1 @@
+"""Predictions to numbers, text and figures: metrics, temperature scaling, selective threshold, calibration, report data, markdown and figures."""
