@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -21,7 +20,7 @@ from functools import partial
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from hierarchical.data.arguments import DataArguments
-from hierarchical.options import ERRORS_HELP, options_file_argv, run_command
+from hierarchical.options import ERRORS_HELP, options_file_argv, parse_into_dataclasses, run_command
 from hierarchical.training.arguments import OPTION_ALIASES, HierarchicalTrainingArguments, ModelArguments
 
 RECIPE_HELP = """Train, evaluate and calibrate the hierarchical classifier.
@@ -92,23 +91,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith(".json"):
         argv = [*options_file_argv(parser, argv[0], skip=overridden_options(parser, argv[1:])), *argv[1:]]
-    try:  # unknown options first: building the TrainingArguments loads transformers' integrations (seconds)
-        unknown = parser.parse_known_args(argv)[1]
-        if not unknown:
-            *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except argparse.ArgumentError as error:
-        raise ValueError(str(error)) from None
-    if unknown:
-        known = [option for action in parser._actions for option in action.option_strings if "-" not in option[2:]]
-        hints = [
-            f"{arg} (did you mean {' or '.join(close)}?)"
-            if (close := difflib.get_close_matches(arg, known, n=1))
-            else arg
-            for arg in unknown
-            if arg.startswith("-")
-        ]
-        raise ValueError(f"unknown options: {', '.join(hints or unknown)}; `--help` lists every option")
-    return tuple(parsed)
+    return parse_into_dataclasses(parser, argv)
 
 
 def overridden_options(parser: HfArgumentParser, argv: list[str]) -> set[str]:

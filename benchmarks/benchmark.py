@@ -141,7 +141,7 @@ def default_dataset(tiny: bool) -> tuple[str, str]:
     when the Hub dataset is neither cached nor reachable."""
     if tiny:
         return GENERATED, ""
-    from hierarchical.training.remote_resources import dataset_is_cached, hub_reachable
+    from hierarchical.hub import dataset_is_cached, hub_reachable
 
     if not (dataset_is_cached(HUB_DATASET) or hub_reachable()):
         return GENERATED, f" ({HUB_DATASET} not cached and the Hub does not answer)"
@@ -176,7 +176,7 @@ def benchmark_data(args: argparse.Namespace, tmp: Path) -> tuple[str, str | None
         rows = math.ceil(1.25 * (args.warmup_steps + args.steps + 2) * args.batch_size) + 64
         write_generated_dataset(tmp / "data", max(rows, args.inference_images))
         return str(tmp / "data"), str(tmp / "cache")
-    from hierarchical.data.sources import is_hub_id
+    from hierarchical.hub import is_hub_id
 
     if not Path(args.dataset).exists() and not is_hub_id(args.dataset):
         raise FileNotFoundError(f"--dataset_name {args.dataset!r}: no such folder")

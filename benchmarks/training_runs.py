@@ -91,7 +91,7 @@ def spawn_child(kind: str, args: argparse.Namespace, plan_path: Path) -> dict[st
     env = dict(os.environ)
     if kind == "ceiling" and json.loads(plan_path.read_text())["keep_freed_memory"]:
         # The Trainer's process sets the same allocator thresholds on itself (`--keep_freed_memory`, the default).
-        from run_classification import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
+        from hierarchical.training.run import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
 
         env.update(MALLOC_MMAP_THRESHOLD_=str(MALLOC_MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(MALLOC_TRIM_THRESHOLD))
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env)

@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 REQUIREMENTS = PROJECT_DIR / "requirements.txt"
 DEV_REQUIREMENTS = PROJECT_DIR / "requirements-dev.txt"
 MIN_PYTHON = (3, 10)

@@ -1,12 +1,14 @@
 """`option()`: the dataclass field of a command-line option, as `HfArgumentParser` reads it;
 `check_finite_options`, the check every options dataclass runs first; `PROJECT_LOGGER`, the logger every module but
 the model files logs under; and `options_file_argv`, which turns a JSON options file into the command line that says
-the same, so that a file is parsed and checked as the command line is."""
+the same, so that a file is parsed and checked as the command line is; `parse_into_dataclasses`, the one way a
+command line becomes options (unknown options named with their closest match, bad values as `ValueError`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -160,6 +162,27 @@ def options_file_argv(
     return argv
 
 
+def parse_into_dataclasses(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[Any, ...]:
+    """`parser.parse_args_into_dataclasses(argv)` of an `HfArgumentParser`, as the scripts parse: unknown options
+    are refused first, naming each with its closest known option (before any dataclass is built: building the
+    `TrainingArguments` loads transformers' integrations, seconds), and a bad value is a `ValueError`, not an
+    exit."""
+    try:
+        unknown = parser.parse_known_args(argv)[1]
+        if not unknown:
+            return tuple(parser.parse_args_into_dataclasses(args=argv))
+    except argparse.ArgumentError as error:
+        raise ValueError(str(error)) from None
+    known = [option for action in parser._actions for option in action.option_strings if "-" not in option[2:]]
+    hints = [
+        f"{arg} (did you mean {' or '.join(close)}?)"
+        if arg.startswith("-") and (close := difflib.get_close_matches(arg, known, n=1))
+        else arg
+        for arg in unknown
+    ]
+    raise ValueError(f"unknown options: {', '.join(hints)}; `--help` lists every option")
+
+
 __all__ = [
     "DEBUG_ENVIRONMENT_VARIABLE",
     "PROJECT_LOGGER",
@@ -169,5 +192,6 @@ __all__ = [
     "check_finite_options",
     "option",
     "options_file_argv",
+    "parse_into_dataclasses",
     "run_command",
 ]

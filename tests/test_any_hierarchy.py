@@ -16,7 +16,6 @@ from transformers import pipeline
 from configuration_hierarchical import CIFAR100_FINE_LABELS, HierarchicalEfficientNetV2Config
 from conftest import encode_image, make_image_array, small_config, tiny_args
 from data_utils import DataArguments, HierarchicalCollator, load_raw_datasets, prepare_datasets
-from eval_report import write_eval_report
 from hierarchical.data.device_preprocess import DevicePreprocessor
 from hierarchical.data.hierarchy import (
     Hierarchy,
@@ -26,6 +25,7 @@ from hierarchical.data.hierarchy import (
 )
 from hierarchical.data.hierarchy_files import read_hierarchy_file
 from hierarchical.evaluation.metrics import compute_hierarchy_metrics
+from hierarchical.evaluation.report import write_eval_report
 from hierarchical.training.arguments import ModelArguments
 from hierarchical.training.model_loading import load_model
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification

@@ -16,11 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AutoImageProcessor, pipeline
 
-import eval_report
 from conftest import encode_image, make_parquet_dataset, small_config
 from hierarchical.data.augmentation import build_eval_transform
 from hierarchical.data.decoding import decode_image, decode_to_tensor
 from hierarchical.data.device_preprocess import DevicePreprocessor
+from hierarchical.training import saved_model
 from image_processing_hierarchical import decode_rgb, decoded_side_bound
 
 CONFIG = small_config()  # 32 px: images above 64 px on a side are reduced while decoded
@@ -114,7 +114,7 @@ def test_eval_report_refuses_an_image_above_the_limit_from_its_header(saved_mode
     make_parquet_dataset(data, split="test", image_bytes={1: huge_png.read_bytes()})
     start = time.perf_counter()
     with pytest.raises(ValueError, match="row index=1 of split 'test' is " + HUGE_MESSAGE):
-        eval_report.evaluate_saved_model(saved_model_dir, str(data), split="test", output_dir=tmp_path / "report")
+        saved_model.evaluate_saved_model(saved_model_dir, str(data), split="test", output_dir=tmp_path / "report")
     assert time.perf_counter() - start < 30.0
     assert not (tmp_path / "report" / "eval_report.md").exists()
 

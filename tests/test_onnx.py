@@ -1,4 +1,4 @@
-"""Tests of the ONNX export (`hierarchical/export_onnx.py`, `hierarchical/training/onnx_export.py`): both heads with a free batch size, the check
+"""Tests of the ONNX export (`python -m hierarchical.export_onnx`, `hierarchical/training/onnx_export.py`): both heads with a free batch size, the check
 against PyTorch, predictions with ONNX Runtime, and the messages for bad input and missing extras."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def generated_images(count: int, seed: int = 1) -> list[PIL.Image.Image]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, HierarchicalEfficientNetV2ForImageClassification, object]:
-    """The informative model saved with its image processor, exported by `hierarchical/export_onnx.py`'s `main`: (folder, model,
+    """The informative model saved with its image processor, exported by `hierarchical.export_onnx`'s `main`: (folder, model,
     the check `main` returned)."""
     for name in ONNX_EXTRAS:
         pytest.importorskip(name, reason=SKIP_REASON)
@@ -127,7 +127,9 @@ def test_onnx_classifier_answers_as_the_model_does(exported, classifier):
 
 
 def test_onnx_classifier_needs_the_exported_file(saved_model_dir):
-    with pytest.raises(ValueError, match=r"model\.onnx' does not exist: write it with python export_onnx\.py"):
+    with pytest.raises(
+        ValueError, match=r"model\.onnx' does not exist: write it with python -m hierarchical\.export_onnx "
+    ):
         OnnxHierarchicalClassifier.from_pretrained(saved_model_dir)
 
 
@@ -168,7 +170,7 @@ def test_bad_input_ends_with_one_error_line(tmp_path, capsys, saved_model_dir, a
 
 @pytest.mark.slow  # a fresh process imports torch and transformers
 def test_export_script_refuses_a_missing_folder(tmp_path):
-    result = run_script("hierarchical/export_onnx.py", str(tmp_path / "missing"))
+    result = run_script("-m", "hierarchical.export_onnx", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 

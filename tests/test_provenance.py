@@ -18,6 +18,7 @@ from data_utils import prepare_datasets_with_record
 from hierarchical.data.hierarchy import Hierarchy
 from hierarchical.data.provenance import PROVENANCE_NAME, read_record, tables_difference
 from hierarchical.training import run as training_run
+from hierarchical.training import saved_model
 from hierarchical.training.checkpoints import checkpoint_problem, find_checkpoints
 from run_classification import main
 
@@ -163,15 +164,15 @@ def test_resuming_with_another_validation_split_is_refused(finished_run, tiny_pa
 
 
 def evaluated_rows(monkeypatch) -> list:
-    """Records the `index` column of every split `eval_report.predict_split` evaluates."""
+    """Records the `index` column of every split `saved_model.predict_split` evaluates."""
     seen = []
-    original = eval_report.predict_split
+    original = saved_model.predict_split
 
     def spy(model, dataset, *args, **kwargs):
         seen.append(sorted(dataset["index"]))
         return original(model, dataset, *args, **kwargs)
 
-    monkeypatch.setattr(eval_report, "predict_split", spy)
+    monkeypatch.setattr(saved_model, "predict_split", spy)
     return seen
 
 
@@ -214,7 +215,7 @@ def test_evaluating_on_other_data_is_refused_unless_allowed(finished_run, other_
     options = dict(split="validation", output_dir=tmp_path / "report", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="the model folder .* records its training data: the training split here "
                        "\\(200 rows, fingerprint .*\\) is not the one it was trained on.*--allow_data_mismatch") as error:  # fmt: skip
-        eval_report.evaluate_saved_model(finished_run, str(other_data), **options)
+        saved_model.evaluate_saved_model(finished_run, str(other_data), **options)
     print(error.value)
     allowed = data_args(tmp_path, other_data, allow_data_mismatch=True)
     splits, _ = prepare_datasets_with_record(allowed, small_config(), 7, recorded=read_record(str(finished_run)))
@@ -228,7 +229,7 @@ def test_a_validation_split_of_rows_the_model_trained_on_is_refused(finished_run
     record.update(validation="none", seed=None, fraction=None, validation_rows=[])
     (model_dir / PROVENANCE_NAME).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="would hold rows it trained on: it trained on every one of the 200 rows"):
-        eval_report.evaluate_saved_model(
+        saved_model.evaluate_saved_model(
             model_dir,
             str(tiny_parquet_dir),
             split="validation",

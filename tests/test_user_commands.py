@@ -268,14 +268,16 @@ HEAVY_MODULES = (
     [
         ["run_classification.py", "--help"],
         ["run_classification.py", "--output_dir", "out", "--do_train", "--lr_cnv", "1e-3"],
+        ["eval_report.py", "--help"],
+        ["eval_report.py", "model", "--dataset_name", "data", "--batch_sise", "8"],
     ],
-    ids=["help", "unknown option"],
+    ids=["help", "unknown option", "eval_report help", "eval_report unknown option"],
 )
 def test_help_and_option_errors_load_no_data_trainer_or_model_code(argv):
     result = run_script("-c", LOADED_MODULES, *argv)
     answer = json.loads(result.stdout.splitlines()[-1])
     assert answer["status"] in (0, 2), result.stderr
-    assert "--lr_conv" in result.stdout + result.stderr
+    assert ("--lr_conv" if "run_classification.py" in argv else "--batch_size") in result.stdout + result.stderr
     loaded = [name for name in HEAVY_MODULES if name in answer["modules"]]
     assert not loaded, f"{' '.join(argv)} loaded {loaded}"
 

@@ -26,8 +26,8 @@ from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
 
 from hierarchical.data.sources import CIFAR_PYTHON_FILES
+from hierarchical.hub import hub_reachable, imagenet_weights_path, url_reachable
 from hierarchical.options import run_command
-from hierarchical.training.remote_resources import hub_reachable, imagenet_weights_path, url_reachable
 
 logger = logging.get_logger(__name__)
 

@@ -28,6 +28,7 @@ from hierarchical.data.hierarchy_files import (
     load_hierarchy_tree,
     walk_files,
 )
+from hierarchical.hub import HUB_ID
 
 if TYPE_CHECKING:  # only in annotations
     from hierarchical.data.arguments import DataArguments
@@ -40,7 +41,6 @@ except ImportError:  # numpy 1.x
 logger = logging.get_logger(__name__)
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `name` or `owner/name`
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -106,16 +106,6 @@ def source_folder(args: DataArguments) -> str | None:
     if os.path.isfile(path):
         return os.path.dirname(os.path.abspath(path))
     return os.path.abspath(path) if os.path.isdir(path) else None
-
-
-def is_hub_id(name: str | None) -> bool:
-    """Whether `name` reads as a Hub id (`name` or `owner/name`) and names nothing on this machine."""
-    return bool(name) and HUB_ID.fullmatch(name) is not None and not os.path.exists(os.path.expanduser(name))
-
-
-def is_hub_dataset(name: str | None) -> bool:
-    """Whether `--dataset_name` names a Hub dataset: a Hub id other than the `imagefolder` builder."""
-    return name != "imagefolder" and is_hub_id(name)
 
 
 def _existing_path(path: str, option: str) -> str:

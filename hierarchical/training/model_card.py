@@ -20,10 +20,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PretrainedConfig, TrainingArguments
 
 from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE
-from hierarchical.data.sources import is_hub_dataset
 from hierarchical.evaluation.report_figures import FIGURE_NAMES
 from hierarchical.evaluation.report_markdown import FIGURE_TITLES, REPORT_NAME, markdown_cell, report_folder, table_row
 from hierarchical.evaluation.selective_threshold import guarantee_text
+from hierarchical.hub import is_hub_dataset
 from hierarchical.training.run_summary import OPTIONS_FILE
 
 METRICS = {  # key in all_results.json -> (model-index metric type, readable name; {fine}/{coarse}: head sizes)

@@ -10,7 +10,7 @@ import torch
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchical.data.hierarchy import Hierarchy, reinitialize_heads
-from hierarchical.data.sources import is_hub_id
+from hierarchical.hub import is_hub_id
 from hierarchical.training.arguments import ModelArguments
 from hierarchical.training.checkpoints import safetensors_problem
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, skip_backbone_weights

@@ -139,7 +139,7 @@ class OnnxHierarchicalClassifier:
     def from_pretrained(
         cls, model_dir: str | os.PathLike, onnx_file: str = ONNX_FILE, threads: int | None = None
     ) -> OnnxHierarchicalClassifier:
-        """Load `model_dir/onnx_file` (written by `hierarchical/export_onnx.py`) on ONNX Runtime's CPU provider (with `threads`
+        """Load `model_dir/onnx_file` (written by `python -m hierarchical.export_onnx`) on ONNX Runtime's CPU provider (with `threads`
         intra-op threads, ONNX Runtime's choice when None), with the folder's config and image processor."""
         onnx_path = os.path.join(model_dir, onnx_file)
         if not os.path.isfile(onnx_path):
@@ -307,9 +307,9 @@ def check_images(paths: Sequence[str], count: int, image_size: int) -> tuple[lis
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The options of `hierarchical/export_onnx.py`."""
+    """The options of `python -m hierarchical.export_onnx`."""
     parser = argparse.ArgumentParser(
-        prog="hierarchical/export_onnx.py",
+        prog="python -m hierarchical.export_onnx",
         description=f"Write MODEL_DIR/{ONNX_FILE} (outputs logits and coarse_logits, dynamic batch) from a model saved "
         "by run_classification.py, then check it: ONNX Runtime and PyTorch on the same images give logits within "
         f"--atol and the same class, superclass and selective answers. Needs the ONNX extras ({INSTALL_COMMAND}).",

@@ -8,23 +8,25 @@ without the libraries' download retries; everything still missing is named in on
 
 from __future__ import annotations
 
-import os
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
-import datasets
-import huggingface_hub
-import torch
 from huggingface_hub import constants as hub_constants
 from torchvision.models import EfficientNet_V2_S_Weights
 from transformers.utils import logging
 
-from hierarchical.data.sources import LOCAL_DATA_HINT, is_hub_dataset, is_hub_id
+from hierarchical.data.sources import LOCAL_DATA_HINT
+from hierarchical.hub import (
+    dataset_is_cached,
+    enable_offline_mode,
+    hub_reachable,
+    imagenet_weights_path,
+    is_hub_dataset,
+    is_hub_id,
+    model_is_cached,
+    url_reachable,
+)
 
 logger = logging.get_logger(__name__)
-
-PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -35,52 +37,6 @@ class Resource:
     cached: bool
     server: str  # "hub" or the URL it downloads from
     instead: str
-
-
-def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether the Hugging Face Hub answers within `timeout` seconds (False in offline mode, without a request)."""
-    if hub_constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        huggingface_hub.get_session().head(hub_constants.ENDPOINT, timeout=timeout)
-    except Exception:  # offline mode, DNS, connection or timeout errors: all mean "not reachable now"
-        return False
-    return True
-
-
-def url_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether the server of `url` answers a HEAD request within `timeout` seconds."""
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-            return True
-    except Exception:  # URLError, socket timeouts, HTTP errors
-        return False
-
-
-def enable_offline_mode() -> None:
-    """Make huggingface_hub, datasets and transformers read their caches without trying the network (and without
-    retrying), in this process and in the processes it starts."""
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    hub_constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers
-    datasets.config.HF_HUB_OFFLINE = True  # datasets keeps its own copy, read at call time
-
-
-def dataset_is_cached(repo_id: str, cache_dir: str | None = None) -> bool:
-    """Whether `datasets` has `repo_id` prepared (`<cache>/<owner>___<name>`) or its files sit in the Hub cache."""
-    prepared = Path(cache_dir or datasets.config.HF_DATASETS_CACHE, repo_id.replace("/", "___"))
-    snapshots = Path(hub_constants.HF_HUB_CACHE, f"datasets--{repo_id.replace('/', '--')}", "snapshots")
-    return any(folder.is_dir() and any(folder.iterdir()) for folder in (prepared, snapshots))
-
-
-def model_is_cached(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> bool:
-    """Whether the Hub cache holds the `config.json` of the model `repo_id`."""
-    found = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
-    return isinstance(found, str)
-
-
-def imagenet_weights_path() -> Path:
-    """Where torchvision keeps the ImageNet weights of EfficientNetV2-S: the torch hub cache (`$TORCH_HOME/hub`)."""
-    return Path(torch.hub.get_dir(), "checkpoints", os.path.basename(EfficientNet_V2_S_Weights.IMAGENET1K_V1.url))
 
 
 def needed_resources(

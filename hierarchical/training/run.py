@@ -23,20 +23,21 @@ from torch import nn
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from data_utils import apply_transforms, planned_split_sizes, prepare_datasets_with_record, source_splits
-from eval_report import report_folder, write_prediction_report
 from hierarchical.data.arguments import DataArguments
 from hierarchical.data.collation import EpochCallback, HierarchicalCollator
 from hierarchical.data.hierarchy import balanced_class_weights, discover_hierarchy, set_class_weights
 from hierarchical.data.label_columns import data_columns
 from hierarchical.data.provenance import PROVENANCE_NAME, DataRecord, check_resumed_data, read_record
 from hierarchical.data.sources import load_raw_datasets
+from hierarchical.data.splits import apply_transforms, planned_split_sizes, prepare_datasets_with_record, source_splits
 from hierarchical.evaluation.calibration import (
     calibrate_and_select,
     calibration_count,
     evaluate_calibration,
     subset_prediction,
 )
+from hierarchical.evaluation.report import write_prediction_report
+from hierarchical.evaluation.report_markdown import report_folder
 from hierarchical.options import PROJECT_LOGGER
 from hierarchical.training.arguments import HierarchicalTrainingArguments, ModelArguments, check_batch_fits
 from hierarchical.training.callbacks import EMACallback, TimeBudgetCallback, TimedProgressCallback
