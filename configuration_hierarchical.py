@@ -109,13 +109,13 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         fine_temperature (`float`, *optional*, defaults to 1.0):
             Temperature of the fine head: its logits are divided by it before the softmax in `predict_hierarchical`
             and the hierarchical pipeline (never in `forward`, so the loss is unchanged). Fitted on held-out data
-            by `temperature_scaling.fit_temperatures`.
+            by `hierarchical.evaluation.temperature_scaling.fit_temperatures`.
         coarse_temperature (`float`, *optional*, defaults to 1.0):
             Temperature of the coarse head, used in the same places.
         selective_threshold (`float`, *optional*):
             Default `min_confidence` of selective predictions, in (0, 1]: answer the class when its probability
             reaches it, else the superclass when that reaches it, else abstain. `None`: no selective answer unless
-            asked for. Chosen by `selective_threshold.choose_selective_threshold`.
+            asked for. Chosen by `hierarchical.evaluation.selective_threshold.choose_selective_threshold`.
         selective_target_accuracy (`float`, *optional*):
             The accuracy of answers the threshold was chosen for (a record, not used for predictions).
         selective_confidence (`float`, *optional*):

@@ -113,7 +113,7 @@ def check_run_options(model_args: ModelArguments, training_args: HierarchicalTra
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
-    """Parse and check the options, then run ([`training_run.start`]); return all metrics. `callbacks` are added to
+    """Parse and check the options, then run ([`hierarchical.training.run.start`]); return all metrics. `callbacks` are added to
     the Trainer's, after the script's own. A run already finished with the same options does nothing and returns
     its metrics. Ctrl-C raises `KeyboardInterrupt` saying where the run can resume."""
     model_args, data_args, training_args = parse_args(argv)

@@ -76,7 +76,7 @@ class ImageTransform:
         self.epoch = int(epoch)
 
     def decode(self, value: Any, index: int) -> PIL.Image.Image:
-        """One stored image as an 8-bit RGB PIL image (`image_decoding.decode_image`)."""
+        """One stored image as an 8-bit RGB PIL image (`hierarchical.data.decoding.decode_image`)."""
         return decode_image(value, index, self.split, self.max_image_pixels, self.image_size)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:

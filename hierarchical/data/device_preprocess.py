@@ -31,7 +31,7 @@ class DevicePreprocessor(torch.nn.Module):
         config (`HierarchicalEfficientNetV2Config`):
             Model image size, normalisation, number of classes and the class hierarchy (for mixed targets).
 
-    The batch (from `collation.HierarchicalCollator`) holds:
+    The batch (from `hierarchical.data.collation.HierarchicalCollator`) holds:
 
     - `pixel_values`: `uint8` `(batch, 3, H, W)`, or a list of `uint8` `(3, H_i, W_i)` tensors when the sizes differ
       (grouped by size here, which costs a host-device copy of the group indices). A float tensor is taken as

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Make the local copies a machine without internet access needs: run once where the internet is reachable, then
 copy the folder (and the weights file) to the offline machine.
 
@@ -6,8 +5,7 @@ copy the folder (and the weights file) to the offline machine.
     python data_utils.py download cifar100-local --source archive   # the official cifar-100-python.tar.gz
     python data_utils.py download-weights                           # ImageNet weights into the torch hub cache
 
-Then `python run_classification.py --dataset_name cifar100-local ...`. `python -m hierarchical.data.download` takes the same
-commands.
+Then `python run_classification.py --dataset_name cifar100-local ...`.
 """
 
 from __future__ import annotations
@@ -254,9 +252,5 @@ def main(argv: list[str] | None = None) -> Path:
 
 def cli(argv: list[str] | None = None) -> None:
     """`main` for the command line: a user error as one `error:` line on stderr and exit status 2, as the other
-    commands end theirs (`option_fields.run_command`)."""
+    commands end theirs (`hierarchical.options.run_command`)."""
     run_command(lambda: main(argv))
-
-
-if __name__ == "__main__":
-    cli()

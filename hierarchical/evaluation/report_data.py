@@ -39,11 +39,11 @@ class ReportData:
             per true superclass: number of samples, fine accuracy and coarse-head accuracy (NaN without samples).
         confusion (`np.ndarray` of shape `(num_coarse, num_coarse)`): rows true superclass, columns coarse prediction.
         confused_pairs (`list[tuple[int, int, int]]`): `(true fine, predicted fine, count)`, most frequent first.
-        calibration (`dict[str, float]`): [`calibration.evaluate_calibration`] with the config's temperatures and
+        calibration (`dict[str, float]`): [`hierarchical.evaluation.calibration.evaluate_calibration`] with the config's temperatures and
             selective threshold.
-        reliability (`dict[str, dict[str, dict[str, np.ndarray]]]`): [`hierarchy_metrics.reliability_bins`] per level
+        reliability (`dict[str, dict[str, dict[str, np.ndarray]]]`): [`hierarchical.evaluation.metrics.reliability_bins`] per level
             (`"fine"`, `"coarse"`) and per state (`"uncalibrated"`, `"calibrated"`).
-        curve (`dict[str, np.ndarray]`): [`hierarchy_metrics.selective_curve`] at `thresholds` (calibrated scores).
+        curve (`dict[str, np.ndarray]`): [`hierarchical.evaluation.metrics.selective_curve`] at `thresholds` (calibrated scores).
         class_samples, class_accuracy (`np.ndarray` of shape `(num_labels,)`): per true class: number of samples
             (the class's support) and fine accuracy (NaN without samples).
     """
