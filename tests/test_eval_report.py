@@ -20,9 +20,11 @@ from safetensors.torch import load_file, save_file
 import eval_report
 import run_classification
 from conftest import small_config
+from hierarchical.evaluation import report
 from hierarchical.evaluation.metrics import compute_hierarchy_metrics
 from hierarchical.evaluation.report_data import compute_report_data
 from hierarchical.evaluation.report_markdown import render_markdown
+from hierarchical.training import saved_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HIERARCHY_METRICS = {
@@ -71,7 +73,7 @@ def assert_report_matches(text: str, expected: dict[str, float]) -> None:
 
 
 def test_report_files_exist(tmp_path, predictions, images):
-    written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), images=images)
+    written = report.write_eval_report(tmp_path, **predictions, config=small_config(), images=images)
     assert set(written) == {
         "report", "superclass_accuracy", "superclass_confusion", "confused_pairs", "misclassified",
         "reliability", "risk_coverage",
@@ -86,7 +88,7 @@ def test_report_files_exist(tmp_path, predictions, images):
 
 def test_report_numbers_match_compute_hierarchy_metrics(tmp_path, predictions):
     config = small_config()
-    eval_report.write_eval_report(tmp_path, **predictions, config=config, split="validation")
+    report.write_eval_report(tmp_path, **predictions, config=config, split="validation")
     text = (tmp_path / "eval_report.md").read_text()
     expected = compute_hierarchy_metrics(**predictions, fine_to_coarse=config.fine_to_coarse)
     assert_report_matches(text, expected)
@@ -115,7 +117,7 @@ def test_given_metrics_are_reported_as_given(tmp_path, predictions, caplog):
     assert all(abs(computed[name] - value) > 0.01 for name, value in given.items())
     trainer_metrics = {f"test_{name}": value for name, value in given.items()} | {"test_loss": 4.25, "epoch": 1.0}
     with caplog.at_level("WARNING"):
-        eval_report.write_eval_report(tmp_path, **predictions, config=config, metrics=trainer_metrics)
+        report.write_eval_report(tmp_path, **predictions, config=config, metrics=trainer_metrics)
     text = (tmp_path / "eval_report.md").read_text()
     assert_report_matches(text, computed | given)
     assert "| fine_accuracy | 0.1234 |" in text and "| consistency | 0.9876 |" in text
@@ -124,7 +126,7 @@ def test_given_metrics_are_reported_as_given(tmp_path, predictions, caplog):
 
 
 def test_figures_are_valid_pngs(tmp_path, predictions, images):
-    eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), images=images)
+    report.write_eval_report(tmp_path, **predictions, config=small_config(), images=images)
     for name in FIGURES:
         path = tmp_path / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE, name
@@ -139,9 +141,9 @@ def test_misclassified_grid_reads_a_transformed_dataset_and_is_skipped_without_i
     dataset = Dataset.from_dict({"image": images}).with_transform(
         lambda batch: {"pixel_values": [0] * len(batch["image"])}
     )
-    written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), images=dataset)
+    written = report.write_eval_report(tmp_path, **predictions, config=small_config(), images=dataset)
     assert "misclassified" in written
-    written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), overwrite=True)
+    written = report.write_eval_report(tmp_path, **predictions, config=small_config(), overwrite=True)
     assert "misclassified" not in written
     assert not (tmp_path / "misclassified.png").exists()  # the replaced report's grid is gone
     assert "misclassified.png" not in (tmp_path / "eval_report.md").read_text()
@@ -151,7 +153,7 @@ def test_without_matplotlib_the_markdown_is_still_written(tmp_path, predictions,
     for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)  # any import of matplotlib now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    written = eval_report.write_eval_report(tmp_path, **predictions, config=small_config(), images=images)
+    written = report.write_eval_report(tmp_path, **predictions, config=small_config(), images=images)
     assert set(written) == {"report"}
     text = (tmp_path / "eval_report.md").read_text()
     assert "pip install matplotlib" in text
@@ -169,7 +171,7 @@ def test_without_matplotlib_the_markdown_is_still_written(tmp_path, predictions,
 )
 def test_inconsistent_predictions_are_rejected(tmp_path, predictions, change, message):
     with pytest.raises(ValueError, match=message):
-        eval_report.write_eval_report(tmp_path, **(predictions | change), config=small_config())
+        report.write_eval_report(tmp_path, **(predictions | change), config=small_config())
 
 
 @pytest.mark.slow
@@ -177,7 +179,7 @@ def test_evaluate_saved_model(saved_model_dir, tiny_parquet_dir, tmp_path):
     data = tmp_path / "data"  # the test split of tiny_parquet_dir, and a training split that fails when read
     shutil.copytree(tiny_parquet_dir, data)
     (data / "train-00000-of-00001.parquet").write_bytes(b"not a parquet file")
-    metrics = eval_report.evaluate_saved_model(
+    metrics = saved_model.evaluate_saved_model(
         saved_model_dir, str(data), split="test", output_dir=tmp_path / "report", max_samples=48
     )
     assert metrics["num_samples"] == 48
@@ -222,7 +224,7 @@ def test_a_report_already_there_is_refused_with_one_error_line(tmp_path, monkeyp
 
 def test_evaluate_saved_model_applies_max_image_pixels(saved_model_dir, tiny_parquet_dir, tmp_path):
     with pytest.raises(ValueError, match=r"above the limit of 1,000 \(--max_image_pixels\)"):  # 32 x 32 = 1,024
-        eval_report.evaluate_saved_model(
+        saved_model.evaluate_saved_model(
             saved_model_dir, str(tiny_parquet_dir), output_dir=tmp_path, max_samples=4, max_image_pixels=1000
         )
     assert not (tmp_path / "eval_report.md").exists()
@@ -235,7 +237,7 @@ def test_evaluate_saved_model_refuses_a_folder_with_missing_tensors(saved_model_
     del weights["fine_classifier.weight"]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing from the weights file.*fine_classifier.weight"):
-        eval_report.evaluate_saved_model(folder, str(tiny_parquet_dir), output_dir=tmp_path / "report", max_samples=4)
+        saved_model.evaluate_saved_model(folder, str(tiny_parquet_dir), output_dir=tmp_path / "report", max_samples=4)
     assert not (tmp_path / "report" / "eval_report.md").exists()
 
 
