@@ -5,8 +5,8 @@
     accelerate launch run_classification.py --output_dir outputs/run --do_train --do_eval --do_predict
     python run_classification.py recipes/cpu_32px_30min.json
 
-Options are the dataclasses of `hierarchical/training/arguments.py` and `data_utils.py` plus every `TrainingArguments` option; a
-`.json` recipe given first may hold any of them, and the options after it override it.
+Options are the dataclasses of `hierarchical/training/arguments.py` and `data_utils.py` plus every `TrainingArguments`
+option; a `.json` recipe given first may hold any of them, and the options after it override it.
 """
 
 from __future__ import annotations
@@ -113,9 +113,9 @@ def check_run_options(model_args: ModelArguments, training_args: HierarchicalTra
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
-    """Parse and check the options, then run ([`hierarchical.training.run.start`]); return all metrics. `callbacks` are added to
-    the Trainer's, after the script's own. A run already finished with the same options does nothing and returns
-    its metrics. Ctrl-C raises `KeyboardInterrupt` saying where the run can resume."""
+    """Parse and check the options, then run ([`hierarchical.training.run.start`]); return all metrics. `callbacks` are
+    added to the Trainer's, after the script's own. A run already finished with the same options does nothing and
+    returns its metrics. Ctrl-C raises `KeyboardInterrupt` saying where the run can resume."""
     model_args, data_args, training_args = parse_args(argv)
     check_run_options(model_args, training_args)
     from hierarchical.training.run import (

@@ -1,5 +1,6 @@
-"""Tests of the ONNX export (`python -m hierarchical.export_onnx`, `hierarchical/training/onnx_export.py`): both heads with a free batch size, the check
-against PyTorch, predictions with ONNX Runtime, and the messages for bad input and missing extras."""
+"""Tests of the ONNX export (`python -m hierarchical.export_onnx`, `hierarchical/training/onnx_export.py`): both heads
+with a free batch size, the check against PyTorch, predictions with ONNX Runtime, and the messages for bad input and
+missing extras."""
 
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ def generated_images(count: int, seed: int = 1) -> list[PIL.Image.Image]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, HierarchicalEfficientNetV2ForImageClassification, object]:
-    """The informative model saved with its image processor, exported by `hierarchical.export_onnx`'s `main`: (folder, model,
-    the check `main` returned)."""
+    """The informative model saved with its image processor, exported by `hierarchical.export_onnx`'s `main`: (folder,
+    model, the check `main` returned)."""
     for name in ONNX_EXTRAS:
         pytest.importorskip(name, reason=SKIP_REASON)
     folder = tmp_path_factory.mktemp("onnx") / "model"

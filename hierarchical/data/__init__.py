@@ -1,1 +1,2 @@
-"""Rows to batches: arguments, sources, label rules, checks, hierarchy readers, decoding, augmentation, collation, device preprocessing, download."""
+"""Rows to batches: arguments, sources, label rules, checks, hierarchy readers, decoding, augmentation, collation,
+device preprocessing, download."""

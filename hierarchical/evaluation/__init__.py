@@ -1,1 +1,2 @@
-"""Predictions to numbers, text and figures: metrics, temperature scaling, selective threshold, calibration, report data, markdown and figures."""
+"""Predictions to numbers, text and figures: metrics, temperature scaling, selective threshold, calibration, report
+data, markdown and figures."""

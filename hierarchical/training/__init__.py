@@ -1,1 +1,2 @@
-"""The run: arguments, model loading and head surgery, trainer, callbacks, checkpoints, remote resources, run summary, model card, the run itself, ONNX export."""
+"""The run: arguments, model loading and head surgery, trainer, callbacks, checkpoints, remote resources, run summary,
+model card, the run itself, ONNX export."""

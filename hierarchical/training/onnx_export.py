@@ -139,8 +139,9 @@ class OnnxHierarchicalClassifier:
     def from_pretrained(
         cls, model_dir: str | os.PathLike, onnx_file: str = ONNX_FILE, threads: int | None = None
     ) -> OnnxHierarchicalClassifier:
-        """Load `model_dir/onnx_file` (written by `python -m hierarchical.export_onnx`) on ONNX Runtime's CPU provider (with `threads`
-        intra-op threads, ONNX Runtime's choice when None), with the folder's config and image processor."""
+        """Load `model_dir/onnx_file` (written by `python -m hierarchical.export_onnx`) on ONNX Runtime's CPU provider
+        (with `threads` intra-op threads, ONNX Runtime's choice when None), with the folder's config and image
+        processor."""
         onnx_path = os.path.join(model_dir, onnx_file)
         if not os.path.isfile(onnx_path):
             raise ValueError(

@@ -209,9 +209,9 @@ def load_data_and_model(
     raw: DatasetDict | None = None,
 ) -> tuple[nn.Module, DatasetDict, str | None, DataRecord | None, str]:
     """Load the data (unless `raw`, the source's splits, is given), the model whose heads fit its classes and the
-    checkpoint to resume from; return the model, the splits with their transforms attached, the checkpoint (None
-    for a fresh start), the record of the data the model is trained on (`hierarchical/data/provenance.py`: this run's when it trains,
-    else the one saved with the model) and which columns of the data were read.
+    checkpoint to resume from; return the model, the splits with their transforms attached, the checkpoint (None for a
+    fresh start), the record of the data the model is trained on (`hierarchical/data/provenance.py`: this run's when it
+    trains, else the one saved with the model) and which columns of the data were read.
 
     A checkpoint of another run (other label tables, optimizer groups or data) is refused before any training. An
     evaluation of a saved model's validation split evaluates the rows recorded with it, whatever `--seed` says. An
