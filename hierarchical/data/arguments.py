@@ -1,5 +1,6 @@
 """The data options (`DataArguments`): where the data comes from, which columns and splits to use, and how training
-images are augmented; with the option names of the split limits (`SPLIT_LIMITS`) and the augmentation policies."""
+images are augmented; with the names of the prepared splits (`SPLITS`), the option names of their limits
+(`SPLIT_LIMITS`) and the augmentation policies."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from hierarchical.options import check_finite_options, option
 
 AUGMENTATION_POLICIES = ("original", "trivialaugment", "randaugment", "autoaugment", "none")
 
+# The prepared splits, in the order they are read and reported: the one trained on, then the two evaluated.
+SPLITS = ("train", "validation", "test")
+EVALUATION_SPLITS = SPLITS[1:]  # the splits never trained on
+
 # The option that limits the rows of each split.
-SPLIT_LIMITS = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_predict_samples"}
+SPLIT_LIMITS = dict(zip(SPLITS, ("max_train_samples", "max_eval_samples", "max_predict_samples"), strict=True))
 
 
 @dataclass
@@ -97,6 +102,12 @@ class DataArguments:
         "model trained on; a resumed run is refused when its data differ from its checkpoint's. True evaluates or "
         "resumes anyway, with a warning.",
     )
+
+    def source_split_names(self) -> dict[str, str]:
+        """The name in the source of each prepared split (`SPLITS`, in their order): `--train_split_name`,
+        `--validation_split_name` and `--test_split_name`."""
+        names = (self.train_split_name, self.validation_split_name, self.test_split_name)
+        return dict(zip(SPLITS, names, strict=True))
 
     def __post_init__(self) -> None:
         check_finite_options(self)

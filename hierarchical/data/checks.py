@@ -16,6 +16,7 @@ from datasets import Image as ImageFeature
 from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from hierarchical.data.arguments import EVALUATION_SPLITS
 from hierarchical.data.decoding import check_regular_file
 from hierarchical.data.label_columns import check_label_range, column_names, column_values, data_columns, ids_from_names
 
@@ -200,7 +201,7 @@ def check_duplicate_images(splits: dict[str, Dataset], drop: bool = False) -> di
     Compares the "validation" and "test" splits with "train"; with `drop`, the copies are removed from the
     evaluation splits and counted in the log. Rows are named by their `index` in the source split.
     """
-    evaluation = [split for split in ("validation", "test") if split in splits]
+    evaluation = [split for split in EVALUATION_SPLITS if split in splits]
     if "train" not in splits or not evaluation:
         return splits
     start = time.perf_counter()
