@@ -18,7 +18,7 @@ import pyarrow.compute
 from datasets import ClassLabel, Dataset
 from datasets import Image as ImageFeature
 
-from configuration_hierarchical import CIFAR100_FINE_LABELS
+from hierarchical.data.cifar100 import is_cifar100_table
 
 # Known misspellings of class names in published dataset metadata (uoft-cs/cifar100 spells "crab" as "cra").
 LABEL_NAME_ALIASES = {"cra": "crab"}
@@ -54,8 +54,9 @@ def class_label_names(feature: Any, where: str) -> list[str] | None:
     if feature.names == [str(i) for i in range(feature.num_classes)]:  # ClassLabel(num_classes=n) names nothing
         return None
     names = list(feature.names)
-    if [LABEL_NAME_ALIASES.get(name, name) for name in names] == CIFAR100_FINE_LABELS:
-        names = [LABEL_NAME_ALIASES.get(name, name) for name in names]
+    corrected = [LABEL_NAME_ALIASES.get(name, name) for name in names]
+    if is_cifar100_table(corrected):
+        names = corrected
     return normalised_names(names, f"the ClassLabel of {where}")
 
 

@@ -19,8 +19,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PretrainedConfig, TrainingArguments
 
-from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE
 from hierarchical.data.arguments import EVALUATION_SPLITS
+from hierarchical.data.cifar100 import is_cifar100_config
 from hierarchical.evaluation.report_figures import FIGURE_NAMES
 from hierarchical.evaluation.report_markdown import FIGURE_TITLES, REPORT_NAME, markdown_cell, report_folder, table_row
 from hierarchical.evaluation.selective_threshold import guarantee_text
@@ -45,17 +45,10 @@ LOCAL_DATA = "a local image folder"
 GUARANTEE = "P(a threshold is chosen and it misses the target) <= 1 - confidence"
 
 
-def is_cifar100(config: PretrainedConfig) -> bool:
-    """Whether `config` holds the CIFAR-100 classes and superclasses (the default tables)."""
-    return [config.id2label[i] for i in range(config.num_labels)] == CIFAR100_FINE_LABELS and list(
-        config.fine_to_coarse
-    ) == CIFAR100_FINE_TO_COARSE
-
-
 def data_title(config: PretrainedConfig, dataset_name: str | None) -> str:
     """How the card names the data: CIFAR-100, the Hub id of another dataset, or "a local image folder" (a local
     folder's name says nothing to a reader of the card)."""
-    if is_cifar100(config):
+    if is_cifar100_config(config):
         return "CIFAR-100"
     return dataset_name if is_hub_dataset(dataset_name) else LOCAL_DATA
 
