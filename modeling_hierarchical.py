@@ -22,21 +22,19 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 try:  # loaded as a Hub module (trust_remote_code) or inside a package
-    from .configuration_hierarchical import HierarchicalEfficientNetV2Config
+    from .configuration_hierarchical import HierarchicalEfficientNetV2Config, check_unit_interval
     from .image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, HierarchicalImageProcessor
     from .prediction_hierarchical import (
         HierarchicalPrediction,
-        check_min_confidence,
         hierarchical_log_probabilities,
         hierarchical_probabilities,
         selective_answers,
     )
 except ImportError:  # imported from the project folder
-    from configuration_hierarchical import HierarchicalEfficientNetV2Config
+    from configuration_hierarchical import HierarchicalEfficientNetV2Config, check_unit_interval
     from image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, HierarchicalImageProcessor
     from prediction_hierarchical import (
         HierarchicalPrediction,
-        check_min_confidence,
         hierarchical_log_probabilities,
         hierarchical_probabilities,
         selective_answers,
@@ -338,7 +336,11 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
                 f"min_confidence={min_confidence!r} with consistent=False: selective answers read the consistent "
                 "distribution; leave consistent=True to get them"
             )
-        threshold = config.selective_threshold if min_confidence is None else check_min_confidence(min_confidence)
+        threshold = (
+            config.selective_threshold
+            if min_confidence is None
+            else check_unit_interval("min_confidence", min_confidence, "(0, 1]")
+        )
         fine_to_coarse = self.fine_to_coarse.to(logits.device)
         temperatures = (config.fine_temperature, config.coarse_temperature)
         if consistent:

@@ -366,9 +366,9 @@ def test_scores_read_the_configs_temperatures():
         ({"calibration_split_fraction": 0.0}, "--calibration_split_fraction must be in"),
         ({"calibration_split_fraction": float("nan")}, "--calibration_split_fraction must be in"),
         ({"selective_start_coverage": []}, "--selective_start_coverage must be one or more numbers in"),
-        ({"selective_start_coverage": [0.1, 1.0]}, "--selective_start_coverage must be one or more numbers in"),
-        ({"selective_start_coverage": [-0.1]}, "--selective_start_coverage must be one or more numbers in"),
-        ({"selective_start_coverage": [True]}, "--selective_start_coverage must be one or more numbers in"),
+        ({"selective_start_coverage": [0.1, 1.0]}, r"--selective_start_coverage must be in \[0, 1\), got 1.0"),
+        ({"selective_start_coverage": [-0.1]}, r"--selective_start_coverage must be in \[0, 1\), got -0.1"),
+        ({"selective_start_coverage": [True]}, r"--selective_start_coverage must be in \[0, 1\), got True"),
     ],
 )
 def test_calibration_options_are_checked(kwargs, message):

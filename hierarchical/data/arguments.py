@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from configuration_hierarchical import DEFAULT_MAX_IMAGE_PIXELS
+from configuration_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, check_unit_interval
 from hierarchical.options import check_finite_options, option
 
 AUGMENTATION_POLICIES = ("original", "trivialaugment", "randaugment", "autoaugment", "none")
@@ -113,8 +113,7 @@ class DataArguments:
         check_finite_options(self)
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be a positive number of pixels, got {self.max_image_pixels!r}")
-        if not 0.0 <= self.train_val_split < 1.0:
-            raise ValueError(f"train_val_split must be in [0, 1), got {self.train_val_split!r}")
+        check_unit_interval("train_val_split", self.train_val_split, "[0, 1)")
         for name in SPLIT_LIMITS.values():
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -124,6 +123,5 @@ class DataArguments:
         for name in ("rotation_degrees", "color_jitter", "mixup_alpha", "cutmix_alpha"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("random_erasing", "mix_prob", "cutmix_switch_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} is a probability and must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("random_erasing", "mix_prob", "cutmix_switch_prob"):  # probabilities
+            check_unit_interval(name, getattr(self, name), "[0, 1]")
