@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PretrainedConfig
 
@@ -351,6 +352,24 @@ def check_unit_interval(name: str, value: Any, interval: str = "(0, 1)", allow_n
         if above_low and below_high:
             return float(value)
     raise ValueError(f"{name} must be {'None or ' if allow_none else ''}in {interval}, got {value!r}")
+
+
+def check_label_range(
+    labels: Any, num_classes: int, name: str, describe_row: Callable[[int], str] | None = None
+) -> None:
+    """Raise `ValueError` when a class (or superclass) id of `labels` lies outside [0, `num_classes`):
+    "<name> must be in [0, <num_classes>), got <id> at <row> (<count> of <rows> rows out of range)". `labels` is a
+    numpy array, a sequence or a tensor (read on the CPU); `name` names the column or field and where it was read;
+    `describe_row(position)` names the first bad row (default "row <position>"). The one check of label ranges."""
+    values = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    bad = np.flatnonzero((values < 0) | (values >= num_classes))
+    if bad.size:
+        row = int(bad[0])
+        where = f"row {row}" if describe_row is None else describe_row(row)
+        raise ValueError(
+            f"{name} must be in [0, {num_classes}), got {values.flat[row].item()} at {where} "
+            f"({bad.size} of {values.size} rows out of range)"
+        )
 
 
 def _is_number(value: Any) -> bool:

@@ -171,7 +171,7 @@ def test_bad_predictions_are_rejected():
         fit_temperatures(**(data | {"logits": np.where(np.eye(20, 100) == 1, np.nan, data["logits"])}), config=config)
     with pytest.raises(ValueError, match=r"coarse_logits must have shape \(20, 20\)"):
         evaluate_calibration(**(data | {"coarse_logits": data["coarse_logits"][:, :5]}), config=config)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 100\)"):
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 100\), got 1\d\d at row 0"):
         evaluate_calibration(**(data | {"labels": data["labels"] + 100}), config=config)
 
 

@@ -256,7 +256,9 @@ def test_labels_out_of_range_name_the_count_and_a_row(tmp_path):
     labels = list(range(NUM_FINE))
     labels[7], labels[40], labels[41] = 100, -1, 250
     make_parquet_dataset(tmp_path / "data", fine_labels=labels, coarse_labels=[0] * NUM_FINE)
-    message = r"3 of 100 rows .* 'fine_label' outside \[0, 100\); first: row 7 has fine_label=100"
+    message = (
+        r"column 'fine_label' of split 'train' must be in \[0, 100\), got 100 at row 7 \(3 of 100 rows out of range\)"
+    )
     with pytest.raises(ValueError, match=message):
         prepare_datasets(data_args(tmp_path, tmp_path / "data"), small_config(), seed=0)
 

@@ -164,7 +164,10 @@ def test_without_matplotlib_the_markdown_is_still_written(tmp_path, predictions,
     [
         ({"logits": np.zeros((300, 10))}, r"logits must have shape \(300, 100\)"),
         ({"coarse_labels": np.zeros(299, dtype=int)}, r"coarse_labels must have shape \(300,\)"),
-        ({"labels": np.full(300, 100)}, r"labels must lie in \[0, 100\)"),
+        (
+            {"labels": np.full(300, 100)},
+            r"labels must be in \[0, 100\), got 100 at row 0 \(300 of 300 rows out of range\)",
+        ),
     ],
 )
 def test_inconsistent_predictions_are_rejected(tmp_path, predictions, change, message):

@@ -1,20 +1,25 @@
 """Checks written once and used by every option, field and argument they apply to, with one message form:
-`check_unit_interval` (shares, probabilities and thresholds between 0 and 1)."""
+`check_unit_interval` (shares, probabilities and thresholds between 0 and 1) and `check_label_range` (class and
+superclass ids)."""
 
 from __future__ import annotations
 
 import math
 import re
 
+import datasets
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
-from configuration_hierarchical import UNIT_INTERVALS, check_unit_interval
+from configuration_hierarchical import UNIT_INTERVALS, check_label_range, check_unit_interval
 from conftest import small_config
-from data_utils import DataArguments
+from data_utils import DataArguments, HierarchicalCollator
+from hierarchical.data.checks import standardise_split
 from hierarchical.evaluation.calibration import CalibrationArguments
 from hierarchical.evaluation.selective_threshold import choose_selective_threshold
+from hierarchical.evaluation.temperature_scaling import check_predictions
 from run_classification import parse_args
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,3 +98,60 @@ def test_every_share_is_checked_by_the_one_check_with_its_message(name, request)
         expected = f"{name} must be {'None or ' if allow_none else ''}in {interval}, got {bad!r}"
         with pytest.raises(ValueError, match=re.escape(expected)):
             set_to(bad, request)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class ids
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_given", [np.asarray, torch.tensor, list])
+def test_label_range_names_the_field_the_first_bad_id_its_row_and_the_range(as_given):
+    check_label_range(as_given([0, 4, 2]), 5, "x")
+    check_label_range(as_given([]), 5, "x")
+    with pytest.raises(ValueError, match=re.escape("x must be in [0, 5), got 5 at row 1 (2 of 4 rows out of range)")):
+        check_label_range(as_given([0, 5, 3, -1]), 5, "x")
+    with pytest.raises(ValueError, match=re.escape("x must be in [0, 5), got -1 at image 7 (1 of 2 rows")):
+        check_label_range(as_given([-1, 3]), 5, "x", lambda row: f"image {row + 7}")
+
+
+def from_a_column(labels: list[int]) -> None:
+    image = PIL.Image.new("RGB", (4, 4))
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.Value("int64")})
+    split = datasets.Dataset.from_dict({"img": [image] * len(labels), "fine_label": labels}, features=features)
+    standardise_split(split, DataArguments(), small_config(), "train")
+
+
+def from_the_collator(labels: list[int]) -> None:
+    examples = [
+        {"pixel_values": torch.zeros(3, 32, 32), "labels": label, "coarse_labels": 0, "index": 10 + row}
+        for row, label in enumerate(labels)
+    ]
+    HierarchicalCollator(small_config(image_size=32))(examples)
+
+
+def from_the_model(labels: list[int], request: pytest.FixtureRequest) -> None:
+    request.getfixturevalue("model")(torch.randn(len(labels), 3, 32, 32), labels=torch.tensor(labels))
+
+
+def from_predictions(labels: list[int]) -> None:
+    n = len(labels)
+    check_predictions(np.zeros((n, 100)), np.zeros((n, 20)), np.asarray(labels), np.zeros(n, int), small_config())
+
+
+# Every user of the check: (how it is given labels, the name and row its message gives the first bad label).
+LABEL_USERS = {
+    "column": (lambda labels, _: from_a_column(labels), "column 'fine_label' of split 'train'", "row 1"),
+    "collator": (lambda labels, _: from_the_collator(labels), "labels", "the example with index=11"),
+    "model": (from_the_model, "labels", "row 1"),
+    "predictions": (lambda labels, _: from_predictions(labels), "labels", "row 1"),
+}
+
+
+@pytest.mark.parametrize("user", list(LABEL_USERS))
+def test_every_label_is_checked_by_the_one_check_with_its_message(user, request):
+    give, name, row = LABEL_USERS[user]
+    give([0, 99, 5], request)
+    expected = f"{name} must be in [0, 100), got 100 at {row} (2 of 3 rows out of range)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        give([0, 100, -1], request)
