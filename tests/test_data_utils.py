@@ -26,6 +26,7 @@ from conftest import (
     write_cifar_python,
 )
 from data_utils import (
+    AUGMENTATION_POLICIES,
     JITTER_ORDERS,
     BatchedAugment,
     CifarUnpickler,
@@ -33,6 +34,7 @@ from data_utils import (
     EpochCallback,
     HierarchicalCollator,
     ImageTransform,
+    PolicyAugment,
     apply_transforms,
     build_eval_transform,
     build_train_transform,
@@ -333,8 +335,20 @@ def test_data_arguments_parse_next_to_training_arguments(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_the_policies_of_the_option_are_the_policies_built():
+    torchvision_policies = set(PolicyAugment.POLICIES)
+    assert torchvision_policies < set(AUGMENTATION_POLICIES)  # the others run on batches
+    for policy in AUGMENTATION_POLICIES:
+        transform = build_train_transform(small_config(image_size=32), DataArguments(augmentation=policy))
+        assert isinstance(transform, PolicyAugment if policy in torchvision_policies else BatchedAugment)
+    assert DataArguments.__dataclass_fields__["augmentation"].metadata["help"] == (
+        "Augmentation policy after crop and flip: 'original' (rotation + colour jitter), 'trivialaugment', "
+        "'randaugment', 'autoaugment' (CIFAR-10 policy) or 'none'."
+    )
+
+
 @pytest.mark.parametrize("image_size", [32, 64])
-@pytest.mark.parametrize("policy", ["original", "trivialaugment", "randaugment", "autoaugment", "none", "eval"])
+@pytest.mark.parametrize("policy", [*AUGMENTATION_POLICIES, "eval"])
 def test_transform_output_shape_and_dtype(image_size, policy):
     config = small_config(image_size=image_size)
     if policy == "eval":

@@ -9,7 +9,21 @@ from dataclasses import dataclass
 from configuration_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, check_unit_interval
 from hierarchical.options import check_finite_options, option
 
+# The training augmentation policies (`--augmentation`), in the order `--help` lists them: 'original' and 'none' run
+# on whole batches on the device, the others are torchvision's (`augmentation.PolicyAugment.POLICIES`).
 AUGMENTATION_POLICIES = ("original", "trivialaugment", "randaugment", "autoaugment", "none")
+# What a policy does after crop and flip, where its name does not say it.
+AUGMENTATION_NOTES = {"original": "rotation + colour jitter", "autoaugment": "CIFAR-10 policy"}
+
+
+def augmentation_help() -> str:
+    """The help text of `--augmentation`: every policy of `AUGMENTATION_POLICIES`, with its note."""
+    named = [
+        f"'{name}' ({AUGMENTATION_NOTES[name]})" if name in AUGMENTATION_NOTES else f"'{name}'"
+        for name in AUGMENTATION_POLICIES
+    ]
+    return f"Augmentation policy after crop and flip: {', '.join(named[:-1])} or {named[-1]}."
+
 
 # The prepared splits, in the order they are read and reported: the one trained on, then the two evaluated.
 SPLITS = ("train", "validation", "test")
@@ -66,12 +80,7 @@ class DataArguments:
     max_train_samples: int | None = option(None, "Keep only the first N training rows (after splitting); default all.")
     max_eval_samples: int | None = option(None, "Keep only the first N validation rows (after splitting); default all.")
     max_predict_samples: int | None = option(None, "Keep only the first N test rows; default all.")
-    augmentation: str = option(
-        "original",
-        "Augmentation policy after crop and flip: 'original' (rotation + colour jitter), "
-        "'trivialaugment', 'randaugment', 'autoaugment' (CIFAR-10 policy) or 'none'.",
-        choices=AUGMENTATION_POLICIES,
-    )
+    augmentation: str = option("original", augmentation_help(), choices=AUGMENTATION_POLICIES)
     rotation_degrees: float = option(15.0, "Maximum rotation of the 'original' policy, in degrees; 0 disables it.")
     color_jitter: float = option(
         0.4, "Brightness, contrast and saturation jitter of the 'original' policy; 0 disables it."
