@@ -22,17 +22,14 @@ import run_classification
 from conftest import small_config
 from hierarchical.evaluation.metrics import compute_hierarchy_metrics
 from hierarchical.evaluation.report_data import compute_report_data
-from hierarchical.evaluation.report_markdown import render_markdown
+from hierarchical.evaluation.report_markdown import FIGURE_NAMES, render_markdown
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HIERARCHY_METRICS = {
     "fine_accuracy", "fine_top5_accuracy", "coarse_accuracy", "coarse_from_fine_accuracy",
     "consistency", "both_correct", "mistake_severity", "num_samples",
 }  # fmt: skip
-FIGURES = (
-    "superclass_accuracy.png", "superclass_confusion.png", "confused_pairs.png", "misclassified.png",
-    "reliability.png", "risk_coverage.png",
-)  # fmt: skip
+FIGURES = tuple(FIGURE_NAMES.values())
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,14 @@ from transformers import PretrainedConfig, TrainingArguments
 
 from hierarchical.data.arguments import EVALUATION_SPLITS
 from hierarchical.data.cifar100 import is_cifar100_config
-from hierarchical.evaluation.report_figures import FIGURE_NAMES
-from hierarchical.evaluation.report_markdown import FIGURE_TITLES, REPORT_NAME, markdown_cell, report_folder, table_row
+from hierarchical.evaluation.report_markdown import (
+    FIGURE_NAMES,
+    FIGURE_TITLES,
+    REPORT_NAME,
+    markdown_cell,
+    report_folder,
+    table_row,
+)
 from hierarchical.evaluation.selective_threshold import guarantee_text
 from hierarchical.hub import is_hub_dataset
 from hierarchical.training.run_summary import OPTIONS_FILE
