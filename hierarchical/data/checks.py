@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow
@@ -16,12 +15,9 @@ from datasets import Image as ImageFeature
 from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config, check_label_range
-from hierarchical.data.arguments import EVALUATION_SPLITS
+from hierarchical.data.arguments import EVALUATION_SPLITS, DataArguments
 from hierarchical.data.decoding import check_regular_file
 from hierarchical.data.label_columns import column_names, column_values, data_columns, ids_from_names
-
-if TYPE_CHECKING:  # only in annotations
-    from hierarchical.data.arguments import DataArguments
 
 logger = logging.get_logger(__name__)
 
