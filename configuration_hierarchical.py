@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PretrainedConfig
 
@@ -15,6 +16,9 @@ DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # the largest image decoded, from its hea
 # The range of the stored temperatures: the fitter keeps them in it, a config outside it is refused. At 100 a head's
 # probabilities are practically uniform, so the consistent distribution is practically the other head's alone.
 TEMPERATURE_RANGE = (0.01, 100.0)
+
+# The intervals of 0 and 1 that `check_unit_interval` checks, written as its messages write them.
+UNIT_INTERVALS = ("(0, 1)", "(0, 1]", "[0, 1)", "[0, 1]")
 
 # The official CIFAR-100 tables: fine names in official (alphabetical) order, the 20 superclass
 # names in official order, and the superclass index of every fine class.
@@ -245,11 +249,8 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
             lambda value: _is_integer(value) and 0 <= value <= NUM_BACKBONE_STAGES,
             f"be in [0, {NUM_BACKBONE_STAGES}] (an integer)",
         )
-        self._check_fields(
-            ("dropout", "drop_path_rate", "label_smoothing"),
-            lambda value: _is_number(value) and math.isfinite(value) and 0.0 <= value < 1.0,
-            "be in [0, 1) (a number)",
-        )
+        for field in ("dropout", "drop_path_rate", "label_smoothing"):
+            check_unit_interval(field, getattr(self, field), "[0, 1)")
         self._check_fields(
             ("coarse_loss_weight",),
             lambda value: _is_number(value) and math.isfinite(value) and value >= 0,
@@ -288,16 +289,9 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
             lambda value: _is_number(value) and TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1],
             f"be a finite number > 0 in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}] (the range they are fitted in)",
         )
-        self._check_fields(
-            ("selective_threshold",),
-            lambda value: value is None or (_is_number(value) and 0 < value <= 1),
-            "be None or in (0, 1]",
-        )
-        self._check_fields(
-            ("selective_target_accuracy", "selective_confidence"),
-            lambda value: value is None or (_is_number(value) and 0 < value < 1),
-            "be None or in (0, 1)",
-        )
+        check_unit_interval("selective_threshold", self.selective_threshold, "(0, 1]", allow_none=True)
+        for field in ("selective_target_accuracy", "selective_confidence"):
+            check_unit_interval(field, getattr(self, field), "(0, 1)", allow_none=True)
 
     def _check_fields(self, fields: tuple[str, ...], is_valid: Callable[[Any], bool], requirement: str) -> None:
         """Raise `ValueError("<field> must <requirement>, got <value>")` for the first of `fields` that is not valid."""
@@ -341,6 +335,41 @@ def _pretrained_config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
             "image-classification": dict(DECODING_PIPELINE),
         }
     return kwargs
+
+
+def check_unit_interval(name: str, value: Any, interval: str = "(0, 1)", allow_none: bool = False) -> float | None:
+    """`value` as a float, after checking that it is a number (an int or float, not a bool; not NaN) in `interval`,
+    one of `UNIT_INTERVALS`; None for None when `allow_none`. Otherwise `ValueError("<name> must be in <interval>,
+    got <value>")` ("must be None or in" with `allow_none`), where `name` is the option (`--name`) or the field as
+    its user writes it. The one check of every share, probability and threshold between 0 and 1."""
+    if interval not in UNIT_INTERVALS:
+        raise ValueError(f"interval must be one of {list(UNIT_INTERVALS)}, got {interval!r}")
+    if value is None and allow_none:
+        return None
+    if _is_number(value):
+        above_low = value > 0 if interval[0] == "(" else value >= 0
+        below_high = value < 1 if interval[-1] == ")" else value <= 1
+        if above_low and below_high:
+            return float(value)
+    raise ValueError(f"{name} must be {'None or ' if allow_none else ''}in {interval}, got {value!r}")
+
+
+def check_label_range(
+    labels: Any, num_classes: int, name: str, describe_row: Callable[[int], str] | None = None
+) -> None:
+    """Raise `ValueError` when a class (or superclass) id of `labels` lies outside [0, `num_classes`):
+    "<name> must be in [0, <num_classes>), got <id> at <row> (<count> of <rows> rows out of range)". `labels` is a
+    numpy array, a sequence or a tensor (read on the CPU); `name` names the column or field and where it was read;
+    `describe_row(position)` names the first bad row (default "row <position>"). The one check of label ranges."""
+    values = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    bad = np.flatnonzero((values < 0) | (values >= num_classes))
+    if bad.size:
+        row = int(bad[0])
+        where = f"row {row}" if describe_row is None else describe_row(row)
+        raise ValueError(
+            f"{name} must be in [0, {num_classes}), got {values.flat[row].item()} at {where} "
+            f"({bad.size} of {values.size} rows out of range)"
+        )
 
 
 def _is_number(value: Any) -> bool:

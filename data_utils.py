@@ -14,7 +14,7 @@ used, it is seeded from such a seed first, so a resumed run sees the same augmen
 
 from __future__ import annotations
 
-from hierarchical.data.arguments import AUGMENTATION_POLICIES, SPLIT_LIMITS, DataArguments
+from hierarchical.data.arguments import AUGMENTATION_POLICIES, SPLIT_LIMITS, SPLITS, DataArguments
 from hierarchical.data.augmentation import (
     BatchedAugment,
     PolicyAugment,
@@ -49,6 +49,7 @@ __all__ = [
     "JITTER_ORDERS",
     "PolicyAugment",
     "SPLIT_LIMITS",
+    "SPLITS",
     "RandomCropWithPadding",
     "ToNormalizedFloat",
     "apply_transforms",

@@ -27,7 +27,7 @@ import sys
 
 from transformers import HfArgumentParser
 
-from hierarchical.data.arguments import SPLIT_LIMITS, DataArguments
+from hierarchical.data.arguments import SPLITS, DataArguments
 from hierarchical.evaluation.report_markdown import REPORT_NAME, report_folder
 from hierarchical.options import ERRORS_HELP, parse_into_dataclasses, run_command
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         allow_abbrev=False,
     )
     parser.add_argument("model_dir", help="Saved model folder (save_pretrained / run_classification.py output).")
-    parser.add_argument("--split", default="test", choices=tuple(SPLIT_LIMITS), help="Split to evaluate.")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="Split to evaluate.")
     parser.add_argument("--output_dir", default=None, help="Folder of the report (default: MODEL_DIR/reports/SPLIT).")
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace a report already in that folder (refused without it)."

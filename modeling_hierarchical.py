@@ -22,21 +22,19 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 try:  # loaded as a Hub module (trust_remote_code) or inside a package
-    from .configuration_hierarchical import HierarchicalEfficientNetV2Config
+    from .configuration_hierarchical import HierarchicalEfficientNetV2Config, check_label_range, check_unit_interval
     from .image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, HierarchicalImageProcessor
     from .prediction_hierarchical import (
         HierarchicalPrediction,
-        check_min_confidence,
         hierarchical_log_probabilities,
         hierarchical_probabilities,
         selective_answers,
     )
 except ImportError:  # imported from the project folder
-    from configuration_hierarchical import HierarchicalEfficientNetV2Config
+    from configuration_hierarchical import HierarchicalEfficientNetV2Config, check_label_range, check_unit_interval
     from image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, HierarchicalImageProcessor
     from prediction_hierarchical import (
         HierarchicalPrediction,
-        check_min_confidence,
         hierarchical_log_probabilities,
         hierarchical_probabilities,
         selective_answers,
@@ -247,10 +245,8 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
                     raise ValueError(f"soft {name} must have shape ({batch}, {classes}), got {tuple(target.shape)}")
             elif target.shape != (batch,):
                 raise ValueError(f"{name} must have shape ({batch},), got {tuple(target.shape)}")
-            elif target.device.type == "cpu" and target.numel() and (target.min() < 0 or target.max() >= classes):
-                raise ValueError(
-                    f"{name} must be in [0, {classes}), got values from {int(target.min())} to {int(target.max())}"
-                )
+            elif target.device.type == "cpu":
+                check_label_range(target, classes, name)
 
     def forward(
         self,
@@ -338,7 +334,11 @@ class HierarchicalEfficientNetV2ForImageClassification(HierarchicalEfficientNetV
                 f"min_confidence={min_confidence!r} with consistent=False: selective answers read the consistent "
                 "distribution; leave consistent=True to get them"
             )
-        threshold = config.selective_threshold if min_confidence is None else check_min_confidence(min_confidence)
+        threshold = (
+            config.selective_threshold
+            if min_confidence is None
+            else check_unit_interval("min_confidence", min_confidence, "(0, 1]")
+        )
         fine_to_coarse = self.fine_to_coarse.to(logits.device)
         temperatures = (config.fine_temperature, config.coarse_temperature)
         if consistent:

@@ -143,20 +143,10 @@ def selective_answers(
     return levels, ids, scores
 
 
-def check_min_confidence(min_confidence: float) -> float:
-    """`min_confidence` as a float, after checking that it is a number in (0, 1]."""
-    if not (
-        isinstance(min_confidence, int | float) and not isinstance(min_confidence, bool) and 0 < min_confidence <= 1
-    ):
-        raise ValueError(f"min_confidence must be a number in (0, 1], got {min_confidence!r}")
-    return float(min_confidence)
-
-
 __all__ = [
     "ANSWER_LEVELS",
     "HierarchicalPrediction",
     "UNKNOWN_LABEL",
-    "check_min_confidence",
     "hierarchical_log_probabilities",
     "hierarchical_probabilities",
     "selective_answers",

@@ -30,7 +30,6 @@ from throughput import prepare_splits, timed_runs
 
 BATCH_SIZES = (1, 64)
 DEFAULT_RECIPE = REPO_ROOT / "recipes" / "cpu_32px_30min.json"
-HELD_OUT_SPLITS = ("validation", "test")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,10 +126,12 @@ def evaluation_images(args: argparse.Namespace, image_size: int):
 
         images, source = check_images(args.images, args.eval_images, image_size)
         return images, None, source
+    from hierarchical.data.arguments import EVALUATION_SPLITS
+
     splits, _ = prepare_splits(args.dataset_name, None)
-    split = next((name for name in HELD_OUT_SPLITS if name in splits), None)
+    split = next((name for name in EVALUATION_SPLITS if name in splits), None)
     if split is None:
-        raise ValueError(f"--dataset_name {args.dataset_name!r} has no held-out split ({', '.join(HELD_OUT_SPLITS)})")
+        raise ValueError(f"--dataset_name {args.dataset_name!r} has no held-out split ({', '.join(EVALUATION_SPLITS)})")
     rows = splits[split].select(range(min(args.eval_images, len(splits[split]))))
     labels = (np.asarray(rows["labels"]), np.asarray(rows["coarse_labels"]))
     return [image.convert("RGB") for image in rows["image"]], labels, f"{len(rows)} images of the {split} split"

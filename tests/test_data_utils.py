@@ -26,6 +26,7 @@ from conftest import (
     write_cifar_python,
 )
 from data_utils import (
+    AUGMENTATION_POLICIES,
     JITTER_ORDERS,
     BatchedAugment,
     CifarUnpickler,
@@ -33,6 +34,7 @@ from data_utils import (
     EpochCallback,
     HierarchicalCollator,
     ImageTransform,
+    PolicyAugment,
     apply_transforms,
     build_eval_transform,
     build_train_transform,
@@ -256,7 +258,9 @@ def test_labels_out_of_range_name_the_count_and_a_row(tmp_path):
     labels = list(range(NUM_FINE))
     labels[7], labels[40], labels[41] = 100, -1, 250
     make_parquet_dataset(tmp_path / "data", fine_labels=labels, coarse_labels=[0] * NUM_FINE)
-    message = r"3 of 100 rows .* 'fine_label' outside \[0, 100\); first: row 7 has fine_label=100"
+    message = (
+        r"column 'fine_label' of split 'train' must be in \[0, 100\), got 100 at row 7 \(3 of 100 rows out of range\)"
+    )
     with pytest.raises(ValueError, match=message):
         prepare_datasets(data_args(tmp_path, tmp_path / "data"), small_config(), seed=0)
 
@@ -331,8 +335,20 @@ def test_data_arguments_parse_next_to_training_arguments(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_the_policies_of_the_option_are_the_policies_built():
+    torchvision_policies = set(PolicyAugment.POLICIES)
+    assert torchvision_policies < set(AUGMENTATION_POLICIES)  # the others run on batches
+    for policy in AUGMENTATION_POLICIES:
+        transform = build_train_transform(small_config(image_size=32), DataArguments(augmentation=policy))
+        assert isinstance(transform, PolicyAugment if policy in torchvision_policies else BatchedAugment)
+    assert DataArguments.__dataclass_fields__["augmentation"].metadata["help"] == (
+        "Augmentation policy after crop and flip: 'original' (rotation + colour jitter), 'trivialaugment', "
+        "'randaugment', 'autoaugment' (CIFAR-10 policy) or 'none'."
+    )
+
+
 @pytest.mark.parametrize("image_size", [32, 64])
-@pytest.mark.parametrize("policy", ["original", "trivialaugment", "randaugment", "autoaugment", "none", "eval"])
+@pytest.mark.parametrize("policy", [*AUGMENTATION_POLICIES, "eval"])
 def test_transform_output_shape_and_dtype(image_size, policy):
     config = small_config(image_size=image_size)
     if policy == "eval":

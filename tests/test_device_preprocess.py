@@ -92,10 +92,14 @@ def test_collator_refuses_labels_outside_the_classes():
     config = small_config(image_size=32)
     output = ImageTransform()(encoded_batch([32, 32, 32]))
     output["labels"][1] = 100
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 100\), got 100 for the example with index=11"):
+    with pytest.raises(
+        ValueError, match=r"labels must be in \[0, 100\), got 100 at the example with index=11 \(1 of 3 rows"
+    ):
         collate(output, HierarchicalCollator(config))
     output["labels"][1], output["coarse_labels"][2] = 5, -1
-    with pytest.raises(ValueError, match=r"coarse_labels must be in \[0, 20\), got -1 for the example with index=12"):
+    with pytest.raises(
+        ValueError, match=r"coarse_labels must be in \[0, 20\), got -1 at the example with index=12 \(1 of 3"
+    ):
         collate(output, HierarchicalCollator(config))
 
 
@@ -263,7 +267,9 @@ def test_training_batch_preprocesses_and_trains_without_reading_values(policy):
 
 def test_forward_still_checks_label_range_on_the_cpu():
     model = HierarchicalEfficientNetV2ForImageClassification(small_config(image_size=32)).eval()
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 100\), got values from 0 to 250"):
+    with pytest.raises(
+        ValueError, match=r"labels must be in \[0, 100\), got 250 at row 1 \(1 of 2 rows out of range\)"
+    ):
         model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 250]))
 
 

@@ -23,7 +23,7 @@ from conftest import small_config
 from hierarchical.evaluation import report
 from hierarchical.evaluation.metrics import compute_hierarchy_metrics
 from hierarchical.evaluation.report_data import compute_report_data
-from hierarchical.evaluation.report_markdown import render_markdown
+from hierarchical.evaluation.report_markdown import FIGURE_NAMES, render_markdown
 from hierarchical.training import saved_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,10 +31,7 @@ HIERARCHY_METRICS = {
     "fine_accuracy", "fine_top5_accuracy", "coarse_accuracy", "coarse_from_fine_accuracy",
     "consistency", "both_correct", "mistake_severity", "num_samples",
 }  # fmt: skip
-FIGURES = (
-    "superclass_accuracy.png", "superclass_confusion.png", "confused_pairs.png", "misclassified.png",
-    "reliability.png", "risk_coverage.png",
-)  # fmt: skip
+FIGURES = tuple(FIGURE_NAMES.values())
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +163,10 @@ def test_without_matplotlib_the_markdown_is_still_written(tmp_path, predictions,
     [
         ({"logits": np.zeros((300, 10))}, r"logits must have shape \(300, 100\)"),
         ({"coarse_labels": np.zeros(299, dtype=int)}, r"coarse_labels must have shape \(300,\)"),
-        ({"labels": np.full(300, 100)}, r"labels must lie in \[0, 100\)"),
+        (
+            {"labels": np.full(300, 100)},
+            r"labels must be in \[0, 100\), got 100 at row 0 \(300 of 300 rows out of range\)",
+        ),
     ],
 )
 def test_inconsistent_predictions_are_rejected(tmp_path, predictions, change, message):

@@ -17,7 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import small_config, write_cifar_python
-from data_utils import DataArguments, load_raw_datasets
+from data_utils import SPLITS, DataArguments, load_raw_datasets
 from hierarchical.data.checks import standardise_split
 from hierarchical.data.hierarchy import discover_hierarchy
 from hierarchical.data.hierarchy_files import read_hierarchy_file
@@ -136,7 +136,7 @@ def test_plain_integer_labels_without_superclasses_say_they_are_read_as_cifar100
 # Hierarchy files
 # ----------------------------------------------------------------------------------------------------------------
 
-SPLIT_FOLDERS = ("train", "validation", "test")
+SPLIT_FOLDERS = SPLITS  # the default source split names: folders read as splits
 
 # Names as users write them: any letters, digits, punctuation (commas, quotes), spaces inside, emoji; no control
 # characters, no surrounding spaces (CSV cells are stripped), never a hidden-file or path-like name.

@@ -1,17 +1,36 @@
 """The data options (`DataArguments`): where the data comes from, which columns and splits to use, and how training
-images are augmented; with the option names of the split limits (`SPLIT_LIMITS`) and the augmentation policies."""
+images are augmented; with the names of the prepared splits (`SPLITS`), the option names of their limits
+(`SPLIT_LIMITS`) and the augmentation policies."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from configuration_hierarchical import DEFAULT_MAX_IMAGE_PIXELS
+from configuration_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, check_unit_interval
 from hierarchical.options import check_finite_options, option
 
+# The training augmentation policies (`--augmentation`), in the order `--help` lists them: 'original' and 'none' run
+# on whole batches on the device, the others are torchvision's (`augmentation.PolicyAugment.POLICIES`).
 AUGMENTATION_POLICIES = ("original", "trivialaugment", "randaugment", "autoaugment", "none")
+# What a policy does after crop and flip, where its name does not say it.
+AUGMENTATION_NOTES = {"original": "rotation + colour jitter", "autoaugment": "CIFAR-10 policy"}
+
+
+def augmentation_help() -> str:
+    """The help text of `--augmentation`: every policy of `AUGMENTATION_POLICIES`, with its note."""
+    named = [
+        f"'{name}' ({AUGMENTATION_NOTES[name]})" if name in AUGMENTATION_NOTES else f"'{name}'"
+        for name in AUGMENTATION_POLICIES
+    ]
+    return f"Augmentation policy after crop and flip: {', '.join(named[:-1])} or {named[-1]}."
+
+
+# The prepared splits, in the order they are read and reported: the one trained on, then the two evaluated.
+SPLITS = ("train", "validation", "test")
+EVALUATION_SPLITS = SPLITS[1:]  # the splits never trained on
 
 # The option that limits the rows of each split.
-SPLIT_LIMITS = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_predict_samples"}
+SPLIT_LIMITS = dict(zip(SPLITS, ("max_train_samples", "max_eval_samples", "max_predict_samples"), strict=True))
 
 
 @dataclass
@@ -61,12 +80,7 @@ class DataArguments:
     max_train_samples: int | None = option(None, "Keep only the first N training rows (after splitting); default all.")
     max_eval_samples: int | None = option(None, "Keep only the first N validation rows (after splitting); default all.")
     max_predict_samples: int | None = option(None, "Keep only the first N test rows; default all.")
-    augmentation: str = option(
-        "original",
-        "Augmentation policy after crop and flip: 'original' (rotation + colour jitter), "
-        "'trivialaugment', 'randaugment', 'autoaugment' (CIFAR-10 policy) or 'none'.",
-        choices=AUGMENTATION_POLICIES,
-    )
+    augmentation: str = option("original", augmentation_help(), choices=AUGMENTATION_POLICIES)
     rotation_degrees: float = option(15.0, "Maximum rotation of the 'original' policy, in degrees; 0 disables it.")
     color_jitter: float = option(
         0.4, "Brightness, contrast and saturation jitter of the 'original' policy; 0 disables it."
@@ -98,12 +112,17 @@ class DataArguments:
         "resumes anyway, with a warning.",
     )
 
+    def source_split_names(self) -> dict[str, str]:
+        """The name in the source of each prepared split (`SPLITS`, in their order): `--train_split_name`,
+        `--validation_split_name` and `--test_split_name`."""
+        names = (self.train_split_name, self.validation_split_name, self.test_split_name)
+        return dict(zip(SPLITS, names, strict=True))
+
     def __post_init__(self) -> None:
         check_finite_options(self)
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be a positive number of pixels, got {self.max_image_pixels!r}")
-        if not 0.0 <= self.train_val_split < 1.0:
-            raise ValueError(f"train_val_split must be in [0, 1), got {self.train_val_split!r}")
+        check_unit_interval("train_val_split", self.train_val_split, "[0, 1)")
         for name in SPLIT_LIMITS.values():
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -113,6 +132,5 @@ class DataArguments:
         for name in ("rotation_degrees", "color_jitter", "mixup_alpha", "cutmix_alpha"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("random_erasing", "mix_prob", "cutmix_switch_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} is a probability and must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("random_erasing", "mix_prob", "cutmix_switch_prob"):  # probabilities
+            check_unit_interval(name, getattr(self, name), "[0, 1]")

@@ -247,6 +247,6 @@ def build_train_transform(config: HierarchicalEfficientNetV2Config, args: DataAr
     erasing on the normalised image run on the device (`DevicePreprocessor`). Called on one PIL image, the result
     runs everything and returns a normalised `(3, S, S)` float tensor.
     """
-    if args.augmentation in ("original", "none"):
-        return BatchedAugment(config, args)
-    return PolicyAugment(config, args)
+    if args.augmentation in PolicyAugment.POLICIES:
+        return PolicyAugment(config, args)
+    return BatchedAugment(config, args)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow
@@ -15,12 +14,10 @@ from datasets import ClassLabel, Dataset
 from datasets import Image as ImageFeature
 from transformers.utils import logging
 
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from configuration_hierarchical import HierarchicalEfficientNetV2Config, check_label_range
+from hierarchical.data.arguments import EVALUATION_SPLITS, DataArguments
 from hierarchical.data.decoding import check_regular_file
-from hierarchical.data.label_columns import check_label_range, column_names, column_values, data_columns, ids_from_names
-
-if TYPE_CHECKING:  # only in annotations
-    from hierarchical.data.arguments import DataArguments
+from hierarchical.data.label_columns import column_names, column_values, data_columns, ids_from_names
 
 logger = logging.get_logger(__name__)
 
@@ -61,8 +58,9 @@ def _fine_labels(
     `ClassLabel` ids with names) mapped through `config.label2id`."""
     names, _ = column_names(dataset, label_column, split_name, numbers_as_names=args.hierarchy_file is not None)
     if names is None:  # plain integers: ids of the config
-        labels = column_values(dataset, label_column, f"column {label_column!r} of split {split_name!r}")
-        check_label_range(labels, config.num_labels, label_column, split_name)
+        where = f"column {label_column!r} of split {split_name!r}"
+        labels = column_values(dataset, label_column, where)
+        check_label_range(labels, config.num_labels, where)
         return labels
     try:
         return ids_from_names(names, _fine_names(config), f"{label_column!r} of split {split_name!r}")
@@ -200,7 +198,7 @@ def check_duplicate_images(splits: dict[str, Dataset], drop: bool = False) -> di
     Compares the "validation" and "test" splits with "train"; with `drop`, the copies are removed from the
     evaluation splits and counted in the log. Rows are named by their `index` in the source split.
     """
-    evaluation = [split for split in ("validation", "test") if split in splits]
+    evaluation = [split for split in EVALUATION_SPLITS if split in splits]
     if "train" not in splits or not evaluation:
         return splits
     start = time.perf_counter()

@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from configuration_hierarchical import HierarchicalEfficientNetV2Config, check_label_range
 from hierarchical.data.augmentation import NO_BOX, TrainAugment, derive_seed
 from hierarchical.data.decoding import DEFAULT_MAX_IMAGE_PIXELS, decode_image, decode_to_tensor
 
@@ -234,14 +234,12 @@ class HierarchicalCollator:
 
     def check_labels(self, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]]) -> None:
         """Raise `ValueError` naming the example when a label is outside the config's classes."""
+
+        def example(row: int) -> str:
+            return f"the example with index={examples[row].get('index', row)}"
+
         for name, classes in (("labels", self.config.num_labels), ("coarse_labels", self.config.num_coarse_labels)):
-            bad = ((batch[name] < 0) | (batch[name] >= classes)).nonzero()
-            if len(bad):
-                row = int(bad[0, 0])
-                raise ValueError(
-                    f"{name} must be in [0, {classes}), got {int(batch[name][row])} for the example with "
-                    f"index={examples[row].get('index', row)} ({len(bad)} of {len(examples)} in this batch)"
-                )
+            check_label_range(batch[name], classes, name, example)
 
     # Not v2.MixUp/CutMix: they draw from the global RNG (not the batch's seed, so a resumed run would differ) and
     # mix one label tensor; here the workers draw the parameters and the device mixes both heads' targets.

@@ -33,6 +33,7 @@ from configuration_hierarchical import (
     CIFAR100_FINE_TO_COARSE,
     HierarchicalEfficientNetV2Config,
 )
+from hierarchical.data.cifar100 import are_cifar100_names, is_cifar100_hierarchy
 from hierarchical.data.hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
 from hierarchical.data.label_columns import column_names, data_columns
 
@@ -187,9 +188,9 @@ def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | Non
     if with_file:
         return _hierarchy_from_file(args.hierarchy_file, file_classes)
     if not pairs:
-        return Hierarchy.cifar100() if fine_only and fine_only <= set(CIFAR100_FINE_LABELS) else None
+        return Hierarchy.cifar100() if are_cifar100_names(fine_only) else None
     check_one_parent(pairs, columns.label, columns.coarse)
-    if _is_cifar100(pairs):
+    if is_cifar100_hierarchy(pairs):
         return Hierarchy.cifar100()
     if coarse_order is None and all(coarse.lstrip("-").isdigit() for _, coarse in pairs):
         coarse_order = sorted({coarse for _, coarse in pairs}, key=int)
@@ -232,15 +233,6 @@ def check_one_parent(pairs: Counter, fine_column: str, coarse_column: str) -> No
             f"{listed}; every class needs exactly one superclass across all splits "
             f"({len(conflicts)} classes have several)"
         )
-
-
-def _is_cifar100(pairs: Counter) -> bool:
-    """Whether every `(fine, coarse)` pair is a CIFAR-100 class with its official superclass (name or index)."""
-    parent = dict(zip(CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE, strict=True))
-    for fine, coarse in pairs:
-        if fine not in parent or coarse not in (CIFAR100_COARSE_LABELS[parent[fine]], str(parent[fine])):
-            return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
     """Load an image folder nested as `superclass/class/image` (optionally under split-named folders) into string
     columns named by `args` (image, fine label, coarse label; `img`, `fine_label`, `coarse_label` by default); None when the folder holds flat class folders
     (`class/image`, read by `load_image_folder`). See [`image_folder_layout`]."""
-    split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
+    split_names = tuple(args.source_split_names().values())
     kind, by_split = image_folder_layout(path, split_names)
     if kind != "tree":
         return None

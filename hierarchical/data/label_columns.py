@@ -18,7 +18,8 @@ import pyarrow.compute
 from datasets import ClassLabel, Dataset
 from datasets import Image as ImageFeature
 
-from configuration_hierarchical import CIFAR100_FINE_LABELS
+from configuration_hierarchical import check_label_range
+from hierarchical.data.cifar100 import is_cifar100_table
 
 # Known misspellings of class names in published dataset metadata (uoft-cs/cifar100 spells "crab" as "cra").
 LABEL_NAME_ALIASES = {"cra": "crab"}
@@ -54,8 +55,9 @@ def class_label_names(feature: Any, where: str) -> list[str] | None:
     if feature.names == [str(i) for i in range(feature.num_classes)]:  # ClassLabel(num_classes=n) names nothing
         return None
     names = list(feature.names)
-    if [LABEL_NAME_ALIASES.get(name, name) for name in names] == CIFAR100_FINE_LABELS:
-        names = [LABEL_NAME_ALIASES.get(name, name) for name in names]
+    corrected = [LABEL_NAME_ALIASES.get(name, name) for name in names]
+    if is_cifar100_table(corrected):
+        names = corrected
     return normalised_names(names, f"the ClassLabel of {where}")
 
 
@@ -68,16 +70,6 @@ def column_values(dataset: Dataset, column: str, where: str) -> np.ndarray:
             f"{where} has {missing.size} rows without a label (null); first: row {missing[0]}. Fill or remove them"
         )
     return dataset.select_columns([column]).with_format("numpy")[:][column]
-
-
-def check_label_range(labels: np.ndarray, num_labels: int, column: str, split_name: str) -> None:
-    """Raise `ValueError` (count and first example row) when labels fall outside `[0, num_labels)`."""
-    bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
-    if bad.size:
-        raise ValueError(
-            f"{bad.size} of {labels.size} rows of split {split_name!r} have a {column!r} outside [0, {num_labels}); "
-            f"first: row {bad[0]} has {column}={labels[bad[0]]}"
-        )
 
 
 def column_names(
@@ -95,7 +87,7 @@ def column_names(
     values = column_values(dataset, column, where)
     names = class_label_names(feature, where)
     if names is not None:
-        check_label_range(values, len(names), column, split_name)
+        check_label_range(values, len(names), where)
         return np.asarray(names, dtype=object)[values], names
     if values.dtype.kind in "OUS":
         unique, inverse = np.unique(values.astype(str), return_inverse=True)
@@ -207,7 +199,6 @@ __all__ = [
     "LABEL_COLUMN_NAMES",
     "data_columns",
     "LABEL_NAME_ALIASES",
-    "check_label_range",
     "class_label_names",
     "column_names",
     "column_values",

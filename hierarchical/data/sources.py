@@ -144,7 +144,7 @@ def load_local_folder(path: str, args: DataArguments, splits: Collection[str] | 
     for folder in (path, os.path.join(path, "cifar-100-python")):
         if all(os.path.isfile(os.path.join(folder, name)) for name in CIFAR_PYTHON_FILES):
             return load_cifar_python(folder)
-    split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
+    split_names = tuple(args.source_split_names().values())
     candidates = _visible_files(path)
     for split in split_names:
         if os.path.isdir(os.path.join(path, split)):
@@ -195,7 +195,7 @@ def load_data_files(
             f"--dataset_name {args.dataset_name!r}: expected only .parquet or only .arrow files, got {sorted(extensions)}"
         )
     builder = DATA_FILE_BUILDERS[extensions.pop()]
-    split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
+    split_names = tuple(args.source_split_names().values())
     split_of = {f: _split_of(os.path.relpath(f, root), split_names) for f in files}
     unnamed = [f for f, split in split_of.items() if split is None]
     if len(unnamed) == len(files):
@@ -274,7 +274,7 @@ def load_image_folder(path: str, args: DataArguments, splits: Collection[str] | 
     tree = load_hierarchy_tree(path, args)
     if tree is not None:
         return tree
-    split_names = (args.train_split_name, args.validation_split_name, args.test_split_name)
+    split_names = tuple(args.source_split_names().values())
     _, by_split = image_folder_layout(path, split_names)
     by_split = only_splits(by_split, splits)
     data_files = {}

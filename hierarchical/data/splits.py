@@ -28,7 +28,7 @@ def source_splits(args: DataArguments, splits: Collection[str] | None) -> list[s
     validation split may be carved from the training one, so asking for it reads that too."""
     if splits is None:
         return None
-    names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
+    names = args.source_split_names()
     wanted = [names[split] for split in splits]
     return wanted + [args.train_split_name] if "validation" in splits else wanted
 
@@ -37,7 +37,7 @@ def planned_split_sizes(args: DataArguments, source_sizes: dict[str, int]) -> di
     """The rows each split will have, from the row counts of the source's splits (`{source split name: rows}`):
     the validation share carved from "train" (as `split_train_validation` carves it) and the `max_*_samples`
     limits. `ValueError` naming `--train_val_split` when carving would leave an empty split, before any work."""
-    names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
+    names = args.source_split_names()
     sizes = {split: source_sizes[name] for split, name in names.items() if name in source_sizes}
     if "validation" not in sizes and "train" in sizes and args.train_val_split > 0:
         rows = sizes["train"]
@@ -90,7 +90,7 @@ def prepare_datasets_with_record(
     """
     wanted = None if splits is None else list(splits)
     raw = load_raw_datasets(args, source_splits(args, wanted)) if raw is None else raw
-    source_names = dict(train=args.train_split_name, validation=args.validation_split_name, test=args.test_split_name)
+    source_names = args.source_split_names()
     if wanted is not None:
         keep = source_splits(args, wanted)
         if "train" not in wanted and args.validation_split_name in raw:  # no validation split to carve

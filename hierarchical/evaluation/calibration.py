@@ -20,7 +20,7 @@ import torch
 from transformers.trainer_utils import PredictionOutput
 from transformers.utils import logging
 
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from configuration_hierarchical import HierarchicalEfficientNetV2Config, check_unit_interval
 from hierarchical.evaluation.metrics import (
     ECE_BINS,
     brier_score,
@@ -32,6 +32,7 @@ from hierarchical.evaluation.metrics import (
 from hierarchical.evaluation.selective_threshold import (
     DEFAULT_START_COVERAGES,
     SelectiveThreshold,
+    check_start_coverages,
     choose_selective_threshold,
     guarantee_text,
 )
@@ -85,21 +86,11 @@ class CalibrationArguments:
     def __post_init__(self) -> None:
         if self.selective_target_accuracy == 0:
             self.selective_target_accuracy = None
-        for name, value in (
-            ("selective_target_accuracy", self.selective_target_accuracy),
-            ("selective_confidence", self.selective_confidence),
-        ):
-            if value is not None and not 0 < value < 1:  # NaN fails too
-                raise ValueError(f"--{name} must be in (0, 1), got {value}")
-        if not 0 < self.calibration_split_fraction <= 1:
-            raise ValueError(f"--calibration_split_fraction must be in (0, 1], got {self.calibration_split_fraction}")
-        starts = self.selective_start_coverage
-        if (
-            not isinstance(starts, list | tuple)
-            or not starts
-            or not all(isinstance(c, int | float) and not isinstance(c, bool) and 0 <= c < 1 for c in starts)
-        ):
-            raise ValueError(f"--selective_start_coverage must be one or more numbers in [0, 1), got {starts!r}")
+        for name in ("selective_target_accuracy", "selective_confidence"):
+            if getattr(self, name) is not None:
+                check_unit_interval(f"--{name}", getattr(self, name))
+        check_unit_interval("--calibration_split_fraction", self.calibration_split_fraction, "(0, 1]")
+        check_start_coverages("--selective_start_coverage", self.selective_start_coverage)
 
 
 # ----------------------------------------------------------------------------------------------------------------

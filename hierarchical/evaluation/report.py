@@ -15,8 +15,8 @@ from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchical.evaluation.report_data import compute_report_data
-from hierarchical.evaluation.report_figures import FIGURE_NAMES, draw_figures
-from hierarchical.evaluation.report_markdown import REPORT_NAME, render_markdown
+from hierarchical.evaluation.report_figures import draw_figures
+from hierarchical.evaluation.report_markdown import FIGURE_NAMES, REPORT_NAME, render_markdown
 
 logger = logging.get_logger(__name__)
 

@@ -16,16 +16,9 @@ from datasets import Image as ImageFeature
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchical.evaluation.metrics import ECE_BINS
 from hierarchical.evaluation.report_data import MAX_CONFUSION_SUPERCLASSES, ReportData
+from hierarchical.evaluation.report_markdown import FIGURE_NAMES
 from image_processing_hierarchical import as_decodable, decode_rgb
 
-FIGURE_NAMES = {
-    "superclass_accuracy": "superclass_accuracy.png",
-    "superclass_confusion": "superclass_confusion.png",
-    "confused_pairs": "confused_pairs.png",
-    "misclassified": "misclassified.png",
-    "reliability": "reliability.png",
-    "risk_coverage": "risk_coverage.png",
-}
 MIN_ANSWERS_PLOTTED = 20  # the accuracy curve is drawn where at least this many images are answered
 MAX_BAR_SUPERCLASSES = 40  # above this, the accuracy figure shows the largest superclasses
 MAX_LABEL_CHARS = 28  # longer names are cut in figures

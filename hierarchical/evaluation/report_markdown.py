@@ -12,6 +12,8 @@ from hierarchical.evaluation.metrics import ECE_BINS
 from hierarchical.evaluation.report_data import MAX_CONFUSION_SUPERCLASSES, ReportData, largest_cells
 from hierarchical.evaluation.selective_threshold import guarantee_text
 
+# The figures of a report, in the order it lists them: key -> title. `report_figures` draws figure `key` into the
+# file `FIGURE_NAMES[key]`, in the report's folder.
 FIGURE_TITLES = {
     "superclass_accuracy": "Accuracy per superclass",
     "superclass_confusion": "Superclass confusion matrix",
@@ -20,6 +22,7 @@ FIGURE_TITLES = {
     "reliability": "Reliability diagrams",
     "risk_coverage": "Hierarchical risk-coverage",
 }
+FIGURE_NAMES = {key: f"{key}.png" for key in FIGURE_TITLES}
 
 
 REPORT_NAME = "eval_report.md"

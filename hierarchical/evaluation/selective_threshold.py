@@ -5,10 +5,12 @@ are certified to reach a target accuracy on new data, by fixed-sequence binomial
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from configuration_hierarchical import check_unit_interval
 from hierarchical.evaluation.metrics import selective_curve
 
 THRESHOLD_GRID = np.arange(1000, 0, -1) / 1000  # 1.000, 0.999, ..., 0.001: tested from the most conservative down
@@ -158,15 +160,20 @@ def choose_selective_threshold(
     return result
 
 
+def check_start_coverages(name: str, start_coverages: Sequence[float]) -> None:
+    """Raise `ValueError` naming `name` (the option or argument) unless `start_coverages` is a list or tuple of one
+    or more numbers, each in [0, 1) ([`check_unit_interval`])."""
+    if not isinstance(start_coverages, list | tuple) or not start_coverages:
+        raise ValueError(f"{name} must be one or more numbers in [0, 1), got {start_coverages!r}")
+    for coverage in start_coverages:
+        check_unit_interval(name, coverage, "[0, 1)")
+
+
 def _check_threshold_options(target_accuracy: float, confidence: float, start_coverages: tuple[float, ...]) -> None:
-    """Raise `ValueError` naming the option out of its range."""
-    for name, value in (("target_accuracy", target_accuracy), ("confidence", confidence)):
-        if not 0 < value < 1:
-            raise ValueError(f"{name} must be in (0, 1), got {value}")
-    if not start_coverages or not all(
-        isinstance(c, int | float) and not isinstance(c, bool) and 0 <= c < 1 for c in start_coverages
-    ):
-        raise ValueError(f"start_coverages must be one or more numbers in [0, 1), got {start_coverages}")
+    """Raise `ValueError` naming the argument out of its range."""
+    check_unit_interval("target_accuracy", target_accuracy)
+    check_unit_interval("confidence", confidence)
+    check_start_coverages("start_coverages", start_coverages)
 
 
 def _first_tested(answered: np.ndarray, error_rate: float, delta: float, min_coverage: float) -> int:
@@ -204,6 +211,7 @@ __all__ = [
     "SelectiveThreshold",
     "accuracy_lower_bound",
     "binomial_cdf",
+    "check_start_coverages",
     "choose_selective_threshold",
     "guarantee_text",
 ]

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from configuration_hierarchical import TEMPERATURE_RANGE, HierarchicalEfficientNetV2Config
+from configuration_hierarchical import TEMPERATURE_RANGE, HierarchicalEfficientNetV2Config, check_label_range
 from prediction_hierarchical import hierarchical_log_probabilities
 
 Array = np.ndarray | torch.Tensor  # predictions as `Trainer.predict` returns them, or tensors
@@ -41,8 +41,7 @@ def check_predictions(
         ("labels", labels, config.num_labels),
         ("coarse_labels", coarse_labels, config.num_coarse_labels),
     ):
-        if int(array.min()) < 0 or int(array.max()) >= classes:
-            raise ValueError(f"{name} must lie in [0, {classes}), got {int(array.min())} to {int(array.max())}")
+        check_label_range(array, classes, name)
     return logits, coarse_logits, labels, coarse_labels
 
 

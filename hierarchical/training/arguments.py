@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.utils.import_utils import is_in_notebook
 
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from configuration_hierarchical import HierarchicalEfficientNetV2Config, check_unit_interval
 from hierarchical.evaluation.calibration import CalibrationArguments
 from hierarchical.options import check_finite_options, option
 
@@ -215,10 +215,8 @@ class HierarchicalTrainingArguments(TrainingArguments):
         for name in ("max_grad_norm", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        check_unit_interval("--layer_decay", self.layer_decay, "(0, 1]")
+        check_unit_interval("--ema_decay", self.ema_decay, "[0, 1)")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise ValueError(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
         if self.resume_from_checkpoint is not None and not os.path.isdir(self.resume_from_checkpoint):

@@ -19,9 +19,16 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PretrainedConfig, TrainingArguments
 
-from configuration_hierarchical import CIFAR100_FINE_LABELS, CIFAR100_FINE_TO_COARSE
-from hierarchical.evaluation.report_figures import FIGURE_NAMES
-from hierarchical.evaluation.report_markdown import FIGURE_TITLES, REPORT_NAME, markdown_cell, report_folder, table_row
+from hierarchical.data.arguments import EVALUATION_SPLITS
+from hierarchical.data.cifar100 import is_cifar100_config
+from hierarchical.evaluation.report_markdown import (
+    FIGURE_NAMES,
+    FIGURE_TITLES,
+    REPORT_NAME,
+    markdown_cell,
+    report_folder,
+    table_row,
+)
 from hierarchical.evaluation.selective_threshold import guarantee_text
 from hierarchical.hub import is_hub_dataset
 from hierarchical.training.run_summary import OPTIONS_FILE
@@ -35,7 +42,7 @@ METRICS = {  # key in all_results.json -> (model-index metric type, readable nam
     "both_correct": ("accuracy", "Class and superclass both correct"),
     "mistake_severity": ("mistake_severity", "Mean tree distance of wrong class predictions"),
 }
-SPLITS = {"eval": "validation", "test": "test"}  # results prefix -> split
+RESULT_SPLITS = dict(zip(("eval", "test"), EVALUATION_SPLITS, strict=True))  # results prefix -> split
 MAX_SUPERCLASS_TEXT = 2000  # characters of the superclass list in the card's introduction
 MODEL_ID_PLACEHOLDER = "your-name/your-model"  # the snippet's model id when the Hub repository is not known
 FRAMEWORKS = ("torch", "torchvision", "transformers", "datasets")  # versions listed in the card
@@ -44,17 +51,10 @@ LOCAL_DATA = "a local image folder"
 GUARANTEE = "P(a threshold is chosen and it misses the target) <= 1 - confidence"
 
 
-def is_cifar100(config: PretrainedConfig) -> bool:
-    """Whether `config` holds the CIFAR-100 classes and superclasses (the default tables)."""
-    return [config.id2label[i] for i in range(config.num_labels)] == CIFAR100_FINE_LABELS and list(
-        config.fine_to_coarse
-    ) == CIFAR100_FINE_TO_COARSE
-
-
 def data_title(config: PretrainedConfig, dataset_name: str | None) -> str:
     """How the card names the data: CIFAR-100, the Hub id of another dataset, or "a local image folder" (a local
     folder's name says nothing to a reader of the card)."""
-    if is_cifar100(config):
+    if is_cifar100_config(config):
         return "CIFAR-100"
     return dataset_name if is_hub_dataset(dataset_name) else LOCAL_DATA
 
@@ -110,7 +110,7 @@ def eval_results(results: dict[str, float], dataset_name: str | None, config: Pr
     title = data_title(config, dataset_name)
     local_type = "cifar100-local" if title == "CIFAR-100" else "local"
     entries = []
-    for prefix, split in SPLITS.items():
+    for prefix, split in RESULT_SPLITS.items():
         for key, (metric_type, metric_name) in METRICS.items():
             if f"{prefix}_{key}" in results:
                 entries.append(
@@ -262,10 +262,10 @@ def _results_section(results: dict[str, float], output_dir: str, config: Pretrai
     and the validation report's figure of the accuracy per superclass."""
     rows = []
     for key in METRICS:
-        values = [f"{results[f'{p}_{key}']:.4f}" if f"{p}_{key}" in results else "-" for p in SPLITS]
+        values = [f"{results[f'{p}_{key}']:.4f}" if f"{p}_{key}" in results else "-" for p in RESULT_SPLITS]
         rows.append((key, *values))
     links, figure_line = [], ""
-    for split in SPLITS.values():
+    for split in RESULT_SPLITS.values():
         folder = report_folder(output_dir, split)
         relative = os.path.relpath(folder, output_dir).replace(os.sep, "/")
         if os.path.isfile(os.path.join(folder, REPORT_NAME)):
@@ -281,7 +281,7 @@ def _results_section(results: dict[str, float], output_dir: str, config: Pretrai
 
 {weights_text}{near_chance_text(results, config)}
 
-{_table(("metric", *SPLITS.values()), rows)}
+{_table(("metric", *RESULT_SPLITS.values()), rows)}
 
 `coarse_from_fine_accuracy`: the fine prediction mapped to its superclass; `consistency`: share of images whose
 fine prediction lies in the predicted superclass; `mistake_severity`: mean tree distance of wrong fine predictions
@@ -293,7 +293,11 @@ def near_chance_text(results: dict[str, float], config: PretrainedConfig) -> str
     """A sentence saying that the model is near chance when its class accuracy (validation, else test) is below
     `NEAR_CHANCE_FACTOR` times chance; empty otherwise or without a measured accuracy."""
     split, accuracy = next(
-        ((split, results[f"{p}_fine_accuracy"]) for p, split in SPLITS.items() if f"{p}_fine_accuracy" in results),
+        (
+            (split, results[f"{p}_fine_accuracy"])
+            for p, split in RESULT_SPLITS.items()
+            if f"{p}_fine_accuracy" in results
+        ),
         (None, None),
     )
     chance = 1 / config.num_labels

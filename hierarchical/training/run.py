@@ -23,7 +23,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from hierarchical.data.arguments import DataArguments
+from hierarchical.data.arguments import EVALUATION_SPLITS, DataArguments
 from hierarchical.data.collation import EpochCallback, HierarchicalCollator
 from hierarchical.data.hierarchy import balanced_class_weights, discover_hierarchy, set_class_weights
 from hierarchical.data.label_columns import data_columns
@@ -267,9 +267,8 @@ def used_splits(training_args: TrainingArguments) -> list[str] | None:
     `--do_predict`: test)."""
     if training_args.do_train:
         return None
-    return [
-        split for split, used in (("validation", training_args.do_eval), ("test", training_args.do_predict)) if used
-    ]
+    used = (training_args.do_eval, training_args.do_predict)
+    return [split for split, wanted in zip(EVALUATION_SPLITS, used, strict=True) if wanted]
 
 
 def saved_model_record(source: str | None, do_eval: bool) -> DataRecord | None:

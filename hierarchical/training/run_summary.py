@@ -17,6 +17,8 @@ import transformers
 from torch import nn
 from transformers import TrainingArguments
 
+from hierarchical.data.arguments import SPLITS
+
 OPTIONS_FILE = "run_options.json"
 SECRET_OPTIONS = ("token", "hub_token")
 
@@ -80,9 +82,7 @@ def run_summary(
     batch, learning rates, epochs, devices, the tasks (with the evaluation and calibration that `--do_train` brings by
     default), output folder and resume point. `calibrate`: whether the validation split also calibrates the model
     (`--calibrate`)."""
-    sizes = ", ".join(
-        f"{split} {split_sizes[split]:,}" for split in ("train", "validation", "test") if split in split_sizes
-    )
+    sizes = ", ".join(f"{split} {split_sizes[split]:,}" for split in SPLITS if split in split_sizes)
     lines = [
         _model_line(model, model_source),
         f"data:           {dataset_name}: {sizes} images",

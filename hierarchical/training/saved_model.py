@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers.trainer_utils import PredictionOutput
 from transformers.utils import logging
 
-from hierarchical.data.arguments import SPLIT_LIMITS, DataArguments
+from hierarchical.data.arguments import SPLIT_LIMITS, SPLITS, DataArguments
 from hierarchical.data.collation import HierarchicalCollator
 from hierarchical.data.provenance import PROVENANCE_NAME, read_record
 from hierarchical.data.splits import evaluation_inputs, prepare_datasets_with_record
@@ -60,8 +60,8 @@ def evaluate_saved_model(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if split not in SPLIT_LIMITS:
-        raise ValueError(f"split must be one of {list(SPLIT_LIMITS)}, got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if max_samples is not None:
         data_options[SPLIT_LIMITS[split]] = max_samples
     report_dir = report_folder(model_dir, split) if output_dir is None else output_dir
