@@ -1,6 +1,6 @@
 """`option()`: the dataclass field of a command-line option, as `HfArgumentParser` reads it;
-`check_finite_options`, the check every options dataclass runs first; `PROJECT_LOGGER`, the logger every module but
-the model files logs under; and `options_file_argv`, which turns a JSON options file into the command line that says
+`check_finite_options`, the check every options dataclass runs first; `PROJECT_LOGGER`, the logger above every module
+of the package; and `options_file_argv`, which turns a JSON options file into the command line that says
 the same, so that a file is parsed and checked as the command line is; `parse_into_dataclasses`, the one way a
 command line becomes options (unknown options named with their closest match, bad values as `ValueError`)."""
 
@@ -17,7 +17,8 @@ import typing
 from collections.abc import Callable, Collection
 from typing import Any
 
-# Every module but the four model files logs under this name, so that an entry point sets one level for them all.
+# The package's name: every module of the package logs under its own `__name__`, below this logger, so that an entry
+# point sets one level for them all.
 PROJECT_LOGGER = "hierarchical"
 
 
