@@ -73,7 +73,7 @@ TARGETS = {
     "memory_ratio": ("<=", 1.3),
 }
 DEFAULTS = dict(batch_size=64, steps=40, warmup_steps=5, loader_batches=20, inference_images=1024, repeats=2)
-TINY_DEFAULTS = dict(batch_size=8, steps=2, warmup_steps=1, loader_batches=2, inference_images=16, repeats=1)
+TINY_DEFAULTS = dict(batch_size=8, steps=2, warmup_steps=1, loader_batches=2, inference_images=16, repeats=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,11 @@ def run_trainer(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any
     from trainer_timing import StepTimer, train_with
 
     timer = StepTimer(plan["device"], sync_steps=(1, args.warmup_steps))
-    train_with(plan["trainer_argv"], timer)
+    argv = list(plan["trainer_argv"])
+    # a folder of its own: in the folder of an earlier repeat the script would find a finished run, nothing to do
+    at = argv.index("--output_dir") + 1
+    argv[at] = tempfile.mkdtemp(prefix="trainer-output-", dir=Path(argv[at]).parent)
+    train_with(argv, timer)
     return timer.record()
 
 
