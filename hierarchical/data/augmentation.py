@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import PIL.Image
@@ -11,13 +11,10 @@ import torch
 from torchvision.transforms import v2
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from hierarchical.data.arguments import DataArguments
 from hierarchical.data.decoding import to_rgb
 from hierarchical.data.device_preprocess import JITTER_ORDERS, DevicePreprocessor
 from image_processing_hierarchical import build_model_input_transform
-
-if TYPE_CHECKING:  # only in annotations
-    from hierarchical.data.arguments import DataArguments
-
 
 IntOrArray = TypeVar("IntOrArray", int, np.ndarray)
 MASK64 = (1 << 64) - 1

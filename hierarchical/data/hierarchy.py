@@ -33,12 +33,12 @@ from configuration_hierarchical import (
     CIFAR100_FINE_TO_COARSE,
     HierarchicalEfficientNetV2Config,
 )
+from hierarchical.data.arguments import DataArguments
 from hierarchical.data.cifar100 import are_cifar100_names, is_cifar100_hierarchy
 from hierarchical.data.hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
 from hierarchical.data.label_columns import column_names, data_columns
 
 if TYPE_CHECKING:
-    from hierarchical.data.arguments import DataArguments
     from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 
 logger = logging.get_logger(__name__)

@@ -10,16 +10,14 @@ import json
 import os
 from collections import Counter
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from transformers.utils import logging
 
+from hierarchical.data.arguments import DataArguments
 from hierarchical.data.label_columns import normalise_name
-
-if TYPE_CHECKING:
-    from hierarchical.data.arguments import DataArguments
 
 logger = logging.get_logger(__name__)
 

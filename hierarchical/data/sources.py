@@ -9,7 +9,7 @@ import os
 import pickle
 import re
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import numpy as np
@@ -21,6 +21,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from transformers.utils import logging
 
+from hierarchical.data.arguments import DataArguments
 from hierarchical.data.hierarchy_files import (
     HIDDEN_PREFIXES,
     IMAGE_EXTENSIONS,
@@ -29,9 +30,6 @@ from hierarchical.data.hierarchy_files import (
     walk_files,
 )
 from hierarchical.hub import HUB_ID
-
-if TYPE_CHECKING:  # only in annotations
-    from hierarchical.data.arguments import DataArguments
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
