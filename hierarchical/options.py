@@ -175,13 +175,12 @@ def parse_into_dataclasses(parser: argparse.ArgumentParser, argv: list[str]) -> 
     except argparse.ArgumentError as error:
         raise ValueError(str(error)) from None
     known = [option for action in parser._actions for option in action.option_strings if "-" not in option[2:]]
-    hints = [
-        f"{arg} (did you mean {' or '.join(close)}?)"
-        if arg.startswith("-") and (close := difflib.get_close_matches(arg, known, n=1))
-        else arg
+    hints = [  # the unknown option names (a value after one is not named again); stray values when none is
+        f"{arg} (did you mean {' or '.join(close)}?)" if (close := difflib.get_close_matches(arg, known, n=1)) else arg
         for arg in unknown
+        if arg.startswith("-")
     ]
-    raise ValueError(f"unknown options: {', '.join(hints)}; `--help` lists every option")
+    raise ValueError(f"unknown options: {', '.join(hints or unknown)}; `--help` lists every option")
 
 
 __all__ = [

@@ -94,7 +94,7 @@ def command_result(capsys, command, *args):
     "extra, message",
     [
         (["--image_size", "x"], "argument --image_size/--image-size: invalid int value: 'x'"),
-        (["--epoch", "3"], "unknown options: --epoch (did you mean --epochs?)"),
+        (["--epoch", "3"], "unknown options: --epoch (did you mean --epochs?); `--help`"),  # its value is not named
         (["--learning_rate", "0.001"], "--learning_rate 0.001 is not used"),  # equal to --lr_fc, refused all the same
         (
             ["--do_predict"],
