@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -253,10 +252,11 @@ class HierarchicalTrainingArguments(TrainingArguments):
         """Defaults that depend on the machine: TensorBoard when installed, the CPU without an accelerator, no
         progress bars in a redirected log; and no search for unused parameters in multi-process runs."""
         if self.report_to is None:
-            # transformers' `integrations.is_tensorboard_available` makes the same test, but importing it loads the
-            # model code (2 s), which `--help` and option errors should not wait for
-            tensorboard = any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX"))
-            self.report_to = ["tensorboard"] if tensorboard else "none"
+            # imported here, not with the module: `transformers.integrations` loads the model code (2 s), which
+            # `--help` does not need (building the TrainingArguments loads it anyway)
+            from transformers.integrations import is_tensorboard_available
+
+            self.report_to = ["tensorboard"] if is_tensorboard_available() else "none"
         if not self.use_cpu and not torch.accelerator.is_available():
             self.use_cpu = True  # lets `accelerate launch --multi_gpu` start gloo processes on a CPU-only machine
         if self.ddp_find_unused_parameters is None:
