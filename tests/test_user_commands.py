@@ -308,3 +308,30 @@ def test_progress_is_logged_at_a_fixed_interval_with_rate_and_time_left(caplog):
         "step 10/100000 (0%), 1.00 steps/s, 7m50s left (--max_train_minutes)"
     )
     assert progress_line(10, 20, 10.0, 10, budget_left=470.4) == "step 10/20 (50%), 1.00 steps/s, 0m10s left"
+
+
+def python_imports_of_the_readme() -> list[tuple[str, list[str]]]:
+    """(module, names) of every `import` and `from ... import` line in the README's Python blocks."""
+    readme = (PROJECT_DIR / "README.md").read_text(encoding="utf-8")
+    imports = []
+    for block in readme.split("```python\n")[1:]:
+        for line in block.split("```")[0].splitlines():
+            words = line.strip().split()
+            if words[:1] == ["import"]:
+                imports.append((words[1], []))
+            elif words[:1] == ["from"] and "import" in words:
+                names = " ".join(words[words.index("import") + 1 :]).replace(",", " ").split()
+                imports.append((words[1], [name for name in names if name != "as"][:1] if " as " in line else names))
+    return imports
+
+
+def test_every_import_in_the_readme_resolves():
+    """A module that moved leaves no stale `from module import name` in the README's examples."""
+    import importlib
+
+    imports = python_imports_of_the_readme()
+    assert any(module.startswith("hierarchical.") for module, _ in imports)
+    for module, names in imports:
+        loaded = importlib.import_module(module)
+        for name in names:
+            assert hasattr(loaded, name), f"README: from {module} import {name}"
