@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -170,6 +171,13 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         **kwargs,
     ):
         kwargs = _pretrained_config_kwargs(kwargs)
+        for field, value in (("fine_to_coarse", fine_to_coarse), ("coarse_label_names", coarse_label_names)):
+            if value is not None and not isinstance(value, list | tuple):
+                raise ValueError(f"{field} must be a list, got {value!r}")
+        if coarse_label_names is not None:
+            _check_names("coarse_label_names", dict(enumerate(coarse_label_names)))
+        if backbone_weights is not None and not isinstance(backbone_weights, str | os.PathLike):
+            raise ValueError(f"backbone_weights must be 'imagenet', None or a file path, got {backbone_weights!r}")
         self.fine_to_coarse = list(CIFAR100_FINE_TO_COARSE if fine_to_coarse is None else fine_to_coarse)
         self.coarse_label_names = list(CIFAR100_COARSE_LABELS if coarse_label_names is None else coarse_label_names)
         self.image_mean = list(IMAGENET_MEAN if image_mean is None else image_mean)
@@ -239,6 +247,11 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
             duplicates = sorted({name for name in names if names.count(name) > 1})
             if duplicates:
                 raise ValueError(f"{field} has duplicate names: {duplicates}")
+            normalised = [unicodedata.normalize("NFC", name) for name in names]
+            same = sorted({name for name, form in zip(names, normalised, strict=True) if normalised.count(form) > 1})
+            if same:  # two names that print alike are one class to a reader
+                shown = ", ".join(ascii(name) for name in same)
+                raise ValueError(f"{field} has names that are equal in Unicode normal form NFC: {shown}")
         if sorted(self.id2label) != list(range(num_fine)):
             raise ValueError(f"id2label keys must be 0..{num_fine - 1}, got {sorted(self.id2label)[:5]}...")
 
@@ -325,10 +338,23 @@ def _pretrained_config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     `id2label` nor `num_labels` is given, `label2id` derived from `id2label`, and the hierarchical pipeline."""
     if kwargs.get("per_layer_config") is not None:
         raise ValueError("per_layer_config is not supported: every layer of this model shares one configuration")
-    if kwargs.get("id2label") is None and kwargs.get("num_labels") is None:
+    num_labels = kwargs.get("num_labels")
+    if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1):
+        raise ValueError(f"num_labels must be an integer >= 1, got {num_labels!r}")
+    if kwargs.get("id2label") is None and num_labels is None:
         kwargs["id2label"] = dict(enumerate(CIFAR100_FINE_LABELS))
     if kwargs.get("id2label") is not None:
-        kwargs["label2id"] = {name: int(i) for i, name in kwargs["id2label"].items()}
+        id2label = kwargs["id2label"]
+        if not isinstance(id2label, dict):
+            raise ValueError(f"id2label must be an object of class ids and names, got {id2label!r}")
+        keys = [key for key in id2label if not _is_integer(key) and not (isinstance(key, str) and key.isdecimal())]
+        if keys:
+            raise ValueError(f"id2label must have class ids (0, 1, ...) as keys, got {keys[0]!r}")
+        kwargs["id2label"] = {int(key): name for key, name in id2label.items()}
+        _check_names("id2label", kwargs["id2label"])
+        if num_labels is not None and num_labels != len(id2label):
+            raise ValueError(f"num_labels is {num_labels} but id2label names {len(id2label)} classes")
+        kwargs["label2id"] = {name: i for i, name in kwargs["id2label"].items()}
     if kwargs.get("custom_pipelines") is None:
         kwargs["custom_pipelines"] = {
             HIERARCHICAL_PIPELINE_TASK: dict(HIERARCHICAL_PIPELINE),
@@ -370,6 +396,13 @@ def check_label_range(
             f"{name} must be in [0, {num_classes}), got {values.flat[row].item()} at {where} "
             f"({bad.size} of {values.size} rows out of range)"
         )
+
+
+def _check_names(field: str, names: dict[int, Any]) -> None:
+    """`ValueError` naming `field` and the entry when a class or superclass name is not a non-empty string."""
+    for key, name in names.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{field}[{key}] must be a name (a non-empty string), got {name!r}")
 
 
 def _is_number(value: Any) -> bool:

@@ -97,7 +97,8 @@ def _option_value(parser: argparse.ArgumentParser, action: argparse.Action, valu
     option takes (when `value` is not of it)."""
     converter = action.type
     if isinstance(value, list) and action.nargs in ("+", "*"):
-        words = [_option_value(parser, action, item) for item in value]
+        # one level only: a list of lists says more than a command line can (as None, refused for every type)
+        words = [_option_value(parser, action, None if isinstance(item, list) else item) for item in value]
         problem = next((word for word in words if isinstance(word, str)), None)
         return [word for item in words for word in item] if problem is None else f"a list, each item {problem}"
     if getattr(converter, "__name__", "") == "string_to_bool":
@@ -106,8 +107,8 @@ def _option_value(parser: argparse.ArgumentParser, action: argparse.Action, valu
         value = None
     if converter is int:
         return [str(value)] if isinstance(value, int) else "an integer"
-    if converter is float:
-        return [repr(float(value))] if isinstance(value, int | float) else "a number"
+    if converter is float:  # an integer as its digits: one too large for a float is infinite, as typed
+        return [str(value) if isinstance(value, int) else repr(value)] if isinstance(value, int | float) else "a number"
     if isinstance(value, dict) and _accepts_dict(parser, action.dest):
         return [json.dumps(value)]
     return [value] if isinstance(value, str) else "a string"
@@ -118,7 +119,9 @@ def options_file_argv(
 ) -> list[str]:
     """The command line that says what the JSON options file `path` says, for `parser` to parse as any other.
 
-    The file holds one JSON object of `{option: value}`. Each value must have the JSON type of its option: a
+    The file holds one JSON object of `{option: value}` (UTF-8, a byte-order mark skipped); an option is named as on
+    the command line, without the dashes (`num_train_epochs` or `num-train-epochs`; not a `no_x` switch: write
+    `"x": false`). Each value must have the JSON type of its option: a
     boolean (`true`/`false`) for a switch, a number for a numeric option (an integer for an integer option),
     a string for a name, a list (or one value) for an option that takes several values, an object for an option
     that takes a dict. `null` is accepted only where the option's default is unset (it then stays unset). A value
@@ -129,7 +132,7 @@ def options_file_argv(
     if not os.path.isfile(path):
         raise ValueError(f"options file {path!r} does not exist")
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:  # a byte-order mark, as some editors write, is skipped
             options = json.load(file, object_pairs_hook=_reject_duplicate_keys)
     except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"options file {path!r} is not a JSON object of options: {error}") from None
@@ -140,10 +143,21 @@ def options_file_argv(
         if action.option_strings and action.nargs != 0:  # the --no_x switches share the dest of --x
             actions.setdefault(action.dest, action)
     argv: list[str] = []
+    keys_of: dict[str, str] = {}  # option -> the key that set it
     for key, value in options.items():
-        if key in skip:
+        # a key is an option's name or one of its spellings on the command line (`num-train-epochs`)
+        action = actions.get(key) or parser._option_string_actions.get(f"--{key}")
+        if action is not None and keys_of.setdefault(action.dest, key) != key:
+            raise ValueError(
+                f"options file {path!r}: {keys_of[action.dest]!r} and {key!r} name the same option; give it once"
+            )
+        if action is not None and action.nargs == 0:  # `--no_calibrate`: a switch without a value
+            raise ValueError(
+                f"options file {path!r}: {key!r} is the command line's switch for {action.dest!r}; write "
+                f'"{action.dest}": {json.dumps(action.const if action.const is not None else False)} instead'
+            )
+        if key in skip or (action is not None and action.dest in skip):
             continue
-        action = actions.get(key)
         if action is None:  # reported with the command line's unknown options, with a suggestion
             argv += [f"--{key}", json.dumps(value)]
             continue

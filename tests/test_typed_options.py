@@ -5,6 +5,7 @@ data's size are checked before any work."""
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -68,13 +69,18 @@ def parsed_or_error(argv: list[str]) -> tuple[str, str]:
     return "ok", json.dumps(values, sort_keys=True, default=str)
 
 
+def spelled(name: str, dashed: bool) -> str:
+    """An option's name as a user may write it: `num_train_epochs` or `num-train-epochs`."""
+    return name.replace("_", "-") if dashed else name
+
+
 @settings(max_examples=20)
 @given(options=st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.none(), max_size=6).flatmap(
     lambda chosen: st.fixed_dictionaries({name: OPTIONS[name][1] for name in chosen})
-))  # fmt: skip
-def test_an_options_file_parses_as_the_same_command_line(options, tmp_path_factory):
+), dashed=st.sets(st.sampled_from(sorted(OPTIONS))))  # fmt: skip
+def test_an_options_file_parses_as_the_same_command_line(options, dashed, tmp_path_factory):
     folder = tmp_path_factory.mktemp("options")
-    options = {"output_dir": str(folder / "out"), **options}
+    options = {"output_dir": str(folder / "out"), **{spelled(k, k in dashed): v for k, v in options.items()}}
     path = folder / "options.json"
     path.write_text(json.dumps(options))
     command_line = [word for name, value in options.items() for word in (f"--{name}", command_line_word(value))]
@@ -83,7 +89,7 @@ def test_an_options_file_parses_as_the_same_command_line(options, tmp_path_facto
 
     assert from_file == from_command_line
     if from_file[0] == "error":
-        assert any(name in from_file[1] for name in options), from_file[1]
+        assert any(name in from_file[1] or name.replace("-", "_") in from_file[1] for name in options), from_file[1]
 
 
 WRONG_TYPES = {
@@ -96,9 +102,11 @@ EXPECTED_TYPES = {"bool": "a boolean", "int": "an integer", "float": "a number",
 
 
 @settings(max_examples=20)
-@given(name=st.sampled_from(sorted(OPTIONS)), data=st.data())
-def test_a_value_of_another_json_type_is_refused_naming_the_key_and_the_type(name, data, tmp_path_factory):
-    kind = OPTIONS[name][0]
+@given(option_name=st.sampled_from(sorted(OPTIONS)), dashed=st.booleans(), data=st.data())
+def test_a_value_of_another_json_type_is_refused_naming_the_key_and_the_type(
+    option_name, dashed, data, tmp_path_factory
+):
+    kind, name = OPTIONS[option_name][0], spelled(option_name, dashed)
     value = data.draw(WRONG_TYPES[kind])
     path = tmp_path_factory.mktemp("options") / "options.json"
     path.write_text(json.dumps({name: value}))
@@ -127,6 +135,37 @@ def test_the_reported_examples_of_an_options_file(tmp_path):
         parse_args([str(path)])
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"do-train": 1}', "'do-train' takes a boolean"),
+        ('{"output-dir": 5}', "'output-dir' takes a string"),
+        ('{"seed": 1, "se\\u0065d": 2}', "'seed' is given more than once"),
+        ('{"do_train": true, "do-train": false}', "'do_train' and 'do-train' name the same option; give it once"),
+        ('{"no_calibrate": true}', "'no_calibrate' is the command line's switch for 'calibrate'; write \"calibrate\""),
+        (
+            '{"selective_start_coverage": [[0.01], [0.1]]}',
+            "'selective_start_coverage' takes a list, each item a number",
+        ),
+        ('{"selective_start_coverage": [0.01, null]}', "'selective_start_coverage' takes a list, each item a number"),
+        ('{"lr_fc": 1' + "0" * 400 + "}", "--lr_fc must be a finite number, got inf"),
+        ('{"dataset_name": ["a", "b"]}', "'dataset_name' takes a string"),
+    ],
+)
+def test_every_spelling_and_shape_of_a_key_is_typed_as_on_the_command_line(tmp_path, text, message):
+    path = tmp_path / "options.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args([str(path)])
+
+
+def test_an_options_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "options.json"
+    path.write_text('{"seed": 3, "calibrate": false}', encoding="utf-8-sig")
+    model_args, _, training_args = parse_args([str(path), "--output_dir", str(tmp_path / "out")])
+    assert (training_args.seed, model_args.calibrate) == (3, False)
+
+
 # config field -> values of another type than it takes
 CONFIG_WRONG_TYPES = {
     "num_frozen_stages": [True, False, 2.0, "2"],
@@ -152,6 +191,35 @@ def test_config_fields_refuse_values_of_another_type(field_and_value):
     field, value = field_and_value
     with pytest.raises(ValueError, match=f"^{field} must"):
         small_config(**{field: value})
+
+
+# edits of a saved config.json's label tables (4 classes "a".."d" in superclasses "x", "y") -> the message
+LABEL_TABLE_EDITS = [
+    ({"id2label": {"0": True, "1": "b", "2": "c", "3": "d"}}, "id2label[0] must be a name (a non-empty string), got True"),
+    ({"id2label": {"0": 7, "1": "b", "2": "c", "3": "d"}}, "id2label[0] must be a name (a non-empty string), got 7"),
+    ({"id2label": {"0": "", "1": "b", "2": "c", "3": "d"}}, "id2label[0] must be a name (a non-empty string), got ''"),
+    ({"id2label": {"0": "caf\u00e9", "1": "cafe\u0301", "2": "c", "3": "d"}}, "id2label has names that are equal in "
+     "Unicode normal form NFC: 'cafe\\u0301', 'caf\\xe9'"),
+    ({"id2label": {"x": "a", "1": "b", "2": "c", "3": "d"}}, "id2label must have class ids (0, 1, ...) as keys, got 'x'"),
+    ({"id2label": ["a", "b", "c", "d"]}, "id2label must be an object of class ids and names"),
+    ({"coarse_label_names": "xy"}, "coarse_label_names must be a list, got 'xy'"),
+    ({"coarse_label_names": [True, "y"]}, "coarse_label_names[0] must be a name (a non-empty string), got True"),
+    ({"fine_to_coarse": "0011"}, "fine_to_coarse must be a list, got '0011'"),
+    ({"fine_to_coarse": [True, 0, 1, 1]}, "fine_to_coarse[0] = True is not a superclass index"),
+    ({"num_labels": True}, "num_labels must be an integer >= 1, got True"),
+    ({"num_labels": 7}, "num_labels is 7 but id2label names 4 classes"),
+    ({"backbone_weights": 5}, "backbone_weights must be 'imagenet', None or a file path, got 5"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("edit, message", LABEL_TABLE_EDITS)
+def test_stored_label_tables_of_another_type_are_refused_at_load(tmp_path, edit, message):
+    tables = {"id2label": dict(enumerate("abcd")), "coarse_label_names": ["x", "y"], "fine_to_coarse": [0, 0, 1, 1]}
+    small_config(**tables).save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**stored, **edit}))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        HierarchicalEfficientNetV2Config.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("field", ["fine_class_weights", "coarse_class_weights"])
