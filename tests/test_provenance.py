@@ -16,7 +16,14 @@ import eval_report
 from conftest import data_args, make_parquet_dataset, small_config, tiny_args
 from data_utils import prepare_datasets_with_record
 from hierarchical.data.hierarchy import Hierarchy
-from hierarchical.data.provenance import PROVENANCE_NAME, read_record, tables_difference
+from hierarchical.data.provenance import (
+    PROVENANCE_NAME,
+    DataRecord,
+    check_resumed_data,
+    read_record,
+    tables_difference,
+    write_record,
+)
 from hierarchical.training import run as training_run
 from hierarchical.training import saved_model
 from hierarchical.training.checkpoints import checkpoint_problem, find_checkpoints
@@ -101,6 +108,8 @@ def edit_config(folder: Path, case: str) -> None:
         fine[3], fine[4] = fine[4], fine[3]
     elif case == "rename":
         fine[3] = "wolf cub"
+    elif case == "coarse":  # only a superclass name differs
+        config["coarse_label_names"][1] = "fishes"
     else:  # another hierarchy: 10 classes in 2 superclasses
         fine, config["coarse_label_names"], config["fine_to_coarse"] = fine[:10], ["x", "y"], [0] * 5 + [1] * 5
     config["id2label"] = {str(i): name for i, name in enumerate(fine)}
@@ -114,6 +123,7 @@ def edit_config(folder: Path, case: str) -> None:
         ("order", "class 3 is 'beaver' in the checkpoint and 'bear' in this run \\(the same names in another order\\)"),
         ("rename", "class 3 is 'wolf cub' in the checkpoint and 'bear' in this run \\(other names\\)"),
         ("hierarchy", "another hierarchy: the checkpoint has 10 classes in 2 superclasses, this run 100 classes in 20"),
+        ("coarse", "superclass 1 is 'fishes' in the checkpoint and 'fish' in this run \\(other names\\)"),
     ],
 )
 def test_resuming_a_checkpoint_of_other_label_tables_is_refused(
@@ -157,6 +167,103 @@ def test_checkpoints_and_the_model_record_the_data_and_the_validation_rows(finis
     assert len(record.validation_rows) == 20 and len(set(record.validation_rows)) == 20
 
 
+# a record's field -> values of another type or out of range (each makes the record invalid)
+BAD_RECORD_VALUES = {
+    "format": [True, 1.0, "1", 2, None],
+    "train_fingerprint": [None, 5, "abc", "Z" * 64],
+    "train_rows": [True, 200.0, "200", 0, -1],
+    "validation": ["Carved", None, 1],
+    "seed": [None, "42", 42.0, True],
+    "fraction": [None, "0.1", 0, 1.5, True],
+    "validation_rows": ["[1, 2]", [1, 1], [True], [200], [-1], [1.0], [[1]], []],
+    "validation_fingerprint": [5, "abc"],
+}
+
+
+def carved_record() -> DataRecord:
+    return DataRecord("ab" * 32, 200, "carved", seed=42, fraction=0.1, validation_rows=tuple(range(0, 200, 10)))
+
+
+@given(st.sampled_from([(key, value) for key, values in BAD_RECORD_VALUES.items() for value in values]))
+def test_a_record_with_a_field_of_another_type_is_refused_naming_the_file(tmp_path_factory, field_and_value):
+    """A record is trusted whole or not at all: every field of another JSON type (a boolean is not a number), out of
+    range, or disagreeing with where the validation split came from is refused, naming the file and the field."""
+    folder = tmp_path_factory.mktemp("record")
+    path = write_record(str(folder), carved_record())
+    assert read_record(str(folder)) == carved_record()
+    field, value = field_and_value
+    content = json.loads(Path(path).read_text())
+    content[field] = value
+    Path(path).write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=f"{re.escape(path)} is not a valid record of the training data: .*{field}"):
+        read_record(str(folder))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"format": 1, "format": 1}', "the key 'format' is given more than once"),
+        ("[1, 2]", "it holds list, not a JSON object"),
+        ('{"format": 1', "cannot be read"),
+        ('{"format": NaN}', "NaN is not a number JSON allows"),
+    ],
+)
+def test_an_unreadable_record_is_refused_naming_the_file(tmp_path, text, message):
+    (tmp_path / PROVENANCE_NAME).write_text(text)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / PROVENANCE_NAME))}.*{re.escape(message)}"):
+        read_record(str(tmp_path))
+    record = json.loads(Path(write_record(str(tmp_path), carved_record())).read_text())
+    (tmp_path / PROVENANCE_NAME).write_text(json.dumps({**record, "note": "x"}))
+    with pytest.raises(ValueError, match=r"unknown \['note'\]"):
+        read_record(str(tmp_path))
+
+
+def test_a_checkpoint_that_records_no_data_is_not_resumed_unless_allowed(tmp_path, caplog):
+    with pytest.raises(ValueError, match=f"cannot resume from '{re.escape(str(tmp_path))}': it records no training "
+                       f"data \\({PROVENANCE_NAME} is missing\\).*--allow_data_mismatch true"):  # fmt: skip
+        check_resumed_data(str(tmp_path), carved_record())
+    check_resumed_data(str(tmp_path), carved_record(), allow_data_mismatch=True)
+    assert "it records no training data" in caplog.text
+    (tmp_path / PROVENANCE_NAME).write_text("{}")
+    with pytest.raises(ValueError, match=f"cannot resume from '{re.escape(str(tmp_path))}': .*not a valid record"):
+        check_resumed_data(str(tmp_path), carved_record(), allow_data_mismatch=True)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "config.json is missing"),
+        ("truncated", "config.json is not a valid config of this model \\(Expecting value"),
+        ("boolean", "config.json is not a valid config of this model \\(num_frozen_stages must be"),
+        ("names", "config.json is not a valid config of this model \\(coarse_label_names must be a list"),
+    ],
+)
+def test_a_checkpoint_whose_label_tables_cannot_be_read_is_incomplete(finished_run, tmp_path, case, message):
+    """A checkpoint is resumed only when its label tables can be compared with the run's: a missing, truncated or
+    invalid config.json makes it incomplete (moved aside, or refused when asked for), never silently resumed."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(newest_checkpoint(finished_run), checkpoint)
+    path = checkpoint / "config.json"
+    config = json.loads(path.read_text())
+    if case == "missing":
+        path.unlink()
+    elif case == "truncated":
+        path.write_text('{"a": ')
+    elif case == "boolean":
+        path.write_text(json.dumps({**config, "num_frozen_stages": True}))
+    else:
+        path.write_text(json.dumps({**config, "coarse_label_names": "".join(config["coarse_label_names"])}))
+    assert re.match(message, checkpoint_problem(str(checkpoint))), checkpoint_problem(str(checkpoint))
+
+
+def test_resuming_a_checkpoint_without_a_record_is_refused(finished_run, tiny_parquet_dir, tmp_path):
+    output_dir = copy_run(finished_run, tmp_path)
+    checkpoint = newest_checkpoint(output_dir)
+    (checkpoint / PROVENANCE_NAME).unlink()
+    with pytest.raises(ValueError, match=f"cannot resume from '{re.escape(str(checkpoint))}': it records no training"):
+        main(stepped_args(tiny_parquet_dir, output_dir))
+
+
 def test_resuming_with_another_validation_split_is_refused(finished_run, tiny_parquet_dir, tmp_path):
     output_dir = copy_run(finished_run, tmp_path)
     with pytest.raises(ValueError, match="checkpoint-\\d'.*validation split holds other rows.*seed 42.*seed 7.*--seed"):
@@ -187,8 +294,11 @@ def test_the_report_of_the_validation_split_uses_the_recorded_rows_whatever_the_
     assert seen == [sorted(read_record(str(finished_run)).validation_rows)]
 
 
+@pytest.mark.parametrize(
+    "extra", [["--seed", "7"], ["--train_val_split", "0"], ["--train_val_split", "0.999", "--seed", "42"]]
+)
 def test_an_evaluation_only_run_uses_the_recorded_rows_whatever_the_seed(
-    finished_run, tiny_parquet_dir, tmp_path, monkeypatch
+    finished_run, tiny_parquet_dir, tmp_path, monkeypatch, caplog, extra
 ):
     seen = []
     original = training_run.evaluate_validation
@@ -198,9 +308,12 @@ def test_an_evaluation_only_run_uses_the_recorded_rows_whatever_the_seed(
         return original(trainer, config, validation, *args)
 
     monkeypatch.setattr(training_run, "evaluate_validation", spy)
-    args = tiny_args(tiny_parquet_dir, tmp_path / "eval", "--do_eval", "--seed", "7")
+    args = tiny_args(tiny_parquet_dir, tmp_path / "eval", "--do_eval", *extra)
     main(args + ["--model_name_or_path", str(finished_run)])
     assert seen == [sorted(read_record(str(finished_run)).validation_rows)]
+    given = dict(zip(extra[::2], extra[1::2], strict=True))
+    seed, fraction = given.get("--seed", "42"), float(given.get("--train_val_split", 0.1))
+    assert f"--seed {seed} and --train_val_split {fraction} are not used" in caplog.text
     assert read_record(str(tmp_path / "eval")) == read_record(str(finished_run)), "the model's record goes with it"
 
 

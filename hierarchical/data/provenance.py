@@ -30,7 +30,7 @@ from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchical.data.checks import image_digests, split_train_validation
 from hierarchical.data.hierarchy import Hierarchy
 
-logger = logging.get_logger(f"data_utils.{__name__}")
+logger = logging.get_logger(__name__)
 
 PROVENANCE_NAME = "provenance.json"
 FORMAT_VERSION = 1
@@ -138,30 +138,80 @@ def write_record(folder: str, record: DataRecord) -> str:
     return path
 
 
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """`json.load` hook: an object, refusing a key given twice (JSON would keep the last one silently)."""
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"the key {duplicates[0]!r} is given more than once")
+    return dict(pairs)
+
+
+def _reject_constant(name: str) -> float:
+    """`json.load` hook: NaN and infinities are not JSON numbers."""
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _record_problem(content: object) -> str | None:
+    """Why the parsed `provenance.json` `content` is not a record this code writes, or None: every field present
+    with its type (a boolean is not a number), nothing else, and the fields consistent with where the validation
+    split came from."""
+    if not isinstance(content, dict):
+        return f"it holds {type(content).__name__}, not a JSON object"
+    expected = {"format", *DataRecord.__dataclass_fields__}
+    if set(content) != expected:
+        missing, unknown = sorted(expected - set(content)), sorted(set(content) - expected)
+        return f"its keys differ from a record's: missing {missing}, unknown {unknown}"
+    if content["format"] != FORMAT_VERSION or not _is_int(content["format"]):
+        return f"format is {content['format']!r}, not {FORMAT_VERSION}"
+    fingerprint, rows = content["train_fingerprint"], content["train_rows"]
+    if not isinstance(fingerprint, str) or len(fingerprint) != 64 or not set(fingerprint) <= set("0123456789abcdef"):
+        return f"train_fingerprint is {fingerprint!r}, not a SHA-256 in hex"
+    if not _is_int(rows) or rows < 1:
+        return f"train_rows is {rows!r}, not a number of rows >= 1"
+    validation, seed, fraction = content["validation"], content["seed"], content["fraction"]
+    validation_rows, validation_fingerprint = content["validation_rows"], content["validation_fingerprint"]
+    if validation not in VALIDATION_SOURCES:
+        return f"validation is {validation!r}, not one of {list(VALIDATION_SOURCES)}"
+    if not isinstance(validation_rows, list) or not all(_is_int(row) and 0 <= row < rows for row in validation_rows):
+        return f"validation_rows must be a list of row positions in [0, {rows})"
+    if len(set(validation_rows)) != len(validation_rows):
+        return "validation_rows names a row more than once"
+    if validation == "carved":
+        if not _is_int(seed) or not (isinstance(fraction, float) and 0 < fraction < 1):
+            return (
+                f"a carved validation split needs an integer seed and a fraction in (0, 1), got {seed!r}, {fraction!r}"
+            )
+        if not 0 < len(validation_rows) < rows:
+            return f"a carved validation split holds {len(validation_rows)} of the {rows} training rows"
+    elif seed is not None or fraction is not None or validation_rows:
+        return f"a validation split {validation!r} has no seed, fraction or validation_rows"
+    is_hex = isinstance(validation_fingerprint, str) and len(validation_fingerprint) == 64
+    if (validation == "source") != is_hex or (validation != "source" and validation_fingerprint is not None):
+        return f"validation_fingerprint is {validation_fingerprint!r} for a validation split {validation!r}"
+    return None
+
+
 def read_record(folder: str) -> DataRecord | None:
-    """The `provenance.json` of `folder`, or None when it has none. `ValueError` naming the file when it is not a
-    record this code wrote."""
+    """The `provenance.json` of `folder`, or None when it has none. `ValueError` naming the file and the problem
+    when it is not a record this code writes ([`_record_problem`]): a record is trusted whole or not at all."""
     path = os.path.join(folder, PROVENANCE_NAME)
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as file:
-            content = json.load(file)
-        if not isinstance(content, dict) or content.get("format") != FORMAT_VERSION:
-            raise ValueError(f"not a format {FORMAT_VERSION} record")
-        fields = {key: content[key] for key in DataRecord.__dataclass_fields__ if key in content}
-        record = DataRecord(**{**fields, "validation_rows": tuple(fields.get("validation_rows", ()))})
-    except (OSError, ValueError, TypeError, KeyError) as error:
+            content = json.load(file, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
+    except (OSError, ValueError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} cannot be read: {error}") from error
-    rows_ok = all(type(row) is int and 0 <= row < record.train_rows for row in record.validation_rows)
-    if (
-        record.validation not in VALIDATION_SOURCES
-        or not isinstance(record.train_fingerprint, str)
-        or type(record.train_rows) is not int
-        or not rows_ok
-    ):
-        raise ValueError(f"{path} is not a valid record of the training data: {record!r}")
-    return record
+    problem = _record_problem(content)
+    if problem is not None:
+        raise ValueError(f"{path} is not a valid record of the training data: {problem}")
+    fields = {key: content[key] for key in DataRecord.__dataclass_fields__}
+    return DataRecord(**{**fields, "validation_rows": tuple(fields["validation_rows"])})
 
 
 def record_difference(recorded: DataRecord, current: DataRecord, recorded_as: str, current_as: str) -> str | None:
@@ -225,11 +275,15 @@ def split_with_record(
         problem = _recorded_split_problem(splits, recorded, fingerprint)
         if problem is None and recorded.validation == "carved" and "validation" not in splits:
             splits["train"], splits["validation"] = _carve(splits["train"], recorded.validation_rows)
-            logger.info(
+            message = (
                 f"Validation split: the {len(recorded.validation_rows)} rows recorded in {recorded_in} (carved "
                 f"with seed {recorded.seed} and fraction {recorded.fraction}); --seed and --train_val_split do not "
                 "change it"
             )
+            if (seed, fraction) != (recorded.seed, recorded.fraction):
+                logger.warning(f"{message}: --seed {seed} and --train_val_split {fraction} are not used")
+            else:
+                logger.info(message)
             return splits, recorded
         if problem is not None:
             message = f"{problem}; pass --allow_data_mismatch true to evaluate these rows anyway"
@@ -274,11 +328,23 @@ def _recorded_split_problem(splits: dict[str, Dataset], recorded: DataRecord, fi
 
 def check_resumed_data(checkpoint: str, record: DataRecord | None, allow_data_mismatch: bool = False) -> None:
     """Refuse (`ValueError`) to resume from `checkpoint` when the data it recorded are not this run's `record`
-    (other training rows, another validation split), unless `allow_data_mismatch` (then a warning)."""
-    recorded = read_record(checkpoint)
-    if recorded is None or record is None:
+    (other training rows, another validation split) or when it records none (no `provenance.json`), unless
+    `allow_data_mismatch` (then a warning). An unreadable record is refused whatever `allow_data_mismatch` says."""
+    if record is None:
         return
-    difference = record_difference(recorded, record, "the checkpoint", "this run")
+    try:
+        recorded = read_record(checkpoint)
+    except ValueError as error:
+        raise ValueError(
+            f"cannot resume from {checkpoint!r}: {error}. Move the checkpoint aside or pass another --output_dir"
+        ) from error
+    if recorded is None:
+        difference = (
+            f"it records no training data ({PROVENANCE_NAME} is missing), so it cannot be told whether it was "
+            "trained on this run's data and validation split"
+        )
+    else:
+        difference = record_difference(recorded, record, "the checkpoint", "this run")
     if difference is None:
         return
     if allow_data_mismatch:

@@ -141,7 +141,8 @@ def checkpoint_problem(
     """Why a checkpoint folder cannot be resumed from, or None if it is complete.
 
     Checked: `trainer_state.json` is a JSON object whose `global_step` matches the folder name and whose best
-    checkpoint and metric agree with its evaluation log (with `metric_for_best_model`); `model.safetensors` (and,
+    checkpoint and metric agree with its evaluation log (with `metric_for_best_model`); `config.json` loads as this
+    model's config (its label tables are what a resume is compared by); `model.safetensors` (and,
     with `needs_ema`, `ema.safetensors`) complete, with the tensor names and shapes of `shapes` when given; the
     optimizer, scheduler and RNG states load as tensors and plain containers (nothing else is unpickled) and hold
     what resuming reads; every weight finite. Only files the Trainer writes are judged: anything else in the folder is ignored."""
@@ -159,6 +160,11 @@ def checkpoint_problem(
         problem = safetensors_problem(os.path.join(path, name), expected) or nonfinite_problem(os.path.join(path, name))
         if problem:
             return problem
+    try:  # the label tables a resume is judged by: a checkpoint without them cannot be told apart from another run's
+        if folder_tables(path) is None:
+            return "config.json is missing"
+    except (OSError, ValueError, TypeError) as error:
+        return f"config.json is not a valid config of this model ({str(error).splitlines()[0][:200]})"
     rng_files = [name for name in os.listdir(path) if RNG_FILE_RE.match(name)]
     for name, keys in [(OPTIMIZER_NAME, ("state", "param_groups")), (SCHEDULER_NAME, ("last_epoch",))] + [
         (name, RNG_KEYS) for name in rng_files

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -140,7 +141,11 @@ def check_split_options(
     """Refuse, as soon as the source's splits are known and before the output folder is made, options that need a
     split the data does not have (`--do_eval`, `--do_predict`) or that would leave one empty: `--train_val_split`
     (an empty training or validation split) and `--calibration_split_fraction` (an empty part of the validation
-    split, found otherwise only after training)."""
+    split, found otherwise only after training). An evaluation of a saved model whose validation split was carved
+    (`provenance.json`) is planned with the recorded share, which it evaluates whatever `--train_val_split` says."""
+    recorded = None if training_args.do_train else saved_model_record(model_args.model_name_or_path, do_eval=False)
+    if training_args.do_eval and recorded is not None and recorded.validation == "carved":
+        data_args = dataclasses.replace(data_args, train_val_split=recorded.fraction)
     sizes = planned_split_sizes(data_args, {name: len(split) for name, split in raw.items()})
     found = f"the data {data_args.dataset_name!r} has the splits {list(raw)}"
     if training_args.do_eval and "validation" not in sizes:
