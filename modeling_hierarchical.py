@@ -127,9 +127,30 @@ class HierarchicalEfficientNetV2PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> HierarchicalEfficientNetV2PreTrainedModel:
-        """Load a saved model; `config.backbone_weights` is not read (the saved weights are)."""
+        """Load a saved model; `config.backbone_weights` is not read (the saved weights are). Weights that hold NaN
+        or infinite values are refused with `ValueError` naming the tensors, whatever loads the model (a script, a
+        pipeline, `AutoModel`): such a model would answer meaningless classes."""
+        wants_info = kwargs.pop("output_loading_info", False)
         with skip_backbone_weights():
-            return super().from_pretrained(*args, **kwargs)
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        not_loaded = {  # left to initialisation, judged by whoever accepts them; mismatched: (name, shapes)
+            key[0] if isinstance(key, tuple) else key
+            for kind in ("missing_keys", "mismatched_keys")
+            for key in info.get(kind) or ()
+        }
+        bad = [
+            name
+            for name, value in model.state_dict().items()
+            if name not in not_loaded and value.is_floating_point() and not torch.isfinite(value).all()
+        ]
+        if bad:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(
+                f"the model {str(source)!r} holds NaN or infinite values in {len(bad)} tensors: {shown}; it cannot be "
+                "trained, evaluated or used for predictions"
+            )
+        return (model, info) if wants_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise the linear heads and the hierarchy buffers; the backbone keeps torchvision's (or loaded)

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageClassification
 
 import eval_report
 from conftest import data_args, make_parquet_dataset, small_config, tiny_args
@@ -27,6 +28,7 @@ from hierarchical.data.provenance import (
 from hierarchical.training import run as training_run
 from hierarchical.training import saved_model
 from hierarchical.training.checkpoints import checkpoint_problem, find_checkpoints
+from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
 from run_classification import main
 
 
@@ -374,6 +376,24 @@ def test_an_evaluation_of_a_model_with_nan_weights_is_refused_before_any_work(fi
     ):
         main(tiny_args(tiny_parquet_dir, output_dir, "--do_eval", "--model_name_or_path", str(model_dir)))
     assert not (output_dir / "eval_results.json").exists() and not (output_dir / "model.safetensors").exists()
+
+
+def test_every_way_of_loading_a_model_with_nan_weights_refuses_it(finished_run, tiny_parquet_dir, tmp_path):
+    """The check travels with the model: the report script, the model class and `AutoModel` with the model's own
+    code (as the pipelines load it) refuse it, naming the tensor."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(finished_run, model_dir, ignore=shutil.ignore_patterns("checkpoint-*", ".run.lock"))
+    poison(model_dir / "model.safetensors", "coarse_classifier.bias", float("inf"))
+    message = (
+        f"the model '{re.escape(str(model_dir))}' holds NaN or infinite values in 1 tensors: coarse_classifier.bias"
+    )
+    with pytest.raises(ValueError, match=message):
+        HierarchicalEfficientNetV2ForImageClassification.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForImageClassification.from_pretrained(model_dir, trust_remote_code=True)
+    with pytest.raises(ValueError, match=message):
+        eval_report.main([str(model_dir), "--dataset_name", str(tiny_parquet_dir), "--output_dir", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_checkpoint_with_nan_weights_is_not_resumed_from(finished_run, tmp_path):
