@@ -18,6 +18,7 @@ from conftest import NUM_FINE, make_parquet_dataset, small_config, tiny_args
 from data_utils import AUGMENTATION_POLICIES
 from hierarchical.evaluation.temperature_scaling import LOG_TEMPERATURE_RANGE, fit_temperatures
 from hierarchical.training import run as training_run
+from hierarchical.training.checkpoints import _best_metric_problem
 from run_classification import parse_args
 
 
@@ -289,3 +290,12 @@ def test_options_that_depend_on_the_data_size_are_checked_before_the_model_is_bu
     argv.remove("--max_eval_samples"), argv.remove("20")
     with pytest.raises(ValueError, match=message):
         run_classification.main(argv)
+
+
+def test_a_boolean_best_metric_in_a_checkpoint_is_not_a_number(tmp_path):
+    """`true == 1.0` in Python: a checkpoint's state saying its best accuracy is `true` is refused, not matched."""
+    state = {"best_metric": True, "best_global_step": 1, "log_history": [{"step": 1, "eval_fine_accuracy": 1.0}]}
+    problem = _best_metric_problem(state, str(tmp_path / "checkpoint-1"), "fine_accuracy", True)
+    assert problem == "trainer_state.json has best_metric True, not a number"
+    state = {**state, "best_metric": 1.0, "log_history": [{"step": 1, "eval_fine_accuracy": True}]}
+    assert "its log holds no eval_fine_accuracy" in _best_metric_problem(state, str(tmp_path), "fine_accuracy", True)

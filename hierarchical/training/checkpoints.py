@@ -93,16 +93,23 @@ def _torch_file_problem(path: str, keys: tuple[str, ...]) -> str | None:
     return f"{name} lacks {', '.join(absent)}" if absent else None
 
 
+def _is_metric(value: object) -> bool:
+    """Whether `value` is a metric's value: an int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _best_metric_problem(state: dict, path: str, metric: str, greater_is_better: bool) -> str | None:
     """Why `state`'s best checkpoint and best metric disagree with its own evaluation log, or None."""
     best, best_step = state.get("best_metric"), state.get("best_global_step")
     if best is None:
         return None
+    if not _is_metric(best):  # a boolean is not a metric: `true == 1.0` would pass below
+        return f"trainer_state.json has best_metric {best!r}, not a number"
     metric = metric if metric.startswith("eval_") else f"eval_{metric}"
     logged = [
         (entry["step"], entry[metric])
         for entry in state.get("log_history") or []
-        if isinstance(entry, dict) and metric in entry and entry.get("step") is not None
+        if isinstance(entry, dict) and _is_metric(entry.get(metric)) and entry.get("step") is not None
     ]
     if not logged:
         return f"trainer_state.json has best_metric {best} but its log holds no {metric}"
