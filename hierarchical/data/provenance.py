@@ -280,8 +280,16 @@ def split_with_record(
                 f"with seed {recorded.seed} and fraction {recorded.fraction}); --seed and --train_val_split do not "
                 "change it"
             )
-            if (seed, fraction) != (recorded.seed, recorded.fraction):
-                logger.warning(f"{message}: --seed {seed} and --train_val_split {fraction} are not used")
+            unused = [
+                f"--{name} {given}"
+                for name, given, used in (
+                    ("seed", seed, recorded.seed),
+                    ("train_val_split", fraction, recorded.fraction),
+                )
+                if given != used
+            ]
+            if unused:
+                logger.warning(f"{message}: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used")
             else:
                 logger.info(message)
             return splits, recorded
