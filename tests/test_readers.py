@@ -21,7 +21,7 @@ from data_utils import SPLITS, DataArguments, load_raw_datasets
 from hierarchical.data.checks import standardise_split
 from hierarchical.data.hierarchy import discover_hierarchy
 from hierarchical.data.hierarchy_files import read_hierarchy_file
-from hierarchical.data.label_columns import DataColumns, data_columns, normalise_name
+from hierarchical.data.label_columns import DataColumns, data_columns, normalise_name, printed_form
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")
 CAFE_NFD = unicodedata.normalize("NFD", "café")
@@ -94,14 +94,37 @@ def test_a_name_in_two_unicode_forms_is_one_class(tmp_path):
     assert train["labels"] == [0, 0, 1, 0]
 
 
-def test_a_class_label_with_one_name_in_two_unicode_forms_is_refused(tmp_path):
+@pytest.mark.parametrize("other", [CAFE_NFD, CAFE_NFC + " ", CAFE_NFC + "\u200b", "\u200e" + CAFE_NFC])
+def test_a_class_label_with_one_name_written_two_ways_is_refused(tmp_path, other):
     source = write_label_parquet(
         tmp_path / "data",
         {"fine_label": [0, 1], "coarse_label": ["drinks"] * 2},
-        {"fine_label": datasets.ClassLabel(names=[CAFE_NFC, CAFE_NFD]), "coarse_label": datasets.Value("string")},
+        {"fine_label": datasets.ClassLabel(names=[CAFE_NFC, other]), "coarse_label": datasets.Value("string")},
     )
     args = arguments(tmp_path, source)
-    with pytest.raises(ValueError, match=r"ClassLabel of column 'fine_label' .* the same name in two Unicode forms"):
+    with pytest.raises(ValueError, match=r"ClassLabel of column 'fine_label' .* the same name written two ways"):
+        discover_hierarchy(load_raw_datasets(args), args)
+
+
+def test_names_that_differ_by_spaces_are_one_class_and_by_invisible_characters_refused(tmp_path):
+    """Surrounding spaces go (as in CSV cells); a zero-width character would make two classes that print the same.
+    Case is kept: `Mug` and `mug` are two classes."""
+    strings = {"fine_label": datasets.Value("string"), "coarse_label": datasets.Value("string")}
+    source = write_label_parquet(
+        tmp_path / "spaces", {"fine_label": ["mug", " mug ", "Mug"], "coarse_label": ["kitchen "] * 3}, strings
+    )
+    args = arguments(tmp_path, source)
+    raw = load_raw_datasets(args)
+    hierarchy = discover_hierarchy(raw, args)
+    assert hierarchy.parents == {"Mug": "kitchen", "mug": "kitchen"}
+    train = standardise_split(raw["train"], args, small_config(**hierarchy.config_kwargs()), "train")
+    assert [hierarchy.fine_names[i] for i in train["labels"]] == ["mug", "mug", "Mug"]
+    source = write_label_parquet(
+        tmp_path / "invisible", {"fine_label": ["mug", "mug\u200b"], "coarse_label": ["kitchen"] * 2}, strings
+    )
+    args = arguments(tmp_path, source)
+    message = r"column 'fine_label' of split 'train' lists 'mug' and 'mug\\u200b', the same name written two ways"
+    with pytest.raises(ValueError, match=message):
         discover_hierarchy(load_raw_datasets(args), args)
 
 
@@ -149,9 +172,9 @@ NAME = st.text(
 
 @st.composite
 def hierarchies(draw: st.DrawFn) -> dict[str, str]:
-    """`{class: superclass}` with 1-5 classes in 1-3 superclasses; names distinct after NFC, classes and
-    superclasses apart (a folder tree cannot tell them apart otherwise)."""
-    names = draw(st.lists(NAME, min_size=2, max_size=8, unique_by=normalise_name))
+    """`{class: superclass}` with 1-5 classes in 1-3 superclasses; names that print differently after
+    normalisation, classes and superclasses apart (a folder tree cannot tell them apart otherwise)."""
+    names = draw(st.lists(NAME, min_size=2, max_size=8, unique_by=printed_form))
     split = draw(st.integers(1, min(3, len(names) - 1)))
     coarse, fine = names[:split], names[split:]
     return {name: draw(st.sampled_from(coarse)) for name in fine}
@@ -168,15 +191,30 @@ def csv_text(mapping: dict[str, str], header: tuple[str, str] | None, line_end: 
     return buffer.getvalue()
 
 
+WRITTEN_FORMS = {  # ways of writing one name that read as that name
+    "as is": lambda name: name,
+    "NFD": lambda name: unicodedata.normalize("NFD", name),
+    "padded": lambda name: f" {name}  ",
+}
+
+
 @given(
     mapping=hierarchies(),
     shape=st.sampled_from(["csv", "json_flat", "json_grouped"]),
     bom=st.booleans(),
     header=st.one_of(st.none(), st.tuples(NAME, NAME)),
     line_end=st.sampled_from(["\n", "\r\n"]),
+    form=st.sampled_from(sorted(WRITTEN_FORMS)),
 )
-def test_hierarchy_file_loads_the_same_every_way_it_is_written(tmp_path_factory, mapping, shape, bom, header, line_end):
+def test_hierarchy_file_loads_the_same_every_way_it_is_written(
+    tmp_path_factory, mapping, shape, bom, header, line_end, form
+):
+    superclasses = set(normal(mapping).values())
     assume(header is None or normalise_name(header[0]) not in normal(mapping))
+    assume(header is None or normalise_name(header[1]) not in superclasses)  # else the header row is ambiguous
+    expected = normal(mapping)
+    written = WRITTEN_FORMS[form]
+    mapping = {written(fine): written(coarse) for fine, coarse in mapping.items()}
     folder = tmp_path_factory.mktemp("hierarchy")
     if shape == "csv":
         text = csv_text(mapping, header, line_end)
@@ -189,16 +227,88 @@ def test_hierarchy_file_loads_the_same_every_way_it_is_written(tmp_path_factory,
         text = json.dumps(grouped, ensure_ascii=False)
     path = folder / f"h.{shape.split('_')[0]}"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
-    assert read_hierarchy_file(str(path), set(normal(mapping))) == normal(mapping)
+    assert read_hierarchy_file(str(path), set(expected)) == expected
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "latin-1"])
-def test_hierarchy_file_in_another_encoding_is_refused_naming_it(tmp_path, encoding):
+ENCODINGS_REFUSED = {  # encoding -> what the refusal says
+    "utf-16": "is UTF-16 text",
+    "utf-32": "is UTF-32 text",
+    "utf-16-le": "holds NUL bytes .* UTF-16 or UTF-32 text without a byte-order mark",
+    "utf-16-be": "holds NUL bytes .* UTF-16 or UTF-32 text without a byte-order mark",
+    "utf-32-le": "holds NUL bytes .* UTF-16 or UTF-32 text without a byte-order mark",
+    "latin-1": r"is not UTF-8 text \(byte 0x",
+    "cp1252": r"is not UTF-8 text \(byte 0x",
+}
+
+
+@given(
+    mapping=hierarchies(),
+    shape=st.sampled_from(["csv", "json"]),
+    encoding=st.sampled_from(sorted(ENCODINGS_REFUSED)),
+    accent=st.sampled_from(["é", "ü", "ñ"]),
+)
+def test_hierarchy_file_in_another_encoding_is_refused_naming_it(tmp_path_factory, mapping, shape, encoding, accent):
+    mapping = {f"{fine}{accent}": coarse for fine, coarse in mapping.items()}  # a letter outside ASCII in each
+    if encoding in ("latin-1", "cp1252"):
+        assume(all(char < "\u0100" for pair in mapping.items() for name in pair for char in name))
+    text = csv_text(mapping, ("class", "superclass"), "\n") if shape == "csv" else json.dumps(mapping)
+    path = tmp_path_factory.mktemp("encoding") / f"hierarchy.{shape}"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(ValueError, match=rf"--hierarchy_file '{path}' {ENCODINGS_REFUSED[encoding]}.*save it as UTF-8"):
+        read_hierarchy_file(str(path), set(normal(mapping)))
+
+
+INVISIBLE = st.sampled_from(["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u200e", "\u202e"])
+
+
+@given(mapping=hierarchies(), shape=st.sampled_from(["csv", "json"]), invisible=INVISIBLE, data=st.data())
+def test_hierarchy_file_with_names_that_print_the_same_is_refused(tmp_path_factory, mapping, shape, invisible, data):
+    """A class (or superclass) given again with an invisible character added would be a second class that prints
+    the same: refused, naming the file."""
+    fine = data.draw(st.sampled_from(sorted(mapping)))
+    position = data.draw(st.integers(0, len(fine)))
+    twin = fine[:position] + invisible + fine[position:]
+    rows = [("class", "superclass"), *mapping.items(), (twin, mapping[fine])]
+    if data.draw(st.booleans()):  # the twin is a superclass instead
+        coarse = mapping[fine]
+        rows[-1] = (twin + "-other", coarse[:position] + invisible + coarse[position:])
+    if shape == "csv":
+        text = csv_text(dict(rows[1:]), tuple(rows[0]), "\n")
+    else:
+        text = json.dumps(dict(rows[1:]), ensure_ascii=False)
+    path = tmp_path_factory.mktemp("twins") / f"hierarchy.{shape}"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"--hierarchy_file '{path}' \((super)?classes\) lists .* written two ways"):
+        read_hierarchy_file(str(path), set(normal(mapping)))
+
+
+def test_hierarchy_csv_first_row_that_is_neither_header_nor_class_is_refused(tmp_path, caplog):
+    """`sofa` has no rows in the data: its row cannot be told from a header, since `kitchen` is a superclass of
+    other rows. A first row like it under a header is a class; a header of any names is a header."""
     path = tmp_path / "hierarchy.csv"
-    path.write_bytes("class,superclass\ncafé,drinks\n".encode(encoding))
-    expected = "is UTF-16 text" if encoding == "utf-16" else "is not UTF-8 text"
-    with pytest.raises(ValueError, match=rf"--hierarchy_file '{path}' {expected}.*save it as UTF-8"):
-        read_hierarchy_file(str(path), {"café"})
+    path.write_text("sofa,kitchen\nmug,kitchen\npan,kitchen\n", encoding="utf-8")
+    message = rf"--hierarchy_file '{path}': the first row \['sofa', 'kitchen'\] names no class of the data"
+    with pytest.raises(ValueError, match=message):
+        read_hierarchy_file(str(path), {"mug", "pan"})
+    path.write_text("class,superclass\nsofa,kitchen\nmug,kitchen\n", encoding="utf-8")
+    assert read_hierarchy_file(str(path), {"mug"}) == {"sofa": "kitchen", "mug": "kitchen"}
+    path.write_text("class,superclass\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"holds no rows after its header \['class', 'superclass'\]"):
+        read_hierarchy_file(str(path), {"mug"})
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [('{"mug": NaN}', "NaN"), ('{"mug": 3}', "3"), ('{"kitchen": ["mug", null]}', r'\["mug", null\]'),
+     ('{"mug": "kitchen", "bath": ["tub"]}', r'\["tub"\]')],
+)  # fmt: skip
+def test_hierarchy_json_value_of_another_type_is_named(tmp_path, text, value):
+    path = tmp_path / "hierarchy.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=rf"--hierarchy_file '{path}': the values must .* the value of '\w+' is {value}"
+    ):
+        read_hierarchy_file(str(path), {"mug", "tub"})
 
 
 @pytest.mark.parametrize("text", ['{"a": "x", "b": "y", "a": "z"}', '{"x": ["a"], "x": ["b"]}'])

@@ -17,7 +17,7 @@ from datasets import Image as ImageFeature
 from transformers.utils import logging
 
 from hierarchical.data.arguments import DataArguments
-from hierarchical.data.label_columns import normalise_name
+from hierarchical.data.label_columns import normalise_name, normalised_names
 
 logger = logging.get_logger(__name__)
 
@@ -170,7 +170,9 @@ def read_hierarchy_file(path: str, data_classes: Collection[str]) -> dict[str, s
     The file is UTF-8 text (a byte-order mark is ignored); another encoding is refused. JSON: an object
     `{"fine": "coarse", ...}` or `{"coarse": ["fine", ...], ...}`, each key once. CSV: two columns, fine name then
     coarse name, one row per class (cells stripped of surrounding spaces); the first row is a header, whatever its
-    two names, when its first cell is not a class of the data (`data_classes`). Every refusal names the file.
+    two names, when its first cell is not a class of the data (`data_classes`), and it is refused as ambiguous when
+    its second cell is also the superclass of other rows. Names that print the same after normalisation
+    ([`normalised_names`]) and empty names are refused. Every refusal names the file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--hierarchy_file {path!r}: no such file")
@@ -182,12 +184,18 @@ def read_hierarchy_file(path: str, data_classes: Collection[str]) -> dict[str, s
     mapping: dict[str, str] = {}
     for fine, coarse in pairs:
         fine, coarse = normalise_name(fine), normalise_name(coarse)
+        if not fine or not coarse:
+            raise ValueError(
+                f"--hierarchy_file {path!r} gives an empty name: class {fine!r} under superclass {coarse!r}"
+            )
         if mapping.get(fine, coarse) != coarse:
             raise ValueError(
                 f"--hierarchy_file {path!r} puts the class {fine!r} under two superclasses: {mapping[fine]!r} and "
                 f"{coarse!r}"
             )
         mapping[fine] = coarse
+    for level, names in (("classes", list(mapping)), ("superclasses", list(dict.fromkeys(mapping.values())))):
+        normalised_names(names, f"--hierarchy_file {path!r} ({level})")  # names that print the same are refused
     return mapping
 
 
@@ -199,6 +207,11 @@ def _utf8_text(path: str) -> str:
                            (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):  # fmt: skip
         if content.startswith(mark):
             raise ValueError(f"--hierarchy_file {path!r} is {encoding} text; save it as UTF-8")
+    if b"\x00" in content:  # no UTF-8 text holds a NUL byte; UTF-16 and UTF-32 text does, also without a BOM
+        raise ValueError(
+            f"--hierarchy_file {path!r} holds NUL bytes (first at offset {content.index(0)}): it is UTF-16 or "
+            "UTF-32 text without a byte-order mark, or not text; save it as UTF-8"
+        )
     try:
         return content.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -218,7 +231,7 @@ def _json_pairs(text: str, path: str) -> list[tuple[str, str]]:
             if normal in seen:
                 raise ValueError(
                     f"--hierarchy_file {path!r} has the key {key!r} twice in one object"
-                    + ("" if key == seen[normal] else " (in two Unicode forms)")
+                    + ("" if key == seen[normal] else f" (written two ways: {ascii(seen[normal])} and {ascii(key)})")
                     + "; JSON readers keep only one of them"
                 )
             seen[normal] = key
@@ -229,14 +242,27 @@ def _json_pairs(text: str, path: str) -> list[tuple[str, str]]:
     except json.JSONDecodeError as error:
         raise ValueError(f"--hierarchy_file {path!r} is not valid JSON: {error}") from None
     if not isinstance(content, dict) or not content:
-        raise ValueError(f"--hierarchy_file {path!r} must hold a non-empty JSON object, got {type(content).__name__}")
+        got = "an empty object" if content == {} else f"a {type(content).__name__}"
+        raise ValueError(f"--hierarchy_file {path!r} must hold a non-empty JSON object, got {got}")
     if all(isinstance(value, str) for value in content.values()):
         return list(content.items())
     if all(isinstance(value, list) and all(isinstance(v, str) for v in value) for value in content.values()):
         return [(fine, coarse) for coarse, fines in content.items() for fine in fines]
+
+    first_is_name = isinstance(next(iter(content.values())), str)
+    odd = [  # values of neither shape first, then values of the other shape than the first value's
+        *((key, value) for key, value in content.items() if not isinstance(value, (str, list))),
+        *(
+            (key, value)
+            for key, value in content.items()
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value)
+        ),
+        *((key, value) for key, value in content.items() if isinstance(value, str) != first_is_name),
+    ]
+    key, value = odd[0]
     raise ValueError(
         f"--hierarchy_file {path!r}: the values must all be superclass names (fine -> coarse) or all lists of "
-        "class names (coarse -> [fine, ...])"
+        f"class names (coarse -> [fine, ...]); the value of {key!r} is {json.dumps(value)[:100]}"
     )
 
 
@@ -249,14 +275,21 @@ def _csv_pairs(text: str, path: str, data_classes: Collection[str]) -> list[tupl
     for number, row in enumerate(rows, start=1):
         if len(row) != 2:
             raise ValueError(
-                f"--hierarchy_file {path!r}: row {number} has {len(row)} cells {row}; expected 2 (class,superclass)"
+                f"--hierarchy_file {path!r}: row {number} has {len(row)} cells {row}; expected 2 (class,superclass), separated by a comma"
             )
     classes = {normalise_name(name) for name in data_classes}
-    if rows and normalise_name(rows[0][0].strip()) not in classes:
-        logger.info(f"--hierarchy_file {path!r}: the first row {rows[0]} is its header (no class of the data)")
-        rows = rows[1:]
+    header = None
+    if rows and normalise_name(rows[0][0]) not in classes:
+        if normalise_name(rows[0][1]) in {normalise_name(coarse) for _, coarse in rows[1:]}:
+            raise ValueError(
+                f"--hierarchy_file {path!r}: the first row {rows[0]} names no class of the data, as a header row "
+                f"does, but {rows[0][1].strip()!r} is the superclass of other rows, as in a class row. Put a header "
+                "row (class,superclass) on top, or move that class to a later row"
+            )
+        header, rows = rows[0], rows[1:]
+        logger.info(f"--hierarchy_file {path!r}: the first row {header} is its header (no class of the data)")
     if not rows:
-        raise ValueError(f"--hierarchy_file {path!r} holds no rows")
+        raise ValueError(f"--hierarchy_file {path!r} holds no rows" + (f" after its header {header}" if header else ""))
     return [(fine.strip(), coarse.strip()) for fine, coarse in rows]
 
 
