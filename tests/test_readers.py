@@ -4,8 +4,10 @@ written, or are refused with a message naming the file (or column) and the probl
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
+import os
 import unicodedata
 from pathlib import Path
 
@@ -20,8 +22,9 @@ from conftest import small_config, write_cifar_python
 from data_utils import SPLITS, DataArguments, load_raw_datasets
 from hierarchical.data.checks import standardise_split
 from hierarchical.data.hierarchy import discover_hierarchy
-from hierarchical.data.hierarchy_files import read_hierarchy_file
+from hierarchical.data.hierarchy_files import HIDDEN_PREFIXES, read_hierarchy_file
 from hierarchical.data.label_columns import DataColumns, data_columns, normalise_name, printed_form
+from hierarchical.data.sources import glob_files
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")
 CAFE_NFD = unicodedata.normalize("NFD", "café")
@@ -454,6 +457,46 @@ def test_image_directly_inside_a_superclass_folder_is_named(tmp_path):
     tiny_png(root / "animal" / "stray.png")
     with pytest.raises(ValueError, match=r"the image 'animal/stray.png' is directly inside the superclass folder"):
         load_raw_datasets(arguments(tmp_path, root))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data file patterns (--dataset_name 'folder/**/*.parquet')
+# ----------------------------------------------------------------------------------------------------------------
+
+PATH_PART = st.sampled_from(["a", "b", "train", "test", "x.parquet", "y.arrow", "._x.parquet", "__MACOSX"])
+PATTERN = st.sampled_from(
+    ["*.parquet", "**/*.parquet", "*/*.parquet", "**", "train*/**/*.parquet", "[ab]/*", "**/x.parquet", "*/*/*"]
+)
+
+
+@given(files=st.lists(st.lists(PATH_PART, min_size=1, max_size=3), min_size=1, max_size=6), pattern=PATTERN)
+@settings(max_examples=20)
+def test_data_file_pattern_matches_what_glob_matches_but_hidden_names(tmp_path_factory, files, pattern):
+    """The pattern reader walks folders as every reader does, and matches what `glob` matches in the visible files."""
+    root = tmp_path_factory.mktemp("pattern")
+    for parts in files:
+        path = root.joinpath(*parts)
+        if any(parent.is_file() for parent in path.parents) or path.is_dir():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    expected = sorted(
+        found
+        for found in glob.glob(f"{root}/{pattern}", recursive=True)
+        if os.path.isfile(found)
+        and not any(part.startswith(HIDDEN_PREFIXES) for part in Path(found).relative_to(root).parts)
+    )
+    assert glob_files(f"{root}/{pattern}") == expected
+
+
+def test_data_file_pattern_through_a_link_loop_is_refused_naming_the_link(tmp_path):
+    """`glob` itself would walk a link to a containing folder until the path is too long (minutes); the reader
+    refuses it at once."""
+    root = tmp_path / "data"
+    write_label_parquet(root / "train", {"label": ["a"]}, {"label": datasets.Value("string")})
+    (root / "train" / "again").symlink_to(root, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"'.*train/again' is a link to .* a folder that contains it"):
+        load_raw_datasets(arguments(tmp_path, Path(f"{root}/**/*.parquet")))
 
 
 # ----------------------------------------------------------------------------------------------------------------

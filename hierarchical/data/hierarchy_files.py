@@ -38,9 +38,9 @@ def shorten_names(names: list[str]) -> str:
 HIDDEN_PREFIXES = (".", "__")  # .DS_Store, macOS AppleDouble `._name` files, .git, __MACOSX, __pycache__
 
 
-def walk_files(root: str) -> list[tuple[str, ...]]:
+def walk_files(root: str, max_depth: int | None = None) -> list[tuple[str, ...]]:
     """Every file under `root` as its path parts relative to `root`, in sorted order: the one walk of a folder tree
-    that every reader uses.
+    that every reader uses (at most `max_depth` parts deep when given).
 
     Links to folders are followed; a link to a folder that contains it is refused, naming the link. Hidden names
     (`HIDDEN_PREFIXES`: `.name`, AppleDouble `._name`, `__MACOSX`) are skipped, files and folders alike, with their
@@ -57,6 +57,8 @@ def walk_files(root: str) -> list[tuple[str, ...]]:
             if entry.name.startswith(HIDDEN_PREFIXES):
                 skipped.append(os.path.join(*parts, entry.name))
             elif entry.is_dir():  # follows a link
+                if max_depth is not None and len(parts) + 1 >= max_depth:
+                    continue  # its files would lie deeper than asked
                 real = os.path.realpath(entry.path)
                 if real in ancestors:
                     raise ValueError(
