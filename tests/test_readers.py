@@ -158,6 +158,40 @@ def test_plain_integer_labels_without_superclasses_say_they_are_read_as_cifar100
     assert "CIFAR-100 class ids" in caplog.text and "--hierarchy_file" in caplog.text
 
 
+def test_plain_integer_fine_and_coarse_columns_that_disagree_with_cifar100_say_how_they_were_read(tmp_path):
+    ints = {"fine_label": datasets.Value("int64"), "coarse_label": datasets.Value("int64")}
+    source = write_label_parquet(tmp_path / "data", {"fine_label": [0, 1, 2, 3], "coarse_label": [0, 0, 1, 1]}, ints)
+    args = arguments(tmp_path, source)
+    raw = load_raw_datasets(args)
+    assert discover_hierarchy(raw, args) is None  # the CIFAR-100 tables, with a warning
+    message = (
+        r"the columns 'fine_label' and 'coarse_label' of split 'train' hold plain integers that name no classes, so "
+        r"they are read as class and superclass ids of the CIFAR-100 tables, and they disagree with them: 4 of 4 rows"
+        r".* row 0 has fine label 0 \(apple\).*give them names \(a ClassLabel or strings\), or pass a --hierarchy_file"
+    )
+    with pytest.raises(ValueError, match=message):
+        standardise_split(raw["train"], args, small_config(), "train")
+
+
+@pytest.mark.parametrize(
+    ("values", "feature", "message"),
+    [
+        ([0.0, 1.0, 3.5], "float64", r"must hold class ids or class names, got Value\('float64'\): row 2 holds 3.5"),
+        ([0.0, float("nan")], "float64", r"got Value\('float64'\): row 1 holds nan \(a missing label, as pandas"),
+        ([0.0, 3.0], "float32", r"got Value\('float32'\): all are whole numbers: store them as integers"),
+        ([True, False, True], "bool", r"must hold class ids or class names, got Value\('bool'\)"),
+        ([0, -1, 2], "int64", r"must be in \[0, 100\), got -1 at row 1"),
+    ],
+)
+def test_label_column_of_floats_bools_or_negative_ids_is_refused_naming_it(tmp_path, values, feature, message):
+    source = write_label_parquet(tmp_path / "data", {"fine_label": values}, {"fine_label": datasets.Value(feature)})
+    args = arguments(tmp_path, source)
+    raw = load_raw_datasets(args)
+    with pytest.raises(ValueError, match=rf"column 'fine_label' of split 'train' .*{message}"):
+        discover_hierarchy(raw, args)
+        standardise_split(raw["train"], args, small_config(), "train")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Hierarchy files
 # ----------------------------------------------------------------------------------------------------------------

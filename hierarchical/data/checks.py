@@ -16,6 +16,7 @@ from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config, check_label_range
 from hierarchical.data.arguments import EVALUATION_SPLITS, DataArguments
+from hierarchical.data.cifar100 import is_cifar100_config
 from hierarchical.data.decoding import check_regular_file
 from hierarchical.data.label_columns import column_names, column_values, data_columns, ids_from_names
 
@@ -37,9 +38,20 @@ def standardise_split(
             "fine-label columns with --image_column_name and --label_column_name "
             f"(now {args.image_column_name!r} and {args.label_column_name!r})"
         )
-    labels = _fine_labels(dataset, label_column, args, config, split_name)
+    labels, plain_integers = _fine_labels(dataset, label_column, args, config, split_name)
     if columns.coarse is not None and args.hierarchy_file is None:
-        _check_coarse_column(dataset, columns.coarse, labels, config, split_name)
+        try:
+            _check_coarse_column(dataset, columns.coarse, labels, config, split_name)
+        except ValueError as error:
+            if not plain_integers:
+                raise
+            tables = "the CIFAR-100 tables" if is_cifar100_config(config) else "the model's tables"
+            raise ValueError(
+                f"the columns {label_column!r} and {columns.coarse!r} of split {split_name!r} hold plain integers "
+                f"that name no classes, so they are read as class and superclass ids of {tables}, and they "
+                f"disagree with them: {error}. For classes of your own, give them names (a ClassLabel or strings), "
+                "or pass a --hierarchy_file"
+            ) from None
     elif columns.coarse is None:
         logger.info(f"Split {split_name!r} has no superclass column: superclasses follow config.fine_to_coarse")
     standard = _standard_image_column(dataset, image_column, split_name)
@@ -53,17 +65,17 @@ def standardise_split(
 
 def _fine_labels(
     dataset: Dataset, label_column: str, args: DataArguments, config: HierarchicalEfficientNetV2Config, split_name: str
-) -> np.ndarray:
-    """The fine labels of a split as ids of `config`: integers checked against their range, class names (or
-    `ClassLabel` ids with names) mapped through `config.label2id`."""
+) -> tuple[np.ndarray, bool]:
+    """The fine labels of a split as ids of `config`, and whether they were plain integers (no names): integers
+    checked against their range, class names (or `ClassLabel` ids with names) mapped through `config.label2id`."""
     names, _ = column_names(dataset, label_column, split_name, numbers_as_names=args.hierarchy_file is not None)
     if names is None:  # plain integers: ids of the config
         where = f"column {label_column!r} of split {split_name!r}"
         labels = column_values(dataset, label_column, where)
         check_label_range(labels, config.num_labels, where)
-        return labels
+        return labels, True
     try:
-        return ids_from_names(names, _fine_names(config), f"{label_column!r} of split {split_name!r}")
+        return ids_from_names(names, _fine_names(config), f"{label_column!r} of split {split_name!r}"), False
     except ValueError as error:
         raise ValueError(
             f"{error}; give the superclasses in a column (--coarse_label_column_name) or a --hierarchy_file, or "

@@ -106,6 +106,15 @@ def column_names(
         normal = np.asarray([normalise_name(name) for name in unique], dtype=object)
         normalised_names(sorted(set(normal)), where)  # names that differ only by invisible characters are refused
         return normal[inverse], None
+    if values.dtype.kind == "f":
+        odd = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+        found = (
+            f"row {odd[0]} holds {values[odd[0]]}"
+            + (" (a missing label, as pandas writes one)" if np.isnan(values[odd[0]]) else "")
+            if odd.size
+            else "all are whole numbers: store them as integers"
+        )
+        raise ValueError(f"{where} must hold class ids or class names, got {feature}: {found}")
     if values.dtype.kind not in "iu":
         raise ValueError(f"{where} must hold class ids or class names, got {feature}")
     if numbers_as_names:
