@@ -444,6 +444,38 @@ def test_folder_tree_loads_its_hierarchy_with_links_and_hidden_files(tmp_path_fa
     assert tree_pairs(base / "root", base) == set(normal(mapping).items())
 
 
+@given(mapping=hierarchies(), place=st.sampled_from(["class subfolder", "superclass folder"]), data=st.data())
+@settings(max_examples=15)
+def test_folder_tree_image_out_of_place_is_refused_naming_it(tmp_path_factory, mapping, place, data):
+    """An image in a subfolder of a class folder, or directly inside a superclass folder, is never dropped."""
+    assume(len(mapping) >= 2)
+    fine = data.draw(st.sampled_from(sorted(mapping)))
+    base = tmp_path_factory.mktemp("misplaced")
+    write_folder_tree(base / "root", mapping, hidden=data.draw(st.booleans()))
+    if place == "class subfolder":
+        odd = Path(mapping[fine], fine, "more", "1.png")
+        expected = f"the image {str(odd)!r} is in a subfolder of the class folder {str(Path(mapping[fine], fine))!r}"
+    else:
+        odd = Path(mapping[fine], "stray.png")
+        expected = f"the image {str(odd)!r} is directly inside the superclass folder {mapping[fine]!r}"
+    tiny_png(base / "root" / odd)
+    with pytest.raises(ValueError) as error:
+        load_raw_datasets(arguments(base, base / "root"))
+    assert expected in str(error.value)
+
+
+def test_empty_class_folder_and_non_image_files_are_named_and_the_walk_is_logged_once(tmp_path, caplog):
+    write_folder_tree(tmp_path / "root", {"cat": "animal", "car": "vehicle"}, hidden=True)
+    (tmp_path / "root" / "animal" / "owl").mkdir()
+    (tmp_path / "root" / "vehicle" / "car" / "Thumbs.db").write_bytes(b"\x00")
+    with caplog.at_level("INFO", logger="hierarchical"):
+        train = load_raw_datasets(arguments(tmp_path, tmp_path / "root"))["train"]
+    assert len(train) == 2
+    assert "1 folders of" in caplog.text and "hold no files (they give no class): 'animal/owl'" in caplog.text
+    assert "Not reading 1 files of" in caplog.text and "'vehicle/car/Thumbs.db'" in caplog.text
+    assert caplog.text.count("Skipped 5 hidden files and folders") == 1
+
+
 def test_hidden_and_appledouble_files_are_skipped_at_load_with_a_count(tmp_path, caplog):
     write_folder_tree(tmp_path / "root", {"cat": "animal", "car": "vehicle"}, hidden=True)
     with caplog.at_level("WARNING"):

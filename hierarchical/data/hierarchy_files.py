@@ -44,11 +44,13 @@ def walk_files(root: str, max_depth: int | None = None) -> list[tuple[str, ...]]
 
     Links to folders are followed; a link to a folder that contains it is refused, naming the link. Hidden names
     (`HIDDEN_PREFIXES`: `.name`, AppleDouble `._name`, `__MACOSX`) are skipped, files and folders alike, with their
-    count in the log; so are links that point nowhere, counted too.
+    count in the log; so are links that point nowhere, counted too. Folders without files (an empty class folder,
+    one with only hidden files) are named in a warning: they give no class.
     """
     files: list[tuple[str, ...]] = []
     skipped: list[str] = []
     broken: list[str] = []
+    empty: list[str] = []
 
     def visit(folder: str, parts: tuple[str, ...], ancestors: frozenset[str]) -> None:
         with os.scandir(folder) as scan:
@@ -65,7 +67,10 @@ def walk_files(root: str, max_depth: int | None = None) -> list[tuple[str, ...]]
                         f"{entry.path!r} is a link to {real!r}, a folder that contains it: reading it would never "
                         "end; remove the link"
                     )
+                found = len(files)
                 visit(entry.path, (*parts, entry.name), ancestors | {real})
+                if len(files) == found:
+                    empty.append(os.path.join(*parts, entry.name))
             elif entry.is_file():
                 files.append((*parts, entry.name))
             elif entry.is_symlink():
@@ -80,10 +85,14 @@ def walk_files(root: str, max_depth: int | None = None) -> list[tuple[str, ...]]
         )
     if broken:
         logger.warning(f"Skipped {len(broken)} links of {root!r} that point nowhere, e.g. {broken[0]!r}")
+    if empty:
+        logger.warning(f"{len(empty)} folders of {root!r} hold no files (they give no class): {shorten_names(empty)}")
     return files
 
 
-def image_folder_layout(path: str, split_names: tuple[str, ...]) -> tuple[str, dict[str, list[tuple[str, ...]]]]:
+def image_folder_layout(
+    path: str, split_names: tuple[str, ...], files: list[tuple[str, ...]] | None = None
+) -> tuple[str, dict[str, list[tuple[str, ...]]]]:
     """How the images under `path` are laid out: `("classes", {split: [parts, ...]})` for `class/image`, or
     `("tree", ...)` for `superclass/class/image`, each optionally under top folders named after splits (all of
     them, else the data is all training data). `parts` are the image's path parts relative to `path`.
@@ -92,7 +101,11 @@ def image_folder_layout(path: str, split_names: tuple[str, ...]) -> tuple[str, d
     Any other mix of depths is refused with a message that names an image and what is wrong with its place: an
     image directly inside a superclass folder, images in subfolders of a class folder, deeper nesting.
     """
-    images = [parts for parts in walk_files(path) if parts[-1].lower().endswith(IMAGE_EXTENSIONS)]
+    files = walk_files(path) if files is None else files  # `files`: this walk of `path`, made already
+    images = [parts for parts in files if parts[-1].lower().endswith(IMAGE_EXTENSIONS)]
+    if len(images) < len(files):
+        others = [os.path.join(*parts) for parts in files if parts not in set(images)]
+        logger.info(f"Not reading {len(others)} files of {path!r} that are not images by name, e.g. {others[0]!r}")
     nested = [parts for parts in images if len(parts) > 1]
     tops = sorted({parts[0] for parts in nested})
     in_splits = bool(tops) and all(name in split_names for name in tops) and any(len(p) > 2 for p in nested)
@@ -126,6 +139,11 @@ def _misplaced(images: list[tuple[str, ...]], skip: int) -> str:
             f"the image {shown!r} is directly inside the superclass folder {folder!r}, whose other images are in "
             "class folders (superclass/class/image); move it into one of its class folders"
         )
+    if common == 3 and depth_of[odd] > 3:
+        return (
+            f"the image {shown!r} is in a subfolder of the class folder {os.path.join(*odd[: skip + 2])!r} "
+            "(superclass/class/image expected); move it into the class folder"
+        )
     if common == 2 and depth_of[odd] > 2:
         return (
             f"the image {shown!r} is in a subfolder of the class folder {folder!r} (class/image expected); move it "
@@ -137,14 +155,10 @@ def _misplaced(images: list[tuple[str, ...]], skip: int) -> str:
     )
 
 
-def load_hierarchy_tree(path: str, args: DataArguments) -> DatasetDict | None:
-    """Load an image folder nested as `superclass/class/image` (optionally under split-named folders) into string
-    columns named by `args` (image, fine label, coarse label; `img`, `fine_label`, `coarse_label` by default); None when the folder holds flat class folders
-    (`class/image`, read by `load_image_folder`). See [`image_folder_layout`]."""
-    split_names = tuple(args.source_split_names().values())
-    kind, by_split = image_folder_layout(path, split_names)
-    if kind != "tree":
-        return None
+def load_hierarchy_tree(path: str, args: DataArguments, by_split: dict[str, list[tuple[str, ...]]]) -> DatasetDict:
+    """Load the images of an image folder nested as `superclass/class/image` (optionally under split-named
+    folders; `by_split` as [`image_folder_layout`] found them) into string columns named by `args` (image, fine
+    label, coarse label; `img`, `fine_label`, `coarse_label` by default)."""
     image, label = args.image_column_name or "img", args.label_column_name or "fine_label"
     coarse = args.coarse_label_column_name or "coarse_label"
     features = Features({image: ImageFeature(), label: Value("string"), coarse: Value("string")})

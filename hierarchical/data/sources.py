@@ -169,7 +169,8 @@ def load_local_folder(path: str, args: DataArguments, splits: Collection[str] | 
     for split in split_names:
         if os.path.isdir(os.path.join(path, split)):
             candidates += _visible_files(os.path.join(path, split))
-    all_files = _list_files(path)
+    walked = walk_files(path)
+    all_files = [os.path.join(path, *parts) for parts in walked]
     for extension in DATA_FILE_BUILDERS:
         data_files = [f for f in candidates if f.endswith(extension)]
         if data_files:
@@ -182,7 +183,7 @@ def load_local_folder(path: str, args: DataArguments, splits: Collection[str] | 
                 )
             return load_data_files(data_files, path, args, splits)
     if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in all_files):
-        return load_image_folder(path, args, splits)
+        return load_image_folder(path, args, splits, walked)
     nested = sorted(
         {os.path.relpath(os.path.dirname(f), path) for f in all_files if f.endswith(tuple(DATA_FILE_BUILDERS))}
     )
@@ -197,11 +198,6 @@ def _visible_files(folder: str) -> list[str]:
     """The regular, non-hidden files directly in `folder`, sorted."""
     with os.scandir(folder) as entries:
         return sorted(e.path for e in entries if not e.name.startswith(HIDDEN_PREFIXES) and e.is_file())
-
-
-def _list_files(root: str) -> list[str]:
-    """Every file under `root` (links to folders followed, hidden names skipped: `walk_files`), sorted."""
-    return [os.path.join(root, *parts) for parts in walk_files(root)]
 
 
 def load_data_files(
@@ -283,7 +279,12 @@ def _split_of(relative_path: str, split_names: tuple[str, ...]) -> str | None:
     return None
 
 
-def load_image_folder(path: str, args: DataArguments, splits: Collection[str] | None = None) -> DatasetDict:
+def load_image_folder(
+    path: str,
+    args: DataArguments,
+    splits: Collection[str] | None = None,
+    files: list[tuple[str, ...]] | None = None,
+) -> DatasetDict:
     """Load an image folder: one subfolder per class, whatever the class names, labelled by the folder name.
 
     Split folders (`train/<class>/...`, per the split options) are read as splits only when every top folder is
@@ -291,11 +292,10 @@ def load_image_folder(path: str, args: DataArguments, splits: Collection[str] | 
     A tree nested as `superclass/class/image` is read by `load_hierarchy_tree`; both layouts come from one walk
     of the folder ([`image_folder_layout`]), which follows links to folders and skips hidden files.
     """
-    tree = load_hierarchy_tree(path, args)
-    if tree is not None:
-        return tree
     split_names = tuple(args.source_split_names().values())
-    _, by_split = image_folder_layout(path, split_names)
+    kind, by_split = image_folder_layout(path, split_names, files)
+    if kind == "tree":
+        return load_hierarchy_tree(path, args, by_split)
     by_split = only_splits(by_split, splits)
     data_files = {}
     for split, images in by_split.items():
