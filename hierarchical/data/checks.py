@@ -18,7 +18,7 @@ from configuration_hierarchical import HierarchicalEfficientNetV2Config, check_l
 from hierarchical.data.arguments import EVALUATION_SPLITS, DataArguments
 from hierarchical.data.cifar100 import is_cifar100_config
 from hierarchical.data.decoding import check_regular_file
-from hierarchical.data.label_columns import column_names, column_values, data_columns, ids_from_names
+from hierarchical.data.label_columns import are_integer_names, column_names, column_values, data_columns, ids_from_names
 
 logger = logging.get_logger(__name__)
 
@@ -92,7 +92,7 @@ def _check_coarse_column(
     dataset: Dataset, coarse_column: str, labels: np.ndarray, config: HierarchicalEfficientNetV2Config, split_name: str
 ) -> None:
     """Check the superclass column of a split (ids, or names) against the superclasses of its fine `labels`."""
-    numbered = all(name.lstrip("-").isdigit() for name in config.coarse_label_names)  # read from integer labels
+    numbered = are_integer_names(config.coarse_label_names)  # read from integer labels
     names, _ = column_names(dataset, coarse_column, split_name, numbers_as_names=numbered)
     if names is None:
         given = column_values(dataset, coarse_column, f"column {coarse_column!r} of split {split_name!r}")

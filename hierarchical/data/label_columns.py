@@ -59,6 +59,11 @@ def normalised_names(names: Iterable[str], where: str) -> list[str]:
     return result
 
 
+def are_integer_names(names: Iterable[str]) -> bool:
+    """Whether every name is the decimal form of an integer: the names that plain integer labels are read as."""
+    return all(name.lstrip("-").isdigit() for name in names)
+
+
 def class_label_names(feature: Any, where: str) -> list[str] | None:
     """The class names of a `ClassLabel` feature, normalised; `None` for other features and for the placeholder
     names "0", "1", ... of `ClassLabel(num_classes=n)`. The CIFAR-100 table published with `cra` reads `crab`."""
@@ -215,6 +220,7 @@ def _one_candidate(kind: str, candidates: list[str], preferred: list[str], colum
 
 
 __all__ = [
+    "are_integer_names",
     "COARSE_COLUMN_NAMES",
     "DataColumns",
     "IMAGE_COLUMN_NAMES",
