@@ -8,6 +8,7 @@ import glob
 import io
 import json
 import os
+import re
 import unicodedata
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import small_config, write_cifar_python
-from data_utils import SPLITS, DataArguments, load_raw_datasets
+from data_utils import SPLITS, DataArguments, load_raw_datasets, prepare_datasets
 from hierarchical.data.checks import standardise_split
 from hierarchical.data.hierarchy import discover_hierarchy
 from hierarchical.data.hierarchy_files import HIDDEN_PREFIXES, read_hierarchy_file
@@ -482,6 +483,38 @@ def test_hidden_and_appledouble_files_are_skipped_at_load_with_a_count(tmp_path,
         train = load_raw_datasets(arguments(tmp_path, tmp_path / "root"))["train"]
     assert len(train) == 2 and all(image.size == (2, 2) for image in train["img"])
     assert "Skipped 5 hidden files and folders" in caplog.text and "e.g. 'animal/cat/._0.png'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("how", "name"), [("path column", "._0.png"), ("path column", "notes.png"), ("class folder", "notes.png")]
+)
+def test_a_file_that_is_no_image_is_named_when_the_data_is_loaded(tmp_path, how, name):
+    """An AppleDouble file given by a path column, or any file with an image's name that holds no image, is
+    refused by `prepare_datasets`, before training (a class folder's own `._*` files are skipped as hidden)."""
+    mapping = {"cat": "animal", "dog": "animal", "car": "vehicle"}
+    root = tmp_path / "root"
+    write_folder_tree(root, mapping)
+    odd = root / "animal" / "cat" / name
+    odd.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    if how == "path column":
+        paths = sorted(str(path) for path in root.rglob("*.png"))
+        rows = {
+            "image": paths,
+            "label": [Path(p).parent.name for p in paths],
+            "coarse": [mapping[Path(p).parent.name] for p in paths],
+        }
+        source = tmp_path / "paths"
+        source.mkdir()
+        datasets.Dataset.from_dict(rows).to_parquet(str(source / "train.parquet"))
+        args = arguments(tmp_path, source, coarse_label_column_name="coarse")
+    else:
+        args = arguments(tmp_path, root)
+    config = small_config(**discover_hierarchy(load_raw_datasets(args), args).config_kwargs())
+    expected = "a macOS AppleDouble file" if name.startswith("._") else "is not an image"
+    with pytest.raises(
+        ValueError, match=rf"the image of row index=\d+ of split 'train'.*{re.escape(str(odd))}'.*{expected}"
+    ):
+        prepare_datasets(args, config, seed=0)
 
 
 @pytest.mark.parametrize("layout", ["tree", "classes"])

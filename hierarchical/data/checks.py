@@ -19,6 +19,7 @@ from hierarchical.data.arguments import EVALUATION_SPLITS, DataArguments
 from hierarchical.data.cifar100 import is_cifar100_config
 from hierarchical.data.decoding import check_regular_file
 from hierarchical.data.label_columns import are_integer_names, column_names, column_values, data_columns, ids_from_names
+from image_processing_hierarchical import open_image
 
 logger = logging.get_logger(__name__)
 
@@ -148,9 +149,10 @@ def _image_structs(dataset: Dataset) -> pyarrow.StructArray:
 def resolve_image_paths(dataset: Dataset, root: str | None, split_name: str) -> Dataset:
     """Check the rows whose image is given by a `path` (no bytes) and make relative paths absolute.
 
-    Each path must name a regular file; relative paths are resolved against `root`, the dataset's own folder.
-    `ValueError` naming the row otherwise (a FIFO, a folder, a device, a missing file, a relative path without a
-    local folder).
+    Each path must name a regular file whose header is an image's (read, not decoded: about 25 us a file);
+    relative paths are resolved against `root`, the dataset's own folder. `ValueError` naming the row otherwise (a
+    FIFO, a folder, a device, a missing file, a macOS AppleDouble `._*` file or another file that is not an image, a
+    relative path without a local folder), when the data is loaded rather than when training reaches the row.
     """
     structs = _image_structs(dataset)
     without_bytes = pyarrow.compute.is_null(pyarrow.compute.struct_field(structs, "bytes")).to_numpy(
@@ -171,7 +173,13 @@ def resolve_image_paths(dataset: Dataset, root: str | None, split_name: str) -> 
                     "the dataset has no local folder to resolve it against"
                 )
             resolved[row] = path = os.path.join(root, path)
-        check_regular_file(path, f"row index={row} of split {split_name!r}")
+        where = f"row index={row} of split {split_name!r}"
+        if os.path.basename(path).startswith("._"):
+            raise ValueError(
+                f"the image of {where} is the path {path!r}, a macOS AppleDouble file ('._' name: the metadata of "
+                f"{os.path.basename(path)[2:]!r}), not an image; leave such files out of the data"
+            )
+        open_image(path, where, max_pixels=None).close()  # its header only: a file that is no image is named now
     if not resolved:
         return dataset
 
