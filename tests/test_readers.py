@@ -465,16 +465,18 @@ def test_folder_tree_image_out_of_place_is_refused_naming_it(tmp_path_factory, m
     assert expected in str(error.value)
 
 
-def test_empty_class_folder_and_non_image_files_are_named_and_the_walk_is_logged_once(tmp_path, caplog):
+def test_empty_class_folders_non_images_and_folders_read_twice_are_named_and_the_walk_logged_once(tmp_path, caplog):
     write_folder_tree(tmp_path / "root", {"cat": "animal", "car": "vehicle"}, hidden=True)
     (tmp_path / "root" / "animal" / "owl").mkdir()
     (tmp_path / "root" / "vehicle" / "car" / "Thumbs.db").write_bytes(b"\x00")
+    (tmp_path / "root" / "vehicle" / "cat2").symlink_to(tmp_path / "root" / "animal" / "cat", target_is_directory=True)
     with caplog.at_level("INFO", logger="hierarchical"):
         train = load_raw_datasets(arguments(tmp_path, tmp_path / "root"))["train"]
-    assert len(train) == 2
+    assert len(train) == 3
+    assert "1 folders of" in caplog.text and "read twice: e.g. 'vehicle/cat2' and 'animal/cat'" in caplog.text
     assert "1 folders of" in caplog.text and "hold no files (they give no class): 'animal/owl'" in caplog.text
     assert "Not reading 1 files of" in caplog.text and "'vehicle/car/Thumbs.db'" in caplog.text
-    assert caplog.text.count("Skipped 5 hidden files and folders") == 1
+    assert caplog.text.count("Skipped 6 hidden files and folders") == 1  # cat2/._0.png too
 
 
 def test_hidden_and_appledouble_files_are_skipped_at_load_with_a_count(tmp_path, caplog):

@@ -45,12 +45,15 @@ def walk_files(root: str, max_depth: int | None = None) -> list[tuple[str, ...]]
     Links to folders are followed; a link to a folder that contains it is refused, naming the link. Hidden names
     (`HIDDEN_PREFIXES`: `.name`, AppleDouble `._name`, `__MACOSX`) are skipped, files and folders alike, with their
     count in the log; so are links that point nowhere, counted too. Folders without files (an empty class folder,
-    one with only hidden files) are named in a warning: they give no class.
+    one with only hidden files) are named in a warning: they give no class; so are links that reach a folder read
+    under another name too (its files are read twice).
     """
     files: list[tuple[str, ...]] = []
     skipped: list[str] = []
     broken: list[str] = []
     empty: list[str] = []
+    reached: dict[str, str] = {}  # real folder -> the first path it was read under
+    twice: list[tuple[str, str]] = []
 
     def visit(folder: str, parts: tuple[str, ...], ancestors: frozenset[str]) -> None:
         with os.scandir(folder) as scan:
@@ -67,6 +70,10 @@ def walk_files(root: str, max_depth: int | None = None) -> list[tuple[str, ...]]
                         f"{entry.path!r} is a link to {real!r}, a folder that contains it: reading it would never "
                         "end; remove the link"
                     )
+                here = os.path.join(*parts, entry.name)
+                if real in reached:
+                    twice.append((here, reached[real]))
+                reached.setdefault(real, here)
                 found = len(files)
                 visit(entry.path, (*parts, entry.name), ancestors | {real})
                 if len(files) == found:
@@ -85,6 +92,11 @@ def walk_files(root: str, max_depth: int | None = None) -> list[tuple[str, ...]]
         )
     if broken:
         logger.warning(f"Skipped {len(broken)} links of {root!r} that point nowhere, e.g. {broken[0]!r}")
+    if twice:
+        logger.warning(
+            f"{len(twice)} folders of {root!r} are links to a folder read under another name as well, so its files "
+            f"are read twice: e.g. {twice[0][0]!r} and {twice[0][1]!r}"
+        )
     if empty:
         logger.warning(f"{len(empty)} folders of {root!r} hold no files (they give no class): {shorten_names(empty)}")
     return files
