@@ -149,7 +149,8 @@ def _misplaced(images: list[tuple[str, ...]], skip: int) -> str:
     if common == 3 and depth_of[odd] == 2:
         return (
             f"the image {shown!r} is directly inside the superclass folder {folder!r}, whose other images are in "
-            "class folders (superclass/class/image); move it into one of its class folders"
+            "class folders (superclass/class/image); move it into one of its class folders, or, if "
+            f"{folder!r} is a class folder (class/image), move the images of its subfolders into it"
         )
     if common == 3 and depth_of[odd] > 3:
         return (
