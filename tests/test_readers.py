@@ -4,8 +4,11 @@ written, or are refused with a message naming the file (or column) and the probl
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
+import os
+import re
 import unicodedata
 from pathlib import Path
 
@@ -17,11 +20,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import small_config, write_cifar_python
-from data_utils import SPLITS, DataArguments, load_raw_datasets
+from data_utils import SPLITS, DataArguments, load_raw_datasets, prepare_datasets
 from hierarchical.data.checks import standardise_split
 from hierarchical.data.hierarchy import discover_hierarchy
-from hierarchical.data.hierarchy_files import read_hierarchy_file
-from hierarchical.data.label_columns import DataColumns, data_columns, normalise_name
+from hierarchical.data.hierarchy_files import HIDDEN_PREFIXES, read_hierarchy_file
+from hierarchical.data.label_columns import DataColumns, data_columns, normalise_name, printed_form
+from hierarchical.data.sources import glob_files
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")
 CAFE_NFD = unicodedata.normalize("NFD", "café")
@@ -94,14 +98,37 @@ def test_a_name_in_two_unicode_forms_is_one_class(tmp_path):
     assert train["labels"] == [0, 0, 1, 0]
 
 
-def test_a_class_label_with_one_name_in_two_unicode_forms_is_refused(tmp_path):
+@pytest.mark.parametrize("other", [CAFE_NFD, CAFE_NFC + " ", CAFE_NFC + "\u200b", "\u200e" + CAFE_NFC])
+def test_a_class_label_with_one_name_written_two_ways_is_refused(tmp_path, other):
     source = write_label_parquet(
         tmp_path / "data",
         {"fine_label": [0, 1], "coarse_label": ["drinks"] * 2},
-        {"fine_label": datasets.ClassLabel(names=[CAFE_NFC, CAFE_NFD]), "coarse_label": datasets.Value("string")},
+        {"fine_label": datasets.ClassLabel(names=[CAFE_NFC, other]), "coarse_label": datasets.Value("string")},
     )
     args = arguments(tmp_path, source)
-    with pytest.raises(ValueError, match=r"ClassLabel of column 'fine_label' .* the same name in two Unicode forms"):
+    with pytest.raises(ValueError, match=r"ClassLabel of column 'fine_label' .* the same name written two ways"):
+        discover_hierarchy(load_raw_datasets(args), args)
+
+
+def test_names_that_differ_by_spaces_are_one_class_and_by_invisible_characters_refused(tmp_path):
+    """Surrounding spaces go (as in CSV cells); a zero-width character would make two classes that print the same.
+    Case is kept: `Mug` and `mug` are two classes."""
+    strings = {"fine_label": datasets.Value("string"), "coarse_label": datasets.Value("string")}
+    source = write_label_parquet(
+        tmp_path / "spaces", {"fine_label": ["mug", " mug ", "Mug"], "coarse_label": ["kitchen "] * 3}, strings
+    )
+    args = arguments(tmp_path, source)
+    raw = load_raw_datasets(args)
+    hierarchy = discover_hierarchy(raw, args)
+    assert hierarchy.parents == {"Mug": "kitchen", "mug": "kitchen"}
+    train = standardise_split(raw["train"], args, small_config(**hierarchy.config_kwargs()), "train")
+    assert [hierarchy.fine_names[i] for i in train["labels"]] == ["mug", "mug", "Mug"]
+    source = write_label_parquet(
+        tmp_path / "invisible", {"fine_label": ["mug", "mug\u200b"], "coarse_label": ["kitchen"] * 2}, strings
+    )
+    args = arguments(tmp_path, source)
+    message = r"column 'fine_label' of split 'train' lists 'mug' and 'mug\\u200b', the same name written two ways"
+    with pytest.raises(ValueError, match=message):
         discover_hierarchy(load_raw_datasets(args), args)
 
 
@@ -132,6 +159,40 @@ def test_plain_integer_labels_without_superclasses_say_they_are_read_as_cifar100
     assert "CIFAR-100 class ids" in caplog.text and "--hierarchy_file" in caplog.text
 
 
+def test_plain_integer_fine_and_coarse_columns_that_disagree_with_cifar100_say_how_they_were_read(tmp_path):
+    ints = {"fine_label": datasets.Value("int64"), "coarse_label": datasets.Value("int64")}
+    source = write_label_parquet(tmp_path / "data", {"fine_label": [0, 1, 2, 3], "coarse_label": [0, 0, 1, 1]}, ints)
+    args = arguments(tmp_path, source)
+    raw = load_raw_datasets(args)
+    assert discover_hierarchy(raw, args) is None  # the CIFAR-100 tables, with a warning
+    message = (
+        r"the columns 'fine_label' and 'coarse_label' of split 'train' hold plain integers that name no classes, so "
+        r"they are read as class and superclass ids of the CIFAR-100 tables, and they disagree with them: 4 of 4 rows"
+        r".* row 0 has fine label 0 \(apple\).*give them names \(a ClassLabel or strings\), or pass a --hierarchy_file"
+    )
+    with pytest.raises(ValueError, match=message):
+        standardise_split(raw["train"], args, small_config(), "train")
+
+
+@pytest.mark.parametrize(
+    ("values", "feature", "message"),
+    [
+        ([0.0, 1.0, 3.5], "float64", r"must hold class ids or class names, got Value\('float64'\): row 2 holds 3.5"),
+        ([0.0, float("nan")], "float64", r"got Value\('float64'\): row 1 holds nan \(a missing label, as pandas"),
+        ([0.0, 3.0], "float32", r"got Value\('float32'\): all are whole numbers: store them as integers"),
+        ([True, False, True], "bool", r"must hold class ids or class names, got Value\('bool'\)"),
+        ([0, -1, 2], "int64", r"must be in \[0, 100\), got -1 at row 1"),
+    ],
+)
+def test_label_column_of_floats_bools_or_negative_ids_is_refused_naming_it(tmp_path, values, feature, message):
+    source = write_label_parquet(tmp_path / "data", {"fine_label": values}, {"fine_label": datasets.Value(feature)})
+    args = arguments(tmp_path, source)
+    raw = load_raw_datasets(args)
+    with pytest.raises(ValueError, match=rf"column 'fine_label' of split 'train' .*{message}"):
+        discover_hierarchy(raw, args)
+        standardise_split(raw["train"], args, small_config(), "train")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Hierarchy files
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,9 +210,9 @@ NAME = st.text(
 
 @st.composite
 def hierarchies(draw: st.DrawFn) -> dict[str, str]:
-    """`{class: superclass}` with 1-5 classes in 1-3 superclasses; names distinct after NFC, classes and
-    superclasses apart (a folder tree cannot tell them apart otherwise)."""
-    names = draw(st.lists(NAME, min_size=2, max_size=8, unique_by=normalise_name))
+    """`{class: superclass}` with 1-5 classes in 1-3 superclasses; names that print differently after
+    normalisation, classes and superclasses apart (a folder tree cannot tell them apart otherwise)."""
+    names = draw(st.lists(NAME, min_size=2, max_size=8, unique_by=printed_form))
     split = draw(st.integers(1, min(3, len(names) - 1)))
     coarse, fine = names[:split], names[split:]
     return {name: draw(st.sampled_from(coarse)) for name in fine}
@@ -168,15 +229,30 @@ def csv_text(mapping: dict[str, str], header: tuple[str, str] | None, line_end: 
     return buffer.getvalue()
 
 
+WRITTEN_FORMS = {  # ways of writing one name that read as that name
+    "as is": lambda name: name,
+    "NFD": lambda name: unicodedata.normalize("NFD", name),
+    "padded": lambda name: f" {name}  ",
+}
+
+
 @given(
     mapping=hierarchies(),
     shape=st.sampled_from(["csv", "json_flat", "json_grouped"]),
     bom=st.booleans(),
     header=st.one_of(st.none(), st.tuples(NAME, NAME)),
     line_end=st.sampled_from(["\n", "\r\n"]),
+    form=st.sampled_from(sorted(WRITTEN_FORMS)),
 )
-def test_hierarchy_file_loads_the_same_every_way_it_is_written(tmp_path_factory, mapping, shape, bom, header, line_end):
+def test_hierarchy_file_loads_the_same_every_way_it_is_written(
+    tmp_path_factory, mapping, shape, bom, header, line_end, form
+):
+    superclasses = set(normal(mapping).values())
     assume(header is None or normalise_name(header[0]) not in normal(mapping))
+    assume(header is None or normalise_name(header[1]) not in superclasses)  # else the header row is ambiguous
+    expected = normal(mapping)
+    written = WRITTEN_FORMS[form]
+    mapping = {written(fine): written(coarse) for fine, coarse in mapping.items()}
     folder = tmp_path_factory.mktemp("hierarchy")
     if shape == "csv":
         text = csv_text(mapping, header, line_end)
@@ -189,16 +265,88 @@ def test_hierarchy_file_loads_the_same_every_way_it_is_written(tmp_path_factory,
         text = json.dumps(grouped, ensure_ascii=False)
     path = folder / f"h.{shape.split('_')[0]}"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
-    assert read_hierarchy_file(str(path), set(normal(mapping))) == normal(mapping)
+    assert read_hierarchy_file(str(path), set(expected)) == expected
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "latin-1"])
-def test_hierarchy_file_in_another_encoding_is_refused_naming_it(tmp_path, encoding):
+ENCODINGS_REFUSED = {  # encoding -> what the refusal says
+    "utf-16": "is UTF-16 text",
+    "utf-32": "is UTF-32 text",
+    "utf-16-le": "holds NUL bytes .* UTF-16 or UTF-32 text without a byte-order mark",
+    "utf-16-be": "holds NUL bytes .* UTF-16 or UTF-32 text without a byte-order mark",
+    "utf-32-le": "holds NUL bytes .* UTF-16 or UTF-32 text without a byte-order mark",
+    "latin-1": r"is not UTF-8 text \(byte 0x",
+    "cp1252": r"is not UTF-8 text \(byte 0x",
+}
+
+
+@given(
+    mapping=hierarchies(),
+    shape=st.sampled_from(["csv", "json"]),
+    encoding=st.sampled_from(sorted(ENCODINGS_REFUSED)),
+    accent=st.sampled_from(["é", "ü", "ñ"]),
+)
+def test_hierarchy_file_in_another_encoding_is_refused_naming_it(tmp_path_factory, mapping, shape, encoding, accent):
+    mapping = {f"{fine}{accent}": coarse for fine, coarse in mapping.items()}  # a letter outside ASCII in each
+    if encoding in ("latin-1", "cp1252"):
+        assume(all(char < "\u0100" for pair in mapping.items() for name in pair for char in name))
+    text = csv_text(mapping, ("class", "superclass"), "\n") if shape == "csv" else json.dumps(mapping)
+    path = tmp_path_factory.mktemp("encoding") / f"hierarchy.{shape}"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(ValueError, match=rf"--hierarchy_file '{path}' {ENCODINGS_REFUSED[encoding]}.*save it as UTF-8"):
+        read_hierarchy_file(str(path), set(normal(mapping)))
+
+
+INVISIBLE = st.sampled_from(["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u200e", "\u202e"])
+
+
+@given(mapping=hierarchies(), shape=st.sampled_from(["csv", "json"]), invisible=INVISIBLE, data=st.data())
+def test_hierarchy_file_with_names_that_print_the_same_is_refused(tmp_path_factory, mapping, shape, invisible, data):
+    """A class (or superclass) given again with an invisible character added would be a second class that prints
+    the same: refused, naming the file."""
+    fine = data.draw(st.sampled_from(sorted(mapping)))
+    position = data.draw(st.integers(0, len(fine)))
+    twin = fine[:position] + invisible + fine[position:]
+    rows = [("class", "superclass"), *mapping.items(), (twin, mapping[fine])]
+    if data.draw(st.booleans()):  # the twin is a superclass instead
+        coarse = mapping[fine]
+        rows[-1] = (twin + "-other", coarse[:position] + invisible + coarse[position:])
+    if shape == "csv":
+        text = csv_text(dict(rows[1:]), tuple(rows[0]), "\n")
+    else:
+        text = json.dumps(dict(rows[1:]), ensure_ascii=False)
+    path = tmp_path_factory.mktemp("twins") / f"hierarchy.{shape}"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"--hierarchy_file '{path}' \((super)?classes\) lists .* written two ways"):
+        read_hierarchy_file(str(path), set(normal(mapping)))
+
+
+def test_hierarchy_csv_first_row_that_is_neither_header_nor_class_is_refused(tmp_path, caplog):
+    """`sofa` has no rows in the data: its row cannot be told from a header, since `kitchen` is a superclass of
+    other rows. A first row like it under a header is a class; a header of any names is a header."""
     path = tmp_path / "hierarchy.csv"
-    path.write_bytes("class,superclass\ncafé,drinks\n".encode(encoding))
-    expected = "is UTF-16 text" if encoding == "utf-16" else "is not UTF-8 text"
-    with pytest.raises(ValueError, match=rf"--hierarchy_file '{path}' {expected}.*save it as UTF-8"):
-        read_hierarchy_file(str(path), {"café"})
+    path.write_text("sofa,kitchen\nmug,kitchen\npan,kitchen\n", encoding="utf-8")
+    message = rf"--hierarchy_file '{path}': the first row \['sofa', 'kitchen'\] names no class of the data"
+    with pytest.raises(ValueError, match=message):
+        read_hierarchy_file(str(path), {"mug", "pan"})
+    path.write_text("class,superclass\nsofa,kitchen\nmug,kitchen\n", encoding="utf-8")
+    assert read_hierarchy_file(str(path), {"mug"}) == {"sofa": "kitchen", "mug": "kitchen"}
+    path.write_text("class,superclass\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"holds no rows after its header \['class', 'superclass'\]"):
+        read_hierarchy_file(str(path), {"mug"})
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [('{"mug": NaN}', "NaN"), ('{"mug": 3}', "3"), ('{"kitchen": ["mug", null]}', r'\["mug", null\]'),
+     ('{"mug": "kitchen", "bath": ["tub"]}', r'\["tub"\]')],
+)  # fmt: skip
+def test_hierarchy_json_value_of_another_type_is_named(tmp_path, text, value):
+    path = tmp_path / "hierarchy.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=rf"--hierarchy_file '{path}': the values must .* the value of '\w+' is {value}"
+    ):
+        read_hierarchy_file(str(path), {"mug", "tub"})
 
 
 @pytest.mark.parametrize("text", ['{"a": "x", "b": "y", "a": "z"}', '{"x": ["a"], "x": ["b"]}'])
@@ -297,12 +445,78 @@ def test_folder_tree_loads_its_hierarchy_with_links_and_hidden_files(tmp_path_fa
     assert tree_pairs(base / "root", base) == set(normal(mapping).items())
 
 
+@given(mapping=hierarchies(), place=st.sampled_from(["class subfolder", "superclass folder"]), data=st.data())
+@settings(max_examples=15)
+def test_folder_tree_image_out_of_place_is_refused_naming_it(tmp_path_factory, mapping, place, data):
+    """An image in a subfolder of a class folder, or directly inside a superclass folder, is never dropped."""
+    assume(len(mapping) >= 2)
+    fine = data.draw(st.sampled_from(sorted(mapping)))
+    base = tmp_path_factory.mktemp("misplaced")
+    write_folder_tree(base / "root", mapping, hidden=data.draw(st.booleans()))
+    if place == "class subfolder":
+        odd = Path(mapping[fine], fine, "more", "1.png")
+        expected = f"the image {str(odd)!r} is in a subfolder of the class folder {str(Path(mapping[fine], fine))!r}"
+    else:
+        odd = Path(mapping[fine], "stray.png")
+        expected = f"the image {str(odd)!r} is directly inside the superclass folder {mapping[fine]!r}"
+    tiny_png(base / "root" / odd)
+    with pytest.raises(ValueError) as error:
+        load_raw_datasets(arguments(base, base / "root"))
+    assert expected in str(error.value)
+
+
+def test_empty_class_folders_non_images_and_folders_read_twice_are_named_and_the_walk_logged_once(tmp_path, caplog):
+    write_folder_tree(tmp_path / "root", {"cat": "animal", "car": "vehicle"}, hidden=True)
+    (tmp_path / "root" / "animal" / "owl").mkdir()
+    (tmp_path / "root" / "vehicle" / "car" / "Thumbs.db").write_bytes(b"\x00")
+    (tmp_path / "root" / "vehicle" / "cat2").symlink_to(tmp_path / "root" / "animal" / "cat", target_is_directory=True)
+    with caplog.at_level("INFO", logger="hierarchical"):
+        train = load_raw_datasets(arguments(tmp_path, tmp_path / "root"))["train"]
+    assert len(train) == 3
+    assert "1 folders of" in caplog.text and "read twice: e.g. 'vehicle/cat2' and 'animal/cat'" in caplog.text
+    assert "1 folders of" in caplog.text and "hold no files (they give no class): 'animal/owl'" in caplog.text
+    assert "Not reading 1 files of" in caplog.text and "'vehicle/car/Thumbs.db'" in caplog.text
+    assert caplog.text.count("Skipped 6 hidden files and folders") == 1  # cat2/._0.png too
+
+
 def test_hidden_and_appledouble_files_are_skipped_at_load_with_a_count(tmp_path, caplog):
     write_folder_tree(tmp_path / "root", {"cat": "animal", "car": "vehicle"}, hidden=True)
     with caplog.at_level("WARNING"):
         train = load_raw_datasets(arguments(tmp_path, tmp_path / "root"))["train"]
     assert len(train) == 2 and all(image.size == (2, 2) for image in train["img"])
     assert "Skipped 5 hidden files and folders" in caplog.text and "e.g. 'animal/cat/._0.png'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("how", "name"), [("path column", "._0.png"), ("path column", "notes.png"), ("class folder", "notes.png")]
+)
+def test_a_file_that_is_no_image_is_named_when_the_data_is_loaded(tmp_path, how, name):
+    """An AppleDouble file given by a path column, or any file with an image's name that holds no image, is
+    refused by `prepare_datasets`, before training (a class folder's own `._*` files are skipped as hidden)."""
+    mapping = {"cat": "animal", "dog": "animal", "car": "vehicle"}
+    root = tmp_path / "root"
+    write_folder_tree(root, mapping)
+    odd = root / "animal" / "cat" / name
+    odd.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    if how == "path column":
+        paths = sorted(str(path) for path in root.rglob("*.png"))
+        rows = {
+            "image": paths,
+            "label": [Path(p).parent.name for p in paths],
+            "coarse": [mapping[Path(p).parent.name] for p in paths],
+        }
+        source = tmp_path / "paths"
+        source.mkdir()
+        datasets.Dataset.from_dict(rows).to_parquet(str(source / "train.parquet"))
+        args = arguments(tmp_path, source, coarse_label_column_name="coarse")
+    else:
+        args = arguments(tmp_path, root)
+    config = small_config(**discover_hierarchy(load_raw_datasets(args), args).config_kwargs())
+    expected = "a macOS AppleDouble file" if name.startswith("._") else "is not an image"
+    with pytest.raises(
+        ValueError, match=rf"the image of row index=\d+ of split 'train'.*{re.escape(str(odd))}'.*{expected}"
+    ):
+        prepare_datasets(args, config, seed=0)
 
 
 @pytest.mark.parametrize("layout", ["tree", "classes"])
@@ -344,6 +558,46 @@ def test_image_directly_inside_a_superclass_folder_is_named(tmp_path):
     tiny_png(root / "animal" / "stray.png")
     with pytest.raises(ValueError, match=r"the image 'animal/stray.png' is directly inside the superclass folder"):
         load_raw_datasets(arguments(tmp_path, root))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data file patterns (--dataset_name 'folder/**/*.parquet')
+# ----------------------------------------------------------------------------------------------------------------
+
+PATH_PART = st.sampled_from(["a", "b", "train", "test", "x.parquet", "y.arrow", "._x.parquet", "__MACOSX"])
+PATTERN = st.sampled_from(
+    ["*.parquet", "**/*.parquet", "*/*.parquet", "**", "train*/**/*.parquet", "[ab]/*", "**/x.parquet", "*/*/*"]
+)
+
+
+@given(files=st.lists(st.lists(PATH_PART, min_size=1, max_size=3), min_size=1, max_size=6), pattern=PATTERN)
+@settings(max_examples=20)
+def test_data_file_pattern_matches_what_glob_matches_but_hidden_names(tmp_path_factory, files, pattern):
+    """The pattern reader walks folders as every reader does, and matches what `glob` matches in the visible files."""
+    root = tmp_path_factory.mktemp("pattern")
+    for parts in files:
+        path = root.joinpath(*parts)
+        if any(parent.is_file() for parent in path.parents) or path.is_dir():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    expected = sorted(
+        found
+        for found in glob.glob(f"{root}/{pattern}", recursive=True)
+        if os.path.isfile(found)
+        and not any(part.startswith(HIDDEN_PREFIXES) for part in Path(found).relative_to(root).parts)
+    )
+    assert glob_files(f"{root}/{pattern}") == expected
+
+
+def test_data_file_pattern_through_a_link_loop_is_refused_naming_the_link(tmp_path):
+    """`glob` itself would walk a link to a containing folder until the path is too long (minutes); the reader
+    refuses it at once."""
+    root = tmp_path / "data"
+    write_label_parquet(root / "train", {"label": ["a"]}, {"label": datasets.Value("string")})
+    (root / "train" / "again").symlink_to(root, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"'.*train/again' is a link to .* a folder that contains it"):
+        load_raw_datasets(arguments(tmp_path, Path(f"{root}/**/*.parquet")))
 
 
 # ----------------------------------------------------------------------------------------------------------------

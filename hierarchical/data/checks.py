@@ -16,8 +16,10 @@ from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config, check_label_range
 from hierarchical.data.arguments import EVALUATION_SPLITS, DataArguments
+from hierarchical.data.cifar100 import is_cifar100_config
 from hierarchical.data.decoding import check_regular_file
-from hierarchical.data.label_columns import column_names, column_values, data_columns, ids_from_names
+from hierarchical.data.label_columns import are_integer_names, column_names, column_values, data_columns, ids_from_names
+from image_processing_hierarchical import open_image
 
 logger = logging.get_logger(__name__)
 
@@ -37,9 +39,20 @@ def standardise_split(
             "fine-label columns with --image_column_name and --label_column_name "
             f"(now {args.image_column_name!r} and {args.label_column_name!r})"
         )
-    labels = _fine_labels(dataset, label_column, args, config, split_name)
+    labels, plain_integers = _fine_labels(dataset, label_column, args, config, split_name)
     if columns.coarse is not None and args.hierarchy_file is None:
-        _check_coarse_column(dataset, columns.coarse, labels, config, split_name)
+        try:
+            _check_coarse_column(dataset, columns.coarse, labels, config, split_name)
+        except ValueError as error:
+            if not plain_integers:
+                raise
+            tables = "the CIFAR-100 tables" if is_cifar100_config(config) else "the model's tables"
+            raise ValueError(
+                f"the columns {label_column!r} and {columns.coarse!r} of split {split_name!r} hold plain integers "
+                f"that name no classes, so they are read as class and superclass ids of {tables}, and they "
+                f"disagree with them: {error}. For classes of your own, give them names (a ClassLabel or strings), "
+                "or pass a --hierarchy_file"
+            ) from None
     elif columns.coarse is None:
         logger.info(f"Split {split_name!r} has no superclass column: superclasses follow config.fine_to_coarse")
     standard = _standard_image_column(dataset, image_column, split_name)
@@ -53,17 +66,17 @@ def standardise_split(
 
 def _fine_labels(
     dataset: Dataset, label_column: str, args: DataArguments, config: HierarchicalEfficientNetV2Config, split_name: str
-) -> np.ndarray:
-    """The fine labels of a split as ids of `config`: integers checked against their range, class names (or
-    `ClassLabel` ids with names) mapped through `config.label2id`."""
+) -> tuple[np.ndarray, bool]:
+    """The fine labels of a split as ids of `config`, and whether they were plain integers (no names): integers
+    checked against their range, class names (or `ClassLabel` ids with names) mapped through `config.label2id`."""
     names, _ = column_names(dataset, label_column, split_name, numbers_as_names=args.hierarchy_file is not None)
     if names is None:  # plain integers: ids of the config
         where = f"column {label_column!r} of split {split_name!r}"
         labels = column_values(dataset, label_column, where)
         check_label_range(labels, config.num_labels, where)
-        return labels
+        return labels, True
     try:
-        return ids_from_names(names, _fine_names(config), f"{label_column!r} of split {split_name!r}")
+        return ids_from_names(names, _fine_names(config), f"{label_column!r} of split {split_name!r}"), False
     except ValueError as error:
         raise ValueError(
             f"{error}; give the superclasses in a column (--coarse_label_column_name) or a --hierarchy_file, or "
@@ -80,7 +93,7 @@ def _check_coarse_column(
     dataset: Dataset, coarse_column: str, labels: np.ndarray, config: HierarchicalEfficientNetV2Config, split_name: str
 ) -> None:
     """Check the superclass column of a split (ids, or names) against the superclasses of its fine `labels`."""
-    numbered = all(name.lstrip("-").isdigit() for name in config.coarse_label_names)  # read from integer labels
+    numbered = are_integer_names(config.coarse_label_names)  # read from integer labels
     names, _ = column_names(dataset, coarse_column, split_name, numbers_as_names=numbered)
     if names is None:
         given = column_values(dataset, coarse_column, f"column {coarse_column!r} of split {split_name!r}")
@@ -136,9 +149,10 @@ def _image_structs(dataset: Dataset) -> pyarrow.StructArray:
 def resolve_image_paths(dataset: Dataset, root: str | None, split_name: str) -> Dataset:
     """Check the rows whose image is given by a `path` (no bytes) and make relative paths absolute.
 
-    Each path must name a regular file; relative paths are resolved against `root`, the dataset's own folder.
-    `ValueError` naming the row otherwise (a FIFO, a folder, a device, a missing file, a relative path without a
-    local folder).
+    Each path must name a regular file whose header is an image's (read, not decoded: about 25 us a file);
+    relative paths are resolved against `root`, the dataset's own folder. `ValueError` naming the row otherwise (a
+    FIFO, a folder, a device, a missing file, a macOS AppleDouble `._*` file or another file that is not an image, a
+    relative path without a local folder), when the data is loaded rather than when training reaches the row.
     """
     structs = _image_structs(dataset)
     without_bytes = pyarrow.compute.is_null(pyarrow.compute.struct_field(structs, "bytes")).to_numpy(
@@ -159,7 +173,13 @@ def resolve_image_paths(dataset: Dataset, root: str | None, split_name: str) -> 
                     "the dataset has no local folder to resolve it against"
                 )
             resolved[row] = path = os.path.join(root, path)
-        check_regular_file(path, f"row index={row} of split {split_name!r}")
+        where = f"row index={row} of split {split_name!r}"
+        if os.path.basename(path).startswith("._"):
+            raise ValueError(
+                f"the image of {where} is the path {path!r}, a macOS AppleDouble file ('._' name: the metadata of "
+                f"{os.path.basename(path)[2:]!r}), not an image; leave such files out of the data"
+            )
+        open_image(path, where, max_pixels=None).close()  # its header only: a file that is no image is named now
     if not resolved:
         return dataset
 

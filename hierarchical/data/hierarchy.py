@@ -36,7 +36,7 @@ from configuration_hierarchical import (
 from hierarchical.data.arguments import DataArguments
 from hierarchical.data.cifar100 import are_cifar100_names, is_cifar100_hierarchy
 from hierarchical.data.hierarchy_files import MAX_NAMES_SHOWN, read_hierarchy_file, shorten_names
-from hierarchical.data.label_columns import column_names, data_columns
+from hierarchical.data.label_columns import are_integer_names, column_names, data_columns, normalised_names
 
 if TYPE_CHECKING:
     from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification
@@ -84,6 +84,7 @@ class Hierarchy:
         for level, names in (("class", fine), ("superclass", coarse)):
             if any(not name.strip() for name in names):
                 raise ValueError(f"a {level} name is empty or blank: {names[:MAX_NAMES_SHOWN]}")
+            normalised_names(names, f"the {level} names of the hierarchy")  # two that print the same are refused
         coarse_id = {name: index for index, name in enumerate(coarse)}
         return cls(tuple(fine), tuple(coarse), tuple(coarse_id[parent[name]] for name in fine))
 
@@ -192,7 +193,7 @@ def discover_hierarchy(raw: DatasetDict, args: DataArguments) -> Hierarchy | Non
     check_one_parent(pairs, columns.label, columns.coarse)
     if is_cifar100_hierarchy(pairs):
         return Hierarchy.cifar100()
-    if coarse_order is None and all(coarse.lstrip("-").isdigit() for _, coarse in pairs):
+    if coarse_order is None and are_integer_names(coarse for _, coarse in pairs):
         coarse_order = sorted({coarse for _, coarse in pairs}, key=int)
     return Hierarchy.from_pairs(list(pairs), fine_order=fine_order, coarse_order=coarse_order)
 

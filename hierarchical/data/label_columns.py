@@ -1,8 +1,11 @@
 """Which columns hold the images and labels, and how class names are read wherever they come from: label columns
 (`ClassLabel` names, strings, integers), folder names and hierarchy files.
 
-Every name is Unicode-normalised (NFC) before it is compared, so `café` typed with a combining accent and with a
-precomposed one is one class. A `ClassLabel` whose names collapse to one name after normalisation is refused.
+Every name is normalised before it is compared: Unicode normal form C, surrounding spaces removed. So `café` typed
+with a combining accent and with a precomposed one is one class, and so are `mug` and `mug `. Case is kept: `Mug`
+and `mug` are two classes. A table of names (a `ClassLabel`, the classes or superclasses of a hierarchy) in which two
+names are one after normalisation, or differ only by invisible characters (zero-width spaces, joiners, direction
+marks), is refused: they would be two classes that print the same.
 The known misspelling of the published CIFAR-100 table (`cra` for `crab`) is corrected only in that table.
 """
 
@@ -26,25 +29,39 @@ LABEL_NAME_ALIASES = {"cra": "crab"}
 
 
 def normalise_name(name: str) -> str:
-    """A class or superclass name in Unicode normal form C, the form every comparison of names uses."""
-    return unicodedata.normalize("NFC", str(name))
+    """A class or superclass name in Unicode normal form C without surrounding spaces, the form every comparison of
+    names uses."""
+    return unicodedata.normalize("NFC", str(name)).strip()
+
+
+def printed_form(name: str) -> str:
+    """`name` normalised and without invisible format characters (Unicode category Cf: zero-width spaces and
+    joiners, direction marks, byte-order marks): names with the same printed form look the same."""
+    return "".join(char for char in normalise_name(name) if unicodedata.category(char) != "Cf")
 
 
 def normalised_names(names: Iterable[str], where: str) -> list[str]:
-    """`names` (a table of distinct names) in normal form C; `ValueError` naming `where` when two of them are the same
-    name written in two Unicode forms (they would be two classes that print the same)."""
+    """`names` (a table of distinct names) normalised ([`normalise_name`]); `ValueError` naming `where` when two of
+    them are the same name written two ways (Unicode forms, surrounding spaces, invisible characters): they would be
+    two classes that print the same."""
     seen: dict[str, str] = {}
     result = []
     for name in names:
-        normal = normalise_name(name)
-        if normal in seen:
+        printed = printed_form(name)
+        if printed in seen:
             raise ValueError(
-                f"{where} lists {seen[normal]!r} and {name!r}, the same name in two Unicode forms "
-                f"({ascii(seen[normal])} and {ascii(name)}); keep one of them"
+                f"{where} lists {seen[printed]!r} and {name!r}, the same name written two ways "
+                f"({ascii(seen[printed])} and {ascii(name)}: Unicode form, surrounding spaces or invisible "
+                "characters); keep one of them"
             )
-        seen[normal] = name
-        result.append(normal)
+        seen[printed] = name
+        result.append(normalise_name(name))
     return result
+
+
+def are_integer_names(names: Iterable[str]) -> bool:
+    """Whether every name is the decimal form of an integer: the names that plain integer labels are read as."""
+    return all(name.lstrip("-").isdigit() for name in names)
 
 
 def class_label_names(feature: Any, where: str) -> list[str] | None:
@@ -79,8 +96,8 @@ def column_names(
 
     `ClassLabel` ids become their names, strings stay names, plain integers (and a `ClassLabel(num_classes=n)`)
     become their decimal strings when `numbers_as_names` and give `(None, None)` otherwise. Names are normalised
-    (NFC). `ValueError` naming the column and split for a null, an id outside the `ClassLabel`, or values that are
-    neither ids nor names.
+    ([`normalise_name`]). `ValueError` naming the column and split for a null, an id outside the `ClassLabel`, values
+    that are neither ids nor names, or two names that differ only by invisible characters.
     """
     where = f"column {column!r} of split {split_name!r}"
     feature = dataset.features[column]
@@ -92,7 +109,17 @@ def column_names(
     if values.dtype.kind in "OUS":
         unique, inverse = np.unique(values.astype(str), return_inverse=True)
         normal = np.asarray([normalise_name(name) for name in unique], dtype=object)
+        normalised_names(sorted(set(normal)), where)  # names that differ only by invisible characters are refused
         return normal[inverse], None
+    if values.dtype.kind == "f":
+        odd = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+        found = (
+            f"row {odd[0]} holds {values[odd[0]]}"
+            + (" (a missing label, as pandas writes one)" if np.isnan(values[odd[0]]) else "")
+            if odd.size
+            else "all are whole numbers: store them as integers"
+        )
+        raise ValueError(f"{where} must hold class ids or class names, got {feature}: {found}")
     if values.dtype.kind not in "iu":
         raise ValueError(f"{where} must hold class ids or class names, got {feature}")
     if numbers_as_names:
@@ -193,6 +220,7 @@ def _one_candidate(kind: str, candidates: list[str], preferred: list[str], colum
 
 
 __all__ = [
+    "are_integer_names",
     "COARSE_COLUMN_NAMES",
     "DataColumns",
     "IMAGE_COLUMN_NAMES",
@@ -205,4 +233,5 @@ __all__ = [
     "ids_from_names",
     "normalise_name",
     "normalised_names",
+    "printed_form",
 ]

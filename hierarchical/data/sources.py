@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import io
 import os
 import pickle
@@ -65,7 +65,7 @@ def load_raw_datasets(args: DataArguments, splits: Collection[str] | None = None
         return only_splits(load_image_folder(_existing_path(args.data_dir, "data_dir"), args, splits), splits)
     path = os.path.expanduser(args.dataset_name)
     if any(char in path for char in "*?["):  # a glob pattern
-        files = _glob_files(path)
+        files = glob_files(path)
         if not files:
             raise FileNotFoundError(f"--dataset_name {args.dataset_name!r}: the pattern matches no file")
         root = os.path.commonpath([os.path.dirname(p) for p in files])
@@ -87,9 +87,31 @@ def only_splits(found: dict[str, Any], splits: Collection[str] | None) -> Any:
     return type(found)({name: value for name, value in found.items() if name in splits})
 
 
-def _glob_files(pattern: str) -> list[str]:
-    """The files (not folders) that a `--dataset_name` glob pattern matches, sorted."""
-    return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+def glob_files(pattern: str) -> list[str]:
+    """The files (not folders) that a `--dataset_name` glob pattern matches, sorted.
+
+    The folders under the pattern's fixed part are read by [`walk_files`], as every folder is: links to folders
+    followed with loop protection, hidden names skipped. `**` matches any number of folders, `*`, `?` and `[...]`
+    match within one name.
+    """
+    parts = pattern.split(os.sep)
+    fixed = next((i for i, part in enumerate(parts) if any(char in part for char in "*?[")), len(parts))
+    prefix, wanted = parts[:fixed], parts[fixed:]
+    root = os.sep.join(prefix) or (os.sep if pattern.startswith(os.sep) else ".")
+    if not wanted or not os.path.isdir(root):
+        return []
+    depth = None if "**" in wanted else len(wanted)
+    found = [parts for parts in walk_files(root, depth) if _matches(parts, wanted)]
+    return sorted(os.path.join(root, *parts) if prefix else os.path.join(*parts) for parts in found)
+
+
+def _matches(parts: tuple[str, ...] | list[str], patterns: list[str]) -> bool:
+    """Whether the path parts `parts` match the glob pattern parts `patterns` (`**`: any number of parts)."""
+    if not patterns:
+        return not parts
+    if patterns[0] == "**":
+        return _matches(parts, patterns[1:]) or (bool(parts) and _matches(parts[1:], patterns))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], patterns[0]) and _matches(parts[1:], patterns[1:])
 
 
 def source_folder(args: DataArguments) -> str | None:
@@ -99,7 +121,7 @@ def source_folder(args: DataArguments) -> str | None:
         return None if args.data_dir is None else os.path.abspath(os.path.expanduser(args.data_dir))
     path = os.path.expanduser(args.dataset_name)
     if any(char in path for char in "*?["):
-        files = _glob_files(path)
+        files = glob_files(path)
         return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]) if files else None
     if os.path.isfile(path):
         return os.path.dirname(os.path.abspath(path))
@@ -147,7 +169,8 @@ def load_local_folder(path: str, args: DataArguments, splits: Collection[str] | 
     for split in split_names:
         if os.path.isdir(os.path.join(path, split)):
             candidates += _visible_files(os.path.join(path, split))
-    all_files = _list_files(path)
+    walked = walk_files(path)
+    all_files = [os.path.join(path, *parts) for parts in walked]
     for extension in DATA_FILE_BUILDERS:
         data_files = [f for f in candidates if f.endswith(extension)]
         if data_files:
@@ -160,7 +183,7 @@ def load_local_folder(path: str, args: DataArguments, splits: Collection[str] | 
                 )
             return load_data_files(data_files, path, args, splits)
     if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in all_files):
-        return load_image_folder(path, args, splits)
+        return load_image_folder(path, args, splits, walked)
     nested = sorted(
         {os.path.relpath(os.path.dirname(f), path) for f in all_files if f.endswith(tuple(DATA_FILE_BUILDERS))}
     )
@@ -175,11 +198,6 @@ def _visible_files(folder: str) -> list[str]:
     """The regular, non-hidden files directly in `folder`, sorted."""
     with os.scandir(folder) as entries:
         return sorted(e.path for e in entries if not e.name.startswith(HIDDEN_PREFIXES) and e.is_file())
-
-
-def _list_files(root: str) -> list[str]:
-    """Every file under `root` (links to folders followed, hidden names skipped: `walk_files`), sorted."""
-    return [os.path.join(root, *parts) for parts in walk_files(root)]
 
 
 def load_data_files(
@@ -261,7 +279,12 @@ def _split_of(relative_path: str, split_names: tuple[str, ...]) -> str | None:
     return None
 
 
-def load_image_folder(path: str, args: DataArguments, splits: Collection[str] | None = None) -> DatasetDict:
+def load_image_folder(
+    path: str,
+    args: DataArguments,
+    splits: Collection[str] | None = None,
+    files: list[tuple[str, ...]] | None = None,
+) -> DatasetDict:
     """Load an image folder: one subfolder per class, whatever the class names, labelled by the folder name.
 
     Split folders (`train/<class>/...`, per the split options) are read as splits only when every top folder is
@@ -269,11 +292,10 @@ def load_image_folder(path: str, args: DataArguments, splits: Collection[str] | 
     A tree nested as `superclass/class/image` is read by `load_hierarchy_tree`; both layouts come from one walk
     of the folder ([`image_folder_layout`]), which follows links to folders and skips hidden files.
     """
-    tree = load_hierarchy_tree(path, args)
-    if tree is not None:
-        return tree
     split_names = tuple(args.source_split_names().values())
-    _, by_split = image_folder_layout(path, split_names)
+    kind, by_split = image_folder_layout(path, split_names, files)
+    if kind == "tree":
+        return load_hierarchy_tree(path, args, by_split)
     by_split = only_splits(by_split, splits)
     data_files = {}
     for split, images in by_split.items():
