@@ -167,6 +167,30 @@ def test_an_options_file_with_a_byte_order_mark_is_read(tmp_path):
     assert (training_args.seed, model_args.calibrate) == (3, False)
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "3", "--num_train_epochs", "5"], "--epochs 3.0 and --num_train_epochs 5.0 disagree"),
+        (
+            ["--batch_size", "4", "--per_device_eval_batch_size", "16"],
+            "--batch_size 4 and --per_device_eval_batch_size 16",
+        ),
+        (
+            ["--batch_size", "4", "--per_device_train_batch_size", "8"],
+            "--batch_size 4 and --per_device_train_batch_size 8",
+        ),
+    ],
+)
+def test_an_alias_and_its_option_set_to_different_values_are_refused(tmp_path, argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(["--output_dir", str(tmp_path), *argv])
+    # the same option in a file and its alias on the command line: the command line overrides the file
+    path = tmp_path / "options.json"
+    path.write_text(json.dumps({argv[2].lstrip("-"): float(argv[3]) if "epochs" in argv[2] else int(argv[3])}))
+    _, _, training_args = parse_args([str(path), "--output_dir", str(tmp_path), *argv[:2]])
+    assert getattr(training_args, argv[2].lstrip("-")) == float(argv[1])
+
+
 # config field -> values of another type than it takes
 CONFIG_WRONG_TYPES = {
     "num_frozen_stages": [True, False, 2.0, "2"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from transformers import TrainingArguments
@@ -174,6 +174,7 @@ class HierarchicalTrainingArguments(TrainingArguments):
     def _apply_aliases(self) -> None:
         """Copy the original tool's options (`--epochs`, `--batch_size`, `--checkpoint_path`) to the Trainer's, and
         `--lr_fc` to `learning_rate` (which is not used otherwise)."""
+        self._check_alias_agreement()
         if self.epochs is not None:
             self.num_train_epochs = self.epochs
         if self.batch_size is not None:
@@ -190,6 +191,16 @@ class HierarchicalTrainingArguments(TrainingArguments):
                 f"--learning_rate {self.learning_rate} is not used: set --lr_conv (backbone) and --lr_fc (heads)"
             )
         self.learning_rate = self.lr_fc
+
+    def _check_alias_agreement(self) -> None:
+        """`ValueError` when an alias and the option it stands for are both set to different values (`--epochs 3
+        --num_train_epochs 5`): one of the two would be dropped silently. An option left at its default agrees."""
+        defaults = {field.name: field.default for field in fields(self)}
+        for alias, *names in OPTION_ALIASES[:2]:
+            value = getattr(self, alias)
+            for name in names:
+                if value is not None and getattr(self, name) not in (defaults[name], value):
+                    raise ValueError(f"--{alias} {value} and --{name} {getattr(self, name)} disagree; give one of them")
 
     def _check_ranges(self) -> None:
         """`ValueError` naming the first option out of its range (schedules, batch sizes, learning rates, decays,
