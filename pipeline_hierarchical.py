@@ -123,8 +123,8 @@ class HierarchicalImageClassificationPipeline(DecodingImageClassificationPipelin
     Image classification at both levels of the hierarchy with a hierarchical model
     (`HierarchicalEfficientNetV2ForImageClassification`): the model's `predict_from_logits` with its calibrated
     temperatures and consistent probabilities. Images are decoded as by [`DecodingImageClassificationPipeline`]. A
-    list, a tuple or a generator of images, a `datasets` column or dataset runs in batches of `DEFAULT_BATCH_SIZE` (32) unless `batch_size` is given (to
-    `pipeline(...)` or to the call).
+    list, a tuple or a generator of images, a `datasets` column or dataset runs in batches of `DEFAULT_BATCH_SIZE`
+    (32) unless `batch_size` is given (to `pipeline(...)` or to the call).
 
     Call arguments (besides the images, `batch_size` and `timeout`):
         min_confidence (`float`, *optional*, defaults to `config.selective_threshold`):
