@@ -98,6 +98,22 @@ def test_export_checks_itself_against_pytorch(exported):
 
 
 @pytest.mark.slow
+def test_a_second_export_replaces_the_file_only_with_overwrite(exported, capsys):
+    folder = exported[0]
+    before = (folder / ONNX_FILE).stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exit_info:
+        cli([str(folder), "--num_images", "2"])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.strip() == f"error: {str(folder / ONNX_FILE)!r} exists: pass --overwrite to replace it"
+    )
+    assert (folder / ONNX_FILE).stat().st_mtime_ns == before
+    assert main([str(folder), "--num_images", "2", "--overwrite"]).passed
+    assert (folder / ONNX_FILE).stat().st_mtime_ns > before
+    assert "input pixel_values (batch, 3, 32, 32), outputs logits, coarse_logits." in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_check_fails_when_onnx_and_pytorch_differ(exported, classifier):
     changed = copy.deepcopy(exported[1])
     with torch.no_grad():

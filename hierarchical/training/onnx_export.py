@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--atol", type=float, default=DEFAULT_ATOL, help="Largest accepted absolute difference of a logit."
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"Replace a {ONNX_FILE} already in MODEL_DIR (refused without it)."
+    )
     return parser
 
 
@@ -354,10 +357,16 @@ def main(argv: Sequence[str] | None = None) -> OnnxCheck:
     for name in ("onnx", "onnxscript", "onnxruntime"):  # before the minutes of an export
         import_extra(name)
     model = load_model(args.model_dir)
+    onnx_path = os.path.join(args.model_dir, ONNX_FILE)
+    if os.path.lexists(onnx_path) and not args.overwrite:
+        raise ValueError(f"{onnx_path!r} exists: pass --overwrite to replace it")
     images, source = check_images(args.images, args.num_images, model.config.image_size)
-    onnx_path = export_onnx(model, os.path.join(args.model_dir, ONNX_FILE))
-    size_mb = os.path.getsize(onnx_path) / 2**20
-    print(f"Wrote {onnx_path} ({size_mb:.1f} MiB): input {INPUT_NAME} (batch, 3, H, W), outputs logits, coarse_logits.")
+    export_onnx(model, onnx_path)
+    size_mb, side = os.path.getsize(onnx_path) / 2**20, model.config.image_size
+    print(
+        f"Wrote {onnx_path} ({size_mb:.1f} MiB): input {INPUT_NAME} (batch, {model.config.num_channels}, {side}, "
+        f"{side}), outputs logits, coarse_logits."
+    )
     classifier = OnnxHierarchicalClassifier.from_pretrained(args.model_dir)
     pixel_values = classifier.image_processor(images=images, return_tensors="pt")["pixel_values"]
     check = check_onnx_model(model, classifier, pixel_values, args.atol)
