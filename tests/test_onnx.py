@@ -138,6 +138,11 @@ def test_onnx_classifier_answers_as_the_model_does(exported, classifier):
     assert onnx_prediction.fine_labels == expected.fine_labels
     assert onnx_prediction.coarse_labels == expected.coarse_labels
     assert onnx_prediction.answer_labels == expected.answer_labels
+    images[0].save(exported[0].parent / "one.png")
+    for one in (images[0], str(exported[0].parent / "one.png"), exported[0].parent / "one.png"):
+        assert classifier(one).answer_labels == expected.answer_labels[:1]  # one image or file: a batch of one
+    with pytest.raises(ValueError, match="images must hold at least one image"):
+        classifier([])
     assert onnx_prediction.answer_levels == expected.answer_levels
     torch.testing.assert_close(onnx_prediction.fine_scores, expected.fine_scores, atol=1e-5, rtol=0)
     torch.testing.assert_close(onnx_prediction.answer_scores, expected.answer_scores, atol=1e-5, rtol=0)

@@ -157,11 +157,20 @@ class OnnxHierarchicalClassifier:
         return logits, coarse_logits
 
     def __call__(
-        self, images: Sequence[PIL.Image.Image], consistent: bool = True, min_confidence: float | None = None
+        self,
+        images: Sequence[PIL.Image.Image | str | os.PathLike] | PIL.Image.Image | str | os.PathLike,
+        consistent: bool = True,
+        min_confidence: float | None = None,
     ) -> HierarchicalPrediction:
-        """Predict class, superclass and (with a threshold) the selective answer of every image, as the model's
-        `predict_hierarchical` does on the same images."""
-        pixel_values = self.image_processor(images=list(images), return_tensors="np")["pixel_values"]
+        """Predict class, superclass and (with a threshold) the selective answer of every image (PIL images or image
+        files, one or a sequence; the result is always a batch), as the model's `predict_hierarchical` does on the
+        same images. `ValueError` for an empty sequence."""
+        if isinstance(images, PIL.Image.Image | str | os.PathLike):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("images must hold at least one image, got an empty sequence")
+        pixel_values = self.image_processor(images=images, return_tensors="np")["pixel_values"]
         logits, coarse_logits = self.logits(pixel_values)
         return self.predict_from_logits(
             torch.from_numpy(logits), torch.from_numpy(coarse_logits), consistent, min_confidence
