@@ -5,6 +5,8 @@ missing extras."""
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -210,5 +212,29 @@ def test_check_images_spread_over_folders_or_generated(tmp_path):
     images, source = check_images([], count=3, image_size=32)
     assert [image.size for image in images] == [(32, 32)] * 3 and "generated" in source
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"could not read the image '.*broken\.png'"):
+    with pytest.raises(ValueError, match=r"--images file '.*broken\.png'.* is not an image"):
         check_images([str(tmp_path / "a")], count=10, image_size=32)
+    # the model's decoder reads them: a file above the pixel limit is refused from its header, before decoding
+    PIL.Image.new("L", (40, 30)).save(tmp_path / "b" / "large.png")
+    with pytest.raises(ValueError, match=r"--images file '.*large\.png' is 40x30 = 1,200 pixels, above the limit"):
+        check_images([str(tmp_path / "b")], count=10, image_size=32, max_pixels=1000)
+
+
+def test_an_image_above_the_saved_processors_pixel_limit_ends_with_one_error_line(tmp_path, capsys, saved_model_dir):
+    for name in ONNX_EXTRAS:
+        pytest.importorskip(name, reason=SKIP_REASON)
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved_model_dir, model_dir)
+    processor_file = model_dir / "preprocessor_config.json"
+    processor_config = json.loads(processor_file.read_text())
+    processor_file.write_text(json.dumps(processor_config | {"max_image_pixels": 1000}))
+    PIL.Image.new("RGB", (40, 30)).save(tmp_path / "large.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli([str(model_dir), "--images", str(tmp_path / "large.png")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0
+    assert error.startswith(
+        f"error: the image of --images file {str(tmp_path / 'large.png')!r} is 40x30 = 1,200 pixels"
+    )
+    assert not (model_dir / ONNX_FILE).exists()  # refused before the export
