@@ -10,7 +10,8 @@ Every saved model carries this file and names it in `config.json` (`custom_pipel
      'parent_of_label': 'trees', 'answer_level': 'coarse', 'answer_label': 'trees', 'answer_score': 0.93,
      'min_confidence': 0.8}
     >>> classifier(["a.png", "b.png"])  # doctest: +SKIP
-    [{...}, {...}]  # a list (or a dataset) runs in batches of DEFAULT_BATCH_SIZE unless batch_size=... is given
+    [{...}, {...}]  # a list (a tuple, a generator, a dataset) runs in batches of DEFAULT_BATCH_SIZE
+    >>> classifier(dataset["img"], batch_size=64)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import base64
 import binascii
 import os
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import PIL.Image
@@ -55,6 +57,19 @@ class DecodingImageClassificationPipeline(ImageClassificationPipeline):
     or tensors.
     """
 
+    def __call__(self, inputs: Any = None, **kwargs: Any) -> Any:
+        """Classify one image, a list or tuple of images, a generator, a `datasets` column (`dataset["img"]`) or a
+        `datasets` dataset with one image column (its images, decoded as they are reached): one result for one image,
+        a list for a list, a tuple, a column or a dataset, an iterator for a generator or a streamed dataset."""
+        inputs = kwargs.pop("images", inputs)
+        if isinstance(inputs, list | tuple) and not inputs:
+            return []
+        images = _image_iterator(inputs)
+        if images is None:
+            return super().__call__(inputs, **kwargs)
+        results = super().__call__(images, **kwargs)
+        return list(results) if hasattr(inputs, "__len__") else results
+
     def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, Any]:
         image = decode_rgb(
             _encoded_image(image, timeout),
@@ -63,6 +78,28 @@ class DecodingImageClassificationPipeline(ImageClassificationPipeline):
             where="the pipeline input",
         )
         return self.image_processor(images=image, return_tensors="pt").to(self.dtype)
+
+
+def _image_iterator(inputs: Any) -> Iterator[Any] | None:
+    """A generator over the images of a tuple, a `datasets` column or a `datasets` dataset (`Dataset` or
+    `IterableDataset`) with exactly one `Image` column, so that the pipeline runs them in batches like a list; None
+    for any other input, which the pipeline takes as it is. `ValueError` naming the columns for a dataset without
+    exactly one image column."""
+    if isinstance(inputs, tuple):
+        return (image for image in inputs)
+    if not type(inputs).__module__.startswith("datasets."):
+        return None
+    if not hasattr(inputs, "column_names"):  # a column: its values are the images
+        return (image for image in inputs)
+    features = inputs.features or {}
+    columns = [name for name, feature in features.items() if type(feature).__name__ == "Image"]
+    if len(columns) != 1:
+        example = columns[0] if columns else "name"
+        raise ValueError(
+            f"a dataset given to the pipeline needs exactly one Image column, got {columns or 'none'} among its "
+            f"columns {inputs.column_names}: pass the images of one column, e.g. classifier(dataset[{example!r}])"
+        )
+    return (row[columns[0]] for row in inputs)
 
 
 def _encoded_image(image: Any, timeout: float | None) -> str | os.PathLike | bytes | PIL.Image.Image:
@@ -86,8 +123,8 @@ class HierarchicalImageClassificationPipeline(DecodingImageClassificationPipelin
     Image classification at both levels of the hierarchy with a hierarchical model
     (`HierarchicalEfficientNetV2ForImageClassification`): the model's `predict_from_logits` with its calibrated
     temperatures and consistent probabilities. Images are decoded as by [`DecodingImageClassificationPipeline`]. A
-    list of images or a dataset runs in batches of `DEFAULT_BATCH_SIZE` (32) unless `batch_size` is given (to
-    `pipeline(...)` or to the call).
+    list, a tuple or a generator of images, a `datasets` column or dataset runs in batches of `DEFAULT_BATCH_SIZE`
+    (32) unless `batch_size` is given (to `pipeline(...)` or to the call).
 
     Call arguments (besides the images, `batch_size` and `timeout`):
         min_confidence (`float`, *optional*, defaults to `config.selective_threshold`):

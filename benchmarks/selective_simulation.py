@@ -9,9 +9,10 @@ calibration images worth fitting temperatures on.
 1. threshold: synthetic models whose every image has a known chance of being right. For each model and target
    accuracy, a large population gives the true accuracy at every threshold and the oracle: the most answers any
    threshold gives while its true accuracy reaches the target. Each draw of `--calibration_images` images runs
-   `choose_selective_threshold` with each candidate set of starting coverages; the table shows how often a
-   threshold was found, how often the chosen one misses the target on new data (must stay <= 1 - confidence),
-   and the share it answers as a fraction of the oracle's.
+   `choose_selective_threshold` with each candidate: a set of starting coverages and the share of the images that
+   places the starts (the tests run on the others), and the former rule that placed the starts on the tested
+   images themselves. The table shows how often a threshold was found, how often the chosen one misses the target
+   on new data (must stay <= 1 - confidence), and the share it answers as a fraction of the oracle's.
 2. temperatures: labels drawn from known probabilities, logits over-confident by a known factor. Temperatures
    fitted on n images are judged by the negative log-likelihood on 2,000 new images, against temperature 1.
 """
@@ -19,6 +20,7 @@ calibration images worth fitting temperatures on.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -29,16 +31,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hierarchical.evaluation.metrics import selective_curve  # noqa: E402
-from hierarchical.evaluation.selective_threshold import THRESHOLD_GRID, choose_selective_threshold  # noqa: E402
+from hierarchical.evaluation.selective_threshold import (  # noqa: E402
+    THRESHOLD_GRID,
+    choose_selective_threshold,
+    fixed_sequence_tests,
+)
 
 SEED = 0
 POPULATION = 400_000
-CANDIDATES = {  # column name -> starting coverages (several: Bonferroni)
-    "10%": (0.1,),
-    "1%": (0.01,),
-    "0": (0.0,),
-    "1% + 10%": (0.01, 0.1),
-    "0.5% + 2% + 10%": (0.005, 0.02, 0.1),
+CANDIDATES = {  # column name -> (starting coverages (several: Bonferroni), share placing the starts; 0: same images)
+    "1% + 10% on the tested images (former)": ((0.01, 0.1), 0.0),
+    "1% + 10%, share 0.05": ((0.01, 0.1), 0.05),
+    "**1% + 10%, share 0.1**": ((0.01, 0.1), 0.1),
+    "1% + 10%, share 0.2": ((0.01, 0.1), 0.2),
+    "1% + 10%, share 0.3": ((0.01, 0.1), 0.3),
+    "10%, share 0.1": ((0.1,), 0.1),
+    "1%, share 0.1": ((0.01,), 0.1),
 }
 
 
@@ -67,10 +75,25 @@ def weak(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     return p, p, q, (q - p) / (1 - p)
 
 
+def non_monotone(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """`over_confident`, except that its most confident images (class confidence above 0.97, about 3%) are right
+    only 55% of the time: less accurate than the band below them."""
+    p, fine_chance, q, coarse_chance = over_confident(n, rng)
+    return p, np.where(p > 0.97, 0.55, fine_chance), q, coarse_chance
+
+
+def edge(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """99.5% right on its 5% most confident images, a coin toss elsewhere: high targets only the top 5% reach."""
+    p = rng.random(n)
+    return p, np.where(p > 0.95, 0.995, 0.5), p, np.zeros(n)
+
+
 MODELS: dict[str, tuple[Callable[[int, np.random.Generator], tuple[np.ndarray, ...]], tuple[float, ...]]] = {
     "weak": (weak, (0.2, 0.4, 0.5, 0.6, 0.7)),
     "moderate": (over_confident, (0.6, 0.8, 0.9, 0.95, 0.99, 0.995)),
     "strong": (strong, (0.95, 0.99, 0.998)),
+    "non-monotone": (non_monotone, (0.6, 0.8, 0.85, 0.9)),
+    "edge": (edge, (0.9, 0.95)),
 }
 WEIGHT = 10**6  # chances as integer weights, for the counts of `selective_curve`
 
@@ -94,6 +117,22 @@ def population_curve(model: Callable, rng: np.random.Generator) -> tuple[np.ndar
     return np.nan_to_num(accuracy, nan=1.0), counts["answered"] / POPULATION
 
 
+def same_images_threshold(
+    draw: tuple[np.ndarray, ...], target: float, confidence: float, starts: tuple[float, ...]
+) -> float | None:
+    """The former rule: each sequence starts at the first threshold that answers the share `starts[i]` of the
+    calibration images (and the count that could pass with no error), and is tested on the same images."""
+    counts = selective_curve(*draw, THRESHOLD_GRID)
+    error_rate, delta = 1.0 - target, (1.0 - confidence) / len(starts)
+    could_pass = math.ceil(math.log(delta) / math.log(1.0 - error_rate))
+    first = []
+    for coverage in starts:
+        enough = counts["answered"] >= max(could_pass, math.ceil(coverage * len(draw[0])))
+        first.append(int(np.argmax(enough)) if enough.any() else len(THRESHOLD_GRID))
+    best, _ = fixed_sequence_tests(counts["answered"], counts["correct"], first, error_rate, delta)
+    return float(THRESHOLD_GRID[best]) if best >= 0 else None
+
+
 def simulate_thresholds(args: argparse.Namespace) -> list[tuple]:
     """Rows `(model, target, oracle coverage, {candidate: (found, miss rate, coverage / oracle)})`."""
     rng = np.random.default_rng(SEED)
@@ -106,9 +145,13 @@ def simulate_thresholds(args: argparse.Namespace) -> list[tuple]:
             reached = accuracy >= target
             oracle = float(coverage[reached].max()) if reached.any() else 0.0
             cells = {}
-            for name, starts in CANDIDATES.items():
+            for name, (starts, share) in CANDIDATES.items():
                 chosen = [
-                    choose_selective_threshold(*draw, target, args.confidence, start_coverages=starts).threshold
+                    choose_selective_threshold(
+                        *draw, target, args.confidence, start_coverages=starts, start_share=share
+                    ).threshold
+                    if share
+                    else same_images_threshold(draw, target, args.confidence, starts)
                     for draw in draws
                 ]
                 at = np.array([index[t] for t in chosen if t is not None], dtype=np.int64)

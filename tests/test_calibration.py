@@ -37,6 +37,7 @@ from hierarchical.evaluation.selective_threshold import (
     accuracy_lower_bound,
     binomial_cdf,
     choose_selective_threshold,
+    start_split,
 )
 from hierarchical.evaluation.temperature_scaling import fit_temperatures, hierarchical_nll
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
@@ -201,9 +202,9 @@ def test_chosen_threshold_meets_the_target_with_the_stated_confidence():
     coverage = dict(zip(grid, population["answered"] / population["num_samples"], strict=True))
 
     chosen, naive = [], []
-    for _ in range(draws):
+    for draw in range(draws):
         calibration = simulate(500, rng)
-        result = choose_selective_threshold(*calibration, target_accuracy=target, confidence=confidence)
+        result = choose_selective_threshold(*calibration, target_accuracy=target, confidence=confidence, seed=draw)
         if result.threshold is not None:  # else nothing is certified: the model answers nothing, wrongly or not
             assert result.accuracy_lower_bound >= target
             chosen.append(result.threshold)
@@ -211,7 +212,9 @@ def test_chosen_threshold_meets_the_target_with_the_stated_confidence():
         counts = selective_curve(*calibration, grid)
         reached = counts["correct"] >= target * counts["answered"]
         naive.append(grid[np.flatnonzero(reached & (counts["answered"] > 0))[-1]])
-    assert len(chosen) >= 0.9 * draws, "a threshold should be found in almost every draw"
+    # 50 of the 500 images only place the starts: the search finds a threshold a little less often than it would
+    # testing on all 500 (about 88% of draws here)
+    assert len(chosen) >= 0.85 * draws, "a threshold should be found in almost every draw"
     met = (np.sum([true_accuracy[t] >= target for t in chosen]) + draws - len(chosen)) / draws
     assert met >= confidence, f"target met in only {met:.0%} of {draws} draws"
     assert np.mean([coverage[t] for t in chosen]) > 0.3, "the guarantee should not come from answering little"
@@ -239,7 +242,9 @@ def test_a_high_target_reached_only_by_the_most_confident_images_gets_a_threshol
     draws = [edge_model(2000, rng) for _ in range(40)]
     chosen = [choose_selective_threshold(*draw, target_accuracy=0.95).threshold for draw in draws]
     found = [t for t in chosen if t is not None]
-    assert len(found) >= 0.5 * len(draws), f"a threshold in only {len(found)} of {len(draws)} draws"
+    # about 35% of draws: the 10% of images that place the starts place the first testable threshold less exactly
+    # than counting on the tested images did (about 70%), but that count is not an exact test
+    assert len(found) >= 0.2 * len(draws), f"a threshold in only {len(found)} of {len(draws)} draws"
     misses = sum(edge_model_accuracy(t) < 0.95 for t in found)
     assert misses <= 0.1 * len(draws) + 2  # marginal guarantee, with sampling slack for 40 draws
     # one start at 10% of the images (the former rule) never tests a threshold that answers less
@@ -270,7 +275,75 @@ def test_the_guarantee_holds_by_simulation_with_few_images_and_any_starts(num_im
             assert result.answered >= math.log(0.1 / len(start_coverages)) / math.log(1 - (1 - target))
     assert misses / draws <= (1 - confidence) + 0.05, f"missed in {misses} of {draws} draws"
     if num_images >= 120:
-        assert found >= 0.6 * draws  # and the search still finds thresholds
+        assert found >= 0.3 * draws  # and the search still finds thresholds (about 45% of draws with 120 images)
+
+
+def non_monotone(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """`simulate`, except that the most confident images (class confidence above 0.97, about 3%) are right only 55%
+    of the time: less accurate than the band below them, so thresholds that certify and thresholds that miss
+    alternate down the grid."""
+    p, fine_correct, q, coarse_correct = simulate(n, rng)
+    top = p > 0.97
+    fine_correct = np.where(top, rng.random(n) < 0.55, fine_correct)
+    return p, fine_correct, q, np.where(top, fine_correct | (rng.random(n) < (q - p) / (1 - p)), coarse_correct)
+
+
+@pytest.mark.parametrize("target", [0.8, 0.9])
+def test_the_guarantee_holds_by_simulation_where_the_most_confident_answers_are_less_accurate(target):
+    """P(a threshold is chosen and its true accuracy is below the target) <= 1 - confidence when the accuracy is not
+    monotone in the confidence. At 0.9 no threshold reaches the target, so every threshold chosen is a miss; at 0.8
+    the search must still find thresholds, and a plug-in rule misses in most draws."""
+    confidence, draws = 0.9, 150
+    rng = np.random.default_rng(7)
+    grid = np.arange(1000, 0, -1) / 1000
+    population = selective_curve(*non_monotone(200_000, rng), grid)
+    with np.errstate(invalid="ignore"):
+        true_accuracy = dict(zip(grid, population["correct"] / population["answered"], strict=True))
+    misses = found = naive_misses = 0
+    for draw in range(draws):
+        calibration = non_monotone(2000, rng)
+        result = choose_selective_threshold(*calibration, target, confidence, seed=draw)
+        if result.threshold is not None:
+            found += 1
+            misses += true_accuracy[result.threshold] < target
+        counts = selective_curve(*calibration, grid)  # the lowest threshold whose calibration accuracy reaches it
+        reached = np.flatnonzero((counts["correct"] >= target * counts["answered"]) & (counts["answered"] > 0))
+        naive_misses += bool(len(reached)) and true_accuracy[grid[reached[-1]]] < target
+    # 1 - confidence, plus about 2.5 binomial standard deviations for 150 draws
+    assert misses / draws <= (1 - confidence) + 0.06, f"missed in {misses} of {draws} draws"
+    assert naive_misses / draws > 0.3  # the test can fail: without the finite-sample bound the target is missed
+    if target == 0.8:
+        assert found >= 0.5 * draws, f"a threshold in only {found} of {draws} draws"
+    else:
+        assert np.nanmax(list(true_accuracy.values())) < target  # no threshold reaches 0.9: any choice misses
+
+
+def test_the_starts_are_placed_on_other_images_than_the_tests():
+    """The thresholds are tested on the images `start_split` leaves for testing, and only those: what the result
+    reports is counted on them, and the images that placed the starts can change without changing a test's
+    counts, only where it starts."""
+    rng = np.random.default_rng(3)
+    scores = simulate(1000, rng)
+    result = choose_selective_threshold(*scores, 0.8, start_share=0.1, seed=5)
+    start_rows, test_rows = start_split(1000, 0.1, seed=5)
+    assert (result.start_samples, result.test_samples) == (100, 900) == (len(start_rows), len(test_rows))
+    assert not set(start_rows) & set(test_rows) and len(set(start_rows) | set(test_rows)) == 1000
+    counts = selective_curve(*(np.asarray(a)[test_rows] for a in scores), np.array([result.threshold]))
+    assert (result.answered, result.correct) == (counts["answered"][0], counts["correct"][0])
+    assert result.accuracy_lower_bound == accuracy_lower_bound(result.correct, result.answered, 1 - 0.1 / 2)
+    assert (
+        choose_selective_threshold(*scores, 0.8, start_share=0.1, seed=5) == result
+    )  # seeded: the same split every time
+    assert not np.array_equal(start_split(1000, 0.1, seed=6)[0], start_rows)
+    # wrong answers among the start images do not count against any test
+    fine_correct, coarse_correct = scores[1].copy(), scores[3].copy()
+    fine_correct[start_rows] = coarse_correct[start_rows] = False
+    spoiled = choose_selective_threshold(
+        scores[0], fine_correct, scores[2], coarse_correct, 0.8, start_share=0.1, seed=5
+    )
+    assert (spoiled.threshold, spoiled.answered, spoiled.correct) == (result.threshold, result.answered, result.correct)
+    with pytest.raises(ValueError, match="start_share must be in"):
+        choose_selective_threshold(*scores, 0.8, start_share=1.0)
 
 
 def test_unreachable_target_gives_no_threshold():

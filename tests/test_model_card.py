@@ -153,6 +153,7 @@ def test_card_for_the_hub_names_weights_calibration_versions_and_data(output_dir
     assert 'model_id = "me/shop-classifier"' in text and "/data/" not in card.content  # no path of this machine
     assert "min_confidence=0.5" not in text and "the stored threshold 0.873 is its default min_confidence" in text
     assert "fine 1.250, coarse 0.800, fitted on 500 validation images" in text
+    assert "never changes its head's own argmax, but" in text and "can change the class and superclass" in text
     assert "Selective threshold 0.873" in text and "target accuracy of 0.9 at confidence 0.95" in text
     assert guarantee_text(0.9, 0.95) in text  # the one wording of the guarantee, as the log and the report give it
     assert "P(a threshold is chosen and it misses the target) <= 1 - confidence = 0.05" in text

@@ -5,6 +5,8 @@ missing extras."""
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -98,6 +100,22 @@ def test_export_checks_itself_against_pytorch(exported):
 
 
 @pytest.mark.slow
+def test_a_second_export_replaces_the_file_only_with_overwrite(exported, capsys):
+    folder = exported[0]
+    before = (folder / ONNX_FILE).stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exit_info:
+        cli([str(folder), "--num_images", "2"])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.strip() == f"error: {str(folder / ONNX_FILE)!r} exists: pass --overwrite to replace it"
+    )
+    assert (folder / ONNX_FILE).stat().st_mtime_ns == before
+    assert main([str(folder), "--num_images", "2", "--overwrite"]).passed
+    assert (folder / ONNX_FILE).stat().st_mtime_ns > before
+    assert "input pixel_values (batch, 3, 32, 32), outputs logits, coarse_logits." in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_check_fails_when_onnx_and_pytorch_differ(exported, classifier):
     changed = copy.deepcopy(exported[1])
     with torch.no_grad():
@@ -122,6 +140,11 @@ def test_onnx_classifier_answers_as_the_model_does(exported, classifier):
     assert onnx_prediction.fine_labels == expected.fine_labels
     assert onnx_prediction.coarse_labels == expected.coarse_labels
     assert onnx_prediction.answer_labels == expected.answer_labels
+    images[0].save(exported[0].parent / "one.png")
+    for one in (images[0], str(exported[0].parent / "one.png"), exported[0].parent / "one.png"):
+        assert classifier(one).answer_labels == expected.answer_labels[:1]  # one image or file: a batch of one
+    with pytest.raises(ValueError, match="images must hold at least one image"):
+        classifier([])
     assert onnx_prediction.answer_levels == expected.answer_levels
     torch.testing.assert_close(onnx_prediction.fine_scores, expected.fine_scores, atol=1e-5, rtol=0)
     torch.testing.assert_close(onnx_prediction.answer_scores, expected.answer_scores, atol=1e-5, rtol=0)
@@ -189,5 +212,29 @@ def test_check_images_spread_over_folders_or_generated(tmp_path):
     images, source = check_images([], count=3, image_size=32)
     assert [image.size for image in images] == [(32, 32)] * 3 and "generated" in source
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"could not read the image '.*broken\.png'"):
+    with pytest.raises(ValueError, match=r"--images file '.*broken\.png'.* is not an image"):
         check_images([str(tmp_path / "a")], count=10, image_size=32)
+    # the model's decoder reads them: a file above the pixel limit is refused from its header, before decoding
+    PIL.Image.new("L", (40, 30)).save(tmp_path / "b" / "large.png")
+    with pytest.raises(ValueError, match=r"--images file '.*large\.png' is 40x30 = 1,200 pixels, above the limit"):
+        check_images([str(tmp_path / "b")], count=10, image_size=32, max_pixels=1000)
+
+
+def test_an_image_above_the_saved_processors_pixel_limit_ends_with_one_error_line(tmp_path, capsys, saved_model_dir):
+    for name in ONNX_EXTRAS:
+        pytest.importorskip(name, reason=SKIP_REASON)
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved_model_dir, model_dir)
+    processor_file = model_dir / "preprocessor_config.json"
+    processor_config = json.loads(processor_file.read_text())
+    processor_file.write_text(json.dumps(processor_config | {"max_image_pixels": 1000}))
+    PIL.Image.new("RGB", (40, 30)).save(tmp_path / "large.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli([str(model_dir), "--images", str(tmp_path / "large.png")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0
+    assert error.startswith(
+        f"error: the image of --images file {str(tmp_path / 'large.png')!r} is 40x30 = 1,200 pixels"
+    )
+    assert not (model_dir / ONNX_FILE).exists()  # refused before the export

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -391,3 +392,27 @@ def test_pipeline_batches_a_list_by_default_and_warns_only_without_a_threshold(s
     sizes.clear()
     classifier(images, batch_size=2)
     assert sizes == [2, 2, 1]
+
+
+def test_pipeline_batches_tuples_dataset_columns_and_datasets(saved_model_dir, monkeypatch):
+    classifier = pipeline("hierarchical-image-classification", model=str(saved_model_dir), trust_remote_code=True)
+    sizes = []
+    forward = classifier.model.forward
+    monkeypatch.setattr(classifier.model, "forward", lambda **inputs: sizes.append(len(inputs["pixel_values"])) or
+                        forward(**inputs))  # fmt: skip
+    images = [Image.new("RGB", (32, 32), (10 * i, 0, 0)) for i in range(5)]
+    expected = [output["label"] for output in classifier(images, min_confidence=0.5)]
+    data = datasets.Dataset.from_dict({"img": images, "label": list(range(5))}).cast_column("img", datasets.Image())
+    for inputs in (tuple(images), data["img"], data, data.to_iterable_dataset()):
+        sizes.clear()
+        outputs = classifier(inputs, min_confidence=0.5)
+        assert isinstance(outputs, list) == hasattr(inputs, "__len__")  # a streamed dataset stays lazy
+        assert [output["label"] for output in outputs] == expected
+        assert sizes == [5], type(inputs).__name__
+    assert classifier([]) == [] and classifier(()) == []
+    two = datasets.Dataset.from_dict({"img": images, "mask": images}, features=datasets.Features(
+        {"img": datasets.Image(), "mask": datasets.Image()}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"exactly one Image column, got \['img', 'mask'\] .*dataset\['img'\]"):
+        classifier(two)
+    with pytest.raises(ValueError, match=r"exactly one Image column, got none among its columns \['label'\]"):
+        classifier(data.remove_columns("img"))

@@ -72,10 +72,12 @@ class CalibrationArguments:
     )
     selective_start_coverage: list[float] = option(
         default_factory=lambda: list(DEFAULT_START_COVERAGES),
-        help="Shares of the calibration images that the first threshold tested answers, one search from each "
-        "(several share the error budget 1 - --selective_confidence equally). A small start finds thresholds "
-        "for high targets that only the most confident images reach; a larger one is surer for low targets. "
-        "Default from benchmarks/selective_simulation.py.",
+        help="Where each search sequence starts: the first threshold that answers this share of the start images "
+        "(a seeded share of the calibration images, drawn with --seed, that places the starts and is not tested "
+        "on), one sequence from each share (several share the error budget 1 - --selective_confidence equally). "
+        "A small start finds thresholds for high targets that only the most confident images reach; a larger one "
+        "is surer for low targets. 0 starts where a test could first pass. Default from "
+        "benchmarks/selective_simulation.py.",
     )
     calibration_split_fraction: float = option(
         1.0,
@@ -319,7 +321,7 @@ def calibrate_and_select(
             config.fine_temperature,
             config.coarse_temperature,
         )
-        search = None if args.selective_target_accuracy is None else _select_threshold(config, part, args)
+        search = None if args.selective_target_accuracy is None else _select_threshold(config, part, args, seed)
     config.validate_hierarchy()
     metrics = {f"eval_{name}": value for name, value in evaluate_calibration(*part, config).items()}
     metrics["eval_calibration_samples"] = float(len(rows))
@@ -335,12 +337,15 @@ def calibrate_and_select(
 
 
 def _search_metrics(search: SelectiveThreshold) -> dict[str, float | str]:
-    """What a user needs to judge the threshold search: its target, confidence and the guarantee in words, and
-    for the chosen threshold the calibration images it answered, how many rightly, and the lower bound."""
+    """What a user needs to judge the threshold search: its target, confidence and the guarantee in words, how many
+    calibration images placed the starts and how many the thresholds were tested on, and for the chosen threshold
+    the tested images it answered, how many rightly, and the lower bound from them."""
     metrics: dict[str, float | str] = {
         "eval_selective_target_accuracy": float(search.target_accuracy),
         "eval_selective_confidence": float(search.confidence),
         "eval_selective_guarantee": guarantee_text(search.target_accuracy, search.confidence),
+        "eval_selective_start_samples": float(search.start_samples),
+        "eval_selective_test_samples": float(search.test_samples),
     }
     if search.threshold is not None:
         metrics["eval_selective_answered"] = float(search.answered)
@@ -356,27 +361,29 @@ def _prediction_arrays(prediction: PredictionOutput, rows: np.ndarray) -> tuple[
 
 
 def _select_threshold(
-    config: HierarchicalEfficientNetV2Config, part: tuple[np.ndarray, ...], args: CalibrationArguments
+    config: HierarchicalEfficientNetV2Config, part: tuple[np.ndarray, ...], args: CalibrationArguments, seed: int
 ) -> SelectiveThreshold:
-    """Choose the selective threshold on the calibration images `part`, with the config's (new) temperatures;
-    store it in `config` when one passed."""
+    """Choose the selective threshold on the calibration images `part`, with the config's (new) temperatures (the
+    images that place the search's starts drawn with `seed`); store it in `config` when one passed."""
     scores = hierarchical_scores(*part, config)
     search = choose_selective_threshold(
         *scores.confidences_and_correct(),
         args.selective_target_accuracy,
         args.selective_confidence,
         start_coverages=tuple(args.selective_start_coverage),
+        seed=seed,
     )
     if search.threshold is None:
         logger.warning(
             "No confidence threshold is certified for an accuracy of %s with confidence %s on %d calibration "
-            "images (searched from thresholds answering %s of them): the model keeps no selective_threshold "
-            "(lower --selective_target_accuracy, calibrate on more images, or try a smaller "
+            "images (searched from thresholds answering %s of %d other images): the model keeps no "
+            "selective_threshold (lower --selective_target_accuracy, calibrate on more images, or try a smaller "
             "--selective_start_coverage)",
             args.selective_target_accuracy,
             args.selective_confidence,
-            search.num_samples,
+            search.test_samples,
             " and ".join(f"{c:.1%}" for c in search.start_coverages),
+            search.start_samples,
         )
         return search
     config.selective_threshold = search.threshold
@@ -384,13 +391,14 @@ def _select_threshold(
     config.selective_confidence = args.selective_confidence
     logger.info(
         "Selective threshold %.3f: %d of %d calibration images answered, %d rightly (accuracy %.4f, lower bound "
-        "%.4f); %s",
+        "%.4f; %d other calibration images placed where the search started); %s",
         search.threshold,
         search.answered,
-        search.num_samples,
+        search.test_samples,
         search.correct,
         search.correct / search.answered,
         search.accuracy_lower_bound,
+        search.start_samples,
         guarantee_text(args.selective_target_accuracy, args.selective_confidence),
     )
     return search

@@ -345,6 +345,10 @@ def calibration_section(config: PretrainedConfig, results: dict[str, float]) -> 
     else:
         samples = results.get("eval_calibration_samples")
         temperatures += f", fitted on {int(samples)} validation images." if samples else "."
+        temperatures += (
+            " A temperature never changes its head's own argmax, but it changes how the two heads weigh against each "
+            "other, so it can change the class and superclass these return."
+        )
     threshold = config.selective_threshold
     if threshold is not None and config.selective_target_accuracy is not None:
         confidence = config.selective_confidence

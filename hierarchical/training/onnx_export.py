@@ -25,8 +25,8 @@ from transformers import AutoImageProcessor
 from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
-from hierarchical.data.decoding import to_rgb
 from hierarchical.data.hierarchy_files import IMAGE_EXTENSIONS
+from image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
 from prediction_hierarchical import HierarchicalPrediction
 
@@ -157,11 +157,20 @@ class OnnxHierarchicalClassifier:
         return logits, coarse_logits
 
     def __call__(
-        self, images: Sequence[PIL.Image.Image], consistent: bool = True, min_confidence: float | None = None
+        self,
+        images: Sequence[PIL.Image.Image | str | os.PathLike] | PIL.Image.Image | str | os.PathLike,
+        consistent: bool = True,
+        min_confidence: float | None = None,
     ) -> HierarchicalPrediction:
-        """Predict class, superclass and (with a threshold) the selective answer of every image, as the model's
-        `predict_hierarchical` does on the same images."""
-        pixel_values = self.image_processor(images=list(images), return_tensors="np")["pixel_values"]
+        """Predict class, superclass and (with a threshold) the selective answer of every image (PIL images or image
+        files, one or a sequence; the result is always a batch), as the model's `predict_hierarchical` does on the
+        same images. `ValueError` for an empty sequence."""
+        if isinstance(images, PIL.Image.Image | str | os.PathLike):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("images must hold at least one image, got an empty sequence")
+        pixel_values = self.image_processor(images=images, return_tensors="np")["pixel_values"]
         logits, coarse_logits = self.logits(pixel_values)
         return self.predict_from_logits(
             torch.from_numpy(logits), torch.from_numpy(coarse_logits), consistent, min_confidence
@@ -278,19 +287,18 @@ def image_files(paths: Sequence[str]) -> list[str]:
     return files
 
 
-def read_image(path: str) -> PIL.Image.Image:
-    """The RGB image in the file `path`; `ValueError` naming the file when it cannot be decoded."""
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
-        raise ValueError(f"--images: could not read the image {path!r}: {type(error).__name__}: {error}") from None
+def read_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """The RGB image in the file `path`, read by the model's own decoder (`decode_rgb`); `ValueError` naming the file
+    when it is not an image, cannot be decoded, or is larger than `max_pixels` (refused from its header)."""
+    return decode_rgb(path, max_pixels=max_pixels, where=f"--images file {path!r}")
 
 
-def check_images(paths: Sequence[str], count: int, image_size: int) -> tuple[list[PIL.Image.Image], str]:
-    """`count` images to check an export on, and where they come from: evenly spread over the image files of `paths`,
-    or, without paths, generated ones (random pixels, seeded)."""
+def check_images(
+    paths: Sequence[str], count: int, image_size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[list[PIL.Image.Image], str]:
+    """`count` images to check an export on, and where they come from: evenly spread over the image files of `paths`
+    (each within `max_pixels`, as the model's image processor reads them), or, without paths, generated ones (random
+    pixels, seeded)."""
     if not paths:
         rng = np.random.default_rng(CHECK_SEED)
         images = [
@@ -299,7 +307,7 @@ def check_images(paths: Sequence[str], count: int, image_size: int) -> tuple[lis
         return images, f"{count} generated images (random pixels; pass --images to check on real ones)"
     files = image_files(paths)
     chosen = sorted({int(i) for i in np.linspace(0, len(files) - 1, min(count, len(files)))})
-    return [read_image(files[i]) for i in chosen], f"{len(chosen)} images of {len(files)} from --images"
+    return [read_image(files[i], max_pixels) for i in chosen], f"{len(chosen)} images of {len(files)} from --images"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--atol", type=float, default=DEFAULT_ATOL, help="Largest accepted absolute difference of a logit."
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"Replace a {ONNX_FILE} already in MODEL_DIR (refused without it)."
+    )
     return parser
 
 
@@ -354,10 +365,20 @@ def main(argv: Sequence[str] | None = None) -> OnnxCheck:
     for name in ("onnx", "onnxscript", "onnxruntime"):  # before the minutes of an export
         import_extra(name)
     model = load_model(args.model_dir)
-    images, source = check_images(args.images, args.num_images, model.config.image_size)
-    onnx_path = export_onnx(model, os.path.join(args.model_dir, ONNX_FILE))
-    size_mb = os.path.getsize(onnx_path) / 2**20
-    print(f"Wrote {onnx_path} ({size_mb:.1f} MiB): input {INPUT_NAME} (batch, 3, H, W), outputs logits, coarse_logits.")
+    onnx_path = os.path.join(args.model_dir, ONNX_FILE)
+    if os.path.lexists(onnx_path) and not args.overwrite:
+        raise ValueError(f"{onnx_path!r} exists: pass --overwrite to replace it")
+    # the pixel limit the saved image processor applies when the model serves (the decoder's default for a processor
+    # that is not this project's and has none)
+    processor = load_image_processor(args.model_dir, model.config)
+    max_pixels = getattr(processor, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    images, source = check_images(args.images, args.num_images, model.config.image_size, max_pixels)
+    export_onnx(model, onnx_path)
+    size_mb, side = os.path.getsize(onnx_path) / 2**20, model.config.image_size
+    print(
+        f"Wrote {onnx_path} ({size_mb:.1f} MiB): input {INPUT_NAME} (batch, {model.config.num_channels}, {side}, "
+        f"{side}), outputs logits, coarse_logits."
+    )
     classifier = OnnxHierarchicalClassifier.from_pretrained(args.model_dir)
     pixel_values = classifier.image_processor(images=images, return_tensors="pt")["pixel_values"]
     check = check_onnx_model(model, classifier, pixel_values, args.atol)
