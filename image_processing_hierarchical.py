@@ -62,30 +62,53 @@ def reduction_factors(size: tuple[int, int], image_size: int | None) -> tuple[in
     return max(1, size[0] // target), max(1, size[1] // target)
 
 
-def open_image(source: str | os.PathLike | bytes, where: str, max_pixels: int | None) -> PIL.Image.Image:
-    """Open (not decode) an encoded image; `ValueError` naming `where` for a file that is not an image or an image
-    above `max_pixels` (width x height, read from the header)."""
-    if isinstance(source, bytes | bytearray):
-        stream: Any = io.BytesIO(source)
-    else:
-        check_regular_file(source, where)  # before opening: a FIFO would block
-        stream = source
-    try:
-        with warnings.catch_warnings():  # PIL's own size warning: the limit that applies is `max_pixels`
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            image = PIL.Image.open(stream)
-    except PIL.UnidentifiedImageError:
-        named = "its bytes are" if isinstance(source, bytes | bytearray) else f"the file {str(source)!r} is"
-        raise ValueError(f"the image of {where}: {named} not an image (PIL cannot identify the format)") from None
-    except Exception as error:  # OSError, PIL's DecompressionBombError, struct.error, ... for broken headers
-        raise ValueError(f"the image of {where} cannot be read: {type(error).__name__}: {error}") from None
+def check_pixel_limit(image: PIL.Image.Image, where: str, max_pixels: int | None) -> None:
+    """`ValueError` naming `where` when `image` (width x height, known from the header) is above `max_pixels`."""
     if max_pixels is not None and image.width * image.height > max_pixels:
-        image.close()
         raise ValueError(
             f"the image of {where} is {image.width}x{image.height} = {image.width * image.height:,} pixels, "
             f"above the limit of {max_pixels:,} (--max_image_pixels)"
         )
+
+
+def load_image(source: str | os.PathLike | bytes, where: str, max_pixels: int | None) -> PIL.Image.Image:
+    """Decode an encoded image (file path or bytes) as PIL stores it; `ValueError` naming `where` for a file that
+    cannot be read, is not an image or is broken, and for an image above `max_pixels` (width x height, from the
+    header, before decoding)."""
+    if isinstance(source, bytes | bytearray):
+        stream: Any = io.BytesIO(source)
+        named = "its bytes are"
+    else:
+        check_regular_file(source, where)  # before opening: a FIFO would block
+        named = f"the file {str(source)!r} is"
+        try:
+            # a file object, not the path: given a path PIL maps an uncompressed file into memory, and then (Pillow
+            # 13) scrambles a TIFF whose EXIF orientation swaps its sides, where the file's bytes decode right
+            stream = open(source, "rb")  # noqa: SIM115 (closed by the `with` below)
+        except OSError as error:
+            raise ValueError(
+                f"the image of {where} is the path {str(source)!r}, which cannot be read: {error}"
+            ) from None
+    with stream:
+        try:
+            with warnings.catch_warnings():  # PIL's own size warning: the limit that applies is `max_pixels`
+                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+                image = PIL.Image.open(stream)
+        except PIL.UnidentifiedImageError:
+            raise ValueError(f"the image of {where}: {named} not an image (PIL cannot identify the format)") from None
+        except Exception as error:  # OSError, PIL's DecompressionBombError, struct.error, ... for broken headers
+            raise ValueError(f"the image of {where} cannot be read: {type(error).__name__}: {error}") from None
+        check_pixel_limit(image, where, max_pixels)
+        load_pixels(image, where)
     return image
+
+
+def load_pixels(image: PIL.Image.Image, where: str) -> None:
+    """Decode a PIL image opened from a file (nothing for one in memory); `ValueError` naming `where` when broken."""
+    try:
+        image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
+        raise ValueError(f"could not decode the image of {where}: {type(error).__name__}: {error}") from error
 
 
 def decode_rgb(
@@ -99,32 +122,25 @@ def decode_rgb(
     Args:
         source (`str`, `os.PathLike`, `bytes` or `PIL.Image.Image`): the image.
         image_size (`int`, *optional*): the model's input size. Each side larger than 2 x `image_size` is reduced
-            by an integer factor (`Image.draft` while a JPEG is decoded, then `Image.reduce`, a box filter) to
-            [2 x, 4 x) `image_size`; `None` keeps the source size.
+            by an integer factor (`Image.reduce`, a box filter, right after the decoding) to [2 x, 4 x)
+            `image_size`; `None` keeps the source size.
         max_pixels (`int`, *optional*, defaults to 50,000,000): larger images (width x height) are refused from
             their header, before decoding.
         where (`str`, *optional*): what error messages call the image (a row, a file).
 
-    EXIF orientation is applied. Modes: "1" and "L" become grey, "P", "PA", "LA", "RGBA", "CMYK", "LAB", "YCbCr",
-    ... convert to RGB as PIL converts them (alpha dropped, palettes looked up); "I;16*" (16-bit) is divided by 257,
-    "I" and "F" follow `to_eight_bit` (their range is read before the reduction). `ValueError` names `where`.
+    The pixels depend only on the image, never on how it is given: its path, its bytes and `PIL.Image.open` of it,
+    loaded or not, decode alike (so no JPEG is decoded at a reduced scale with `Image.draft`, which only a file not
+    yet loaded allows). EXIF orientation is applied. Modes: "1" and "L" become grey, "P", "PA", "LA", "RGBA", "CMYK",
+    "LAB", "YCbCr", ... convert to RGB as PIL converts them (alpha dropped, palettes looked up); "I;16*" (16-bit) is
+    divided by 257, "I" and "F" follow `to_eight_bit` (their range is read before the reduction). `ValueError` names
+    `where`.
     """
     if isinstance(source, PIL.Image.Image):
         image = source
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise ValueError(
-                f"the image of {where} is {image.width}x{image.height} = {image.width * image.height:,} pixels, "
-                f"above the limit of {max_pixels:,} (--max_image_pixels)"
-            )
+        check_pixel_limit(image, where, max_pixels)
+        load_pixels(image, where)  # `PIL.Image.open` of a file, not loaded yet
     else:
-        image = open_image(source, where, max_pixels)
-        if image.format == "JPEG" and image_size is not None:  # decode at 1/2, 1/4 or 1/8 scale when that suffices
-            target = DECODE_SIDE_PER_IMAGE_SIZE * image_size
-            image.draft(None, (target, target))
-        try:
-            image.load()
-        except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
-            raise ValueError(f"could not decode the image of {where}: {type(error).__name__}: {error}") from error
+        image = load_image(source, where, max_pixels)
     if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:  # as datasets' Image feature does
         image = PIL.ImageOps.exif_transpose(image)
     scale = eight_bit_scale(image, where)  # from the whole source, before the reduction averages it

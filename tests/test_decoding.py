@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from transformers import AutoImageProcessor, pipeline
 
@@ -25,7 +25,8 @@ from image_processing_hierarchical import decode_rgb, decoded_side_bound
 
 CONFIG = small_config()  # 32 px: images above 64 px on a side are reduced while decoded
 # Every mode the project reads: PIL's image modes that an image file can hold.
-MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "LAB", "LA", "PA", "YCbCr", "HSV", "RGBX")
+MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "I;16", "I;16B", "I;16L", "I", "F", "LAB", "LA", "PA", "YCbCr", "HSV")
+MODES += ("RGBX",)
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +42,17 @@ def serving(saved_model_dir: Path) -> dict:
     }
 
 
-@st.composite
-def images(draw: st.DrawFn) -> PIL.Image.Image:
-    """A small image in any accepted mode, with values over the whole range its mode stands for (16-bit data in
-    "I", [0, 1] or [0, 255] in "F"), sometimes larger than twice the model size."""
-    mode = draw(st.sampled_from(MODES))
-    size = (draw(st.integers(1, 80)), draw(st.integers(1, 80)))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+def random_image(mode: str, size: tuple[int, int], rng: np.random.Generator, top: float) -> PIL.Image.Image:
+    """An image of `mode` and `size` with random values; "I" and "F" values in [0, `top`) (16-bit data or 8-bit in
+    "I", [0, 1] or [0, 255] in "F")."""
     shape = size[::-1]
-    if mode == "I;16":
-        return PIL.Image.fromarray(rng.integers(0, 65536, shape, dtype=np.uint16))
+    if mode.startswith("I;16"):
+        values = rng.integers(0, 65536, shape, dtype=np.uint16)
+        return PIL.Image.frombytes(mode, size, values.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
     if mode == "I":
-        return PIL.Image.fromarray(rng.integers(0, draw(st.sampled_from([256, 65536])), shape).astype(np.int32))
+        return PIL.Image.fromarray(rng.integers(0, int(top), shape).astype(np.int32))
     if mode == "F":
-        return PIL.Image.fromarray((rng.random(shape) * draw(st.sampled_from([1.0, 255.0]))).astype(np.float32))
+        return PIL.Image.fromarray((rng.random(shape) * top).astype(np.float32))
     if mode == "1":
         return PIL.Image.fromarray(rng.random(shape) < 0.5)
     image = PIL.Image.new(mode, size)
@@ -62,6 +60,20 @@ def images(draw: st.DrawFn) -> PIL.Image.Image:
     if mode in ("P", "PA"):
         image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
     return image
+
+
+SIDES = st.integers(1, 80)
+
+
+@st.composite
+def images(draw: st.DrawFn, modes: tuple[str, ...] = MODES, sides: st.SearchStrategy[int] = SIDES) -> PIL.Image.Image:
+    """A small image in one of `modes`, its sides drawn from `sides` (above twice the model size, 64 px: reduced
+    while decoded), with values over the whole range its mode stands for."""
+    mode = draw(st.sampled_from(modes))
+    size = (draw(sides), draw(sides))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    top = {"I": draw(st.sampled_from([256, 65536])), "F": draw(st.sampled_from([1.0, 255.0]))}.get(mode, 0)
+    return random_image(mode, size, rng, top)
 
 
 @given(image=images())
@@ -74,6 +86,73 @@ def test_every_path_gives_the_model_the_same_pixels(serving, image):
         paths[task] = serving[task].preprocess(image)["pixel_values"][0]
     for name, pixels in paths.items():
         assert torch.equal(pixels, expected), f"{image.mode} {image.size}: {name} differs from the evaluation transform"
+
+
+# What each file format can hold, of the modes above (GIF and BMP hold no EXIF orientation).
+FILE_MODES = {
+    "PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"),
+    "TIFF": ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "LAB", "YCbCr", "I;16", "I;16B", "I", "F"),
+    "JPEG": ("L", "RGB", "CMYK"),
+    "GIF": ("L", "P"),
+    "BMP": ("1", "L", "P", "RGB"),
+}
+EXIF_FORMATS = ("PNG", "TIFF", "JPEG")
+
+
+@st.composite
+def image_files(draw: st.DrawFn) -> tuple[str, PIL.Image.Image, int]:
+    """A format, an image in a mode it holds, its sides either small or at least 4 x the model size (a JPEG that
+    large could be decoded at half scale), and an EXIF orientation (1 to 8; 1 is upright) where the format holds
+    one."""
+    format = draw(st.sampled_from(sorted(FILE_MODES)))
+    image = draw(images(FILE_MODES[format], sides=st.integers(1, 48) | st.integers(128, 300)))
+    orientation = draw(st.integers(1, 8)) if format in EXIF_FORMATS else 1
+    return format, image, orientation
+
+
+UPRIGHT_TIFF = ("TIFF", PIL.Image.fromarray(np.arange(6, dtype=np.uint8).reshape(2, 3)), 6)  # mapped from its path
+
+
+@given(file=image_files())
+@example(file=UPRIGHT_TIFF)
+@example(file=("JPEG", PIL.Image.new("RGB", (300, 200), (40, 90, 200)), 1))  # decoded at 1/2 scale from its path
+def test_a_file_gives_the_same_pixels_however_it_is_handed_over(serving, tmp_path_factory, file):
+    """Its path, its bytes, `PIL.Image.open` of it (loaded or not), to the training data, training's evaluation
+    transform, the image processor and both pipelines: one model input (EXIF orientation applied alike)."""
+    format, image, orientation = file
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = orientation
+    path = tmp_path_factory.mktemp("file") / f"image.{format.lower()}"
+    image.save(path, format, **({"exif": exif.tobytes()} if format in EXIF_FORMATS else {}))
+
+    def opened() -> PIL.Image.Image:
+        return PIL.Image.open(path)
+
+    def loaded() -> PIL.Image.Image:
+        image = PIL.Image.open(path)
+        image.load()
+        return image
+
+    def training_data(stored: dict) -> torch.Tensor:  # a row of an `Image(decode=False)` column, as evaluated
+        pixels = decode_to_tensor(stored, 0, "test", image_size=CONFIG.image_size)[None]
+        return DevicePreprocessor(CONFIG)({"pixel_values": pixels})["pixel_values"][0]
+
+    expected = training_data({"bytes": None, "path": str(path)})
+    paths = {"training data, bytes": training_data({"bytes": path.read_bytes(), "path": None})}
+    processor = serving["image processor"]
+    # Pillow 13 maps an uncompressed TIFF opened by its path into memory and scrambles it when its EXIF orientation
+    # swaps the sides: such an image object is wrong before any code of ours sees it (the path and bytes are not)
+    user_opened = [] if format == "TIFF" and orientation >= 5 else [("opened", opened), ("loaded", loaded)]
+    for how, given_as in user_opened:
+        paths[f"evaluation transform, {how}"] = build_eval_transform(CONFIG)(given_as())
+        paths[f"image processor, {how}"] = processor(given_as(), return_tensors="pt")["pixel_values"][0]
+    paths["image processor, path"] = processor(str(path), return_tensors="pt")["pixel_values"][0]
+    for task in ("image-classification", "hierarchical-image-classification"):
+        paths[f"{task}, path"] = serving[task].preprocess(str(path))["pixel_values"][0]
+        for how, given_as in user_opened:
+            paths[f"{task}, {how}"] = serving[task].preprocess(given_as())["pixel_values"][0]
+    for name, pixels in paths.items():
+        assert torch.equal(pixels, expected), f"{format} {image.mode} {image.size} {orientation}: {name} differs"
 
 
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped(serving):
