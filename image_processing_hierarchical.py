@@ -171,21 +171,29 @@ def eight_bit_scale(image: PIL.Image.Image, where: str = "the image") -> float |
     if image.mode not in DEEP_MODES:
         return None
     low, high = (float(value) for value in image.getextrema())
+    if image.mode == "F":
+        return float_scale(low, high, where)
     if not (np.isfinite(low) and np.isfinite(high)):
         raise ValueError(f"{where}: {image.mode} pixels include NaN or infinity")
-    if image.mode == "F":
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"{where}: 32-bit float pixels in [{low:g}, {high:g}], neither in [0, 1] nor in [0, 255]; "
-                "convert the image to 8 bits"
-            )
-        return 255.0 if high <= 1.0 else 1.0
     if low < 0 or high > 65535:
         raise ValueError(
             f"{where}: 32-bit integer pixels in [{low:g}, {high:g}], beyond the 16-bit range [0, 65535]; "
             "convert the image to 8 or 16 bits"
         )
     return 1 / 257 if high > 255 else 1.0  # 16-bit data, or 8-bit data held in 32 bits
+
+
+def float_scale(low: float, high: float, where: str = "the image") -> float:
+    """The factor that brings float pixels from [`low`, `high`] to [0, 255]: 255 for [0, 1], 1 for [0, 255];
+    `ValueError` naming `where` for NaN, infinity or values beyond."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(f"{where}: float pixels include NaN or infinity")
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"{where}: float pixels in [{low:g}, {high:g}], neither in [0, 1] nor in [0, 255]; "
+            "convert the image to 8 bits"
+        )
+    return 255.0 if high <= 1.0 else 1.0
 
 
 def to_eight_bit(image: PIL.Image.Image, where: str = "the image", scale: float | None = None) -> PIL.Image.Image:
@@ -253,8 +261,8 @@ class HierarchicalImageProcessor(ViTImageProcessor):
         size (`dict`, *optional*): `{"height": S, "width": S}`, the model's image size.
         image_mean, image_std (`list[float]`, *optional*): normalisation.
 
-    Images may be PIL images (any mode), file paths, encoded bytes, `(H, W)` or `(H, W, C)` uint8 arrays or
-    `(C, H, W)` uint8 tensors. Returns a `BatchFeature` with `pixel_values` `(batch, 3, S, S)` float32.
+    Images may be PIL images (any mode), file paths, encoded bytes, `(H, W)` or `(H, W, C)` arrays or `(C, H, W)`
+    tensors (uint8, or float in [0, 1] or [0, 255]: [`array_image`]). Returns a `BatchFeature` with `pixel_values` `(batch, 3, S, S)` float32.
 
     Example:
 
@@ -287,9 +295,9 @@ class HierarchicalImageProcessor(ViTImageProcessor):
 
 
 def as_decodable(image: Any, where: str = "the input") -> str | os.PathLike | bytes | PIL.Image.Image:
-    """`image` as `decode_rgb` takes it: `(H, W)`/`(H, W, C)` arrays and `(C, H, W)` tensors become PIL images, a
-    `datasets` image as stored (`{"bytes": ..., "path": ...}`) its bytes, else its path (`ValueError` naming `where`
-    without either); `TypeError` for anything else."""
+    """`image` as `decode_rgb` takes it: `(H, W)`/`(H, W, C)` arrays and `(C, H, W)` tensors become PIL images by
+    [`array_image`], a `datasets` image as stored (`{"bytes": ..., "path": ...}`) its bytes, else its path
+    (`ValueError` naming `where` without either); `TypeError` for anything else."""
     if isinstance(image, dict):
         source = image.get("bytes") if image.get("bytes") is not None else image.get("path")
         if source is None:
@@ -297,13 +305,36 @@ def as_decodable(image: Any, where: str = "the input") -> str | os.PathLike | by
                 f"could not decode the image of {where}: the row has neither image bytes nor an image path"
             )
         return source
+    if isinstance(image, torch.Tensor):  # read as the array it holds, by the same rules
+        image = image.detach().cpu()
+        image = (image.float() if image.is_floating_point() else image).numpy()
+        if image.ndim == 3:
+            image = image.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
     if isinstance(image, np.ndarray):
-        return PIL.Image.fromarray(image)
-    if isinstance(image, torch.Tensor):
-        return v2.functional.to_pil_image(image)
+        return array_image(image, where)
     if isinstance(image, str | os.PathLike | bytes | bytearray | PIL.Image.Image):
         return image
     raise TypeError(f"images must be PIL images, file paths, bytes, arrays or tensors, got {type(image).__name__}")
+
+
+def array_image(array: np.ndarray, where: str = "the input") -> PIL.Image.Image:
+    """An `(H, W)` or `(H, W, C)` array as a PIL image for `decode_rgb`: `(H, W, 1)` is `(H, W)`; a float colour
+    image (C = 3 or 4) is brought to 8 bits by the rule of float images ([`float_scale`]: [0, 1] times 255, [0, 255]
+    as it is, rounded; others refused); everything else as `PIL.Image.fromarray` reads it (grey float, 16-bit and
+    32-bit integer images then follow `eight_bit_scale`). `ValueError` naming `where` for other shapes and types."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.dtype.kind == "f" and array.size:
+        scale = float_scale(float(array.min()), float(array.max()), where)
+        array = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+    try:
+        return PIL.Image.fromarray(array)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{where}: an array of shape {array.shape} and type {array.dtype} is not an image; give (H, W) or "
+            "(H, W, 3 or 4) values (uint8, or float in [0, 1] or [0, 255]; (H, W) also uint16 or int32), or a "
+            "(C, H, W) tensor"
+        ) from None
 
 
 HierarchicalImageProcessor.register_for_auto_class("AutoImageProcessor")
@@ -312,12 +343,14 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "HierarchicalImageProcessor",
     "ToNormalizedFloat",
+    "array_image",
     "as_decodable",
     "build_model_input_transform",
     "check_regular_file",
     "decode_rgb",
     "decoded_side_bound",
     "eight_bit_scale",
+    "float_scale",
     "reduction_factors",
     "to_eight_bit",
 ]

@@ -155,6 +155,56 @@ def test_a_file_gives_the_same_pixels_however_it_is_handed_over(serving, tmp_pat
         assert torch.equal(pixels, expected), f"{format} {image.mode} {image.size} {orientation}: {name} differs"
 
 
+@st.composite
+def arrays(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    """An `(H, W)`, `(H, W, 1)`, `(H, W, 3)` or `(H, W, 4)` array of 8-bit values, as uint8, as float in [0, 1] or
+    as float in [0, 255]; and its 8-bit values (the channel of 1 dropped)."""
+    channels = draw(st.sampled_from([(), (1,), (3,), (4,)]))
+    shape = (draw(st.integers(1, 40)), draw(st.integers(1, 40)), *channels)
+    values = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).integers(0, 256, shape, dtype=np.uint8)
+    kind = draw(st.sampled_from(["uint8", "unit float", "float"]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    if kind == "float":
+        values.flat[0] = 255  # above 1: read as [0, 255]
+    array = {"uint8": values, "unit float": values / dtype(255), "float": values.astype(dtype)}[kind]
+    return array, values[..., 0] if channels == (1,) else values
+
+
+@given(given=arrays())
+def test_arrays_and_tensors_give_the_pixels_of_their_values(serving, given):
+    """An array, the `(C, H, W)` tensor of it and the 8-bit image of its values give one model input (float by the
+    rule of float images, rounded, never wrapped or truncated)."""
+    array, values = given
+    expected = serving["image processor"](PIL.Image.fromarray(values), return_tensors="pt")["pixel_values"][0]
+    tensor = torch.from_numpy(array)
+    tensor = tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor
+    paths = {
+        "image processor, array": serving["image processor"](array, return_tensors="pt")["pixel_values"][0],
+        "image processor, tensor": serving["image processor"](tensor, return_tensors="pt")["pixel_values"][0],
+    }
+    for task in ("image-classification", "hierarchical-image-classification"):
+        paths[f"{task}, array"] = serving[task].preprocess(array)["pixel_values"][0]
+        paths[f"{task}, tensor"] = serving[task].preprocess(tensor)["pixel_values"][0]
+    for name, pixels in paths.items():
+        assert torch.equal(pixels, expected), f"{array.shape} {array.dtype}: {name} differs"
+
+
+@pytest.mark.parametrize(
+    ("image", "refused"),
+    [
+        (torch.full((3, 8, 8), 300.0), r"float pixels in \[300, 300\], neither in \[0, 1\] nor in \[0, 255\]"),
+        (np.full((8, 8, 3), -0.5), r"float pixels in \[-0.5, -0.5\]"),
+        (np.full((8, 8, 3), np.nan, dtype=np.float32), "float pixels include NaN or infinity"),
+        (np.zeros((8, 8, 3), dtype=np.uint16), r"an array of shape \(8, 8, 3\) and type uint16 is not an image"),
+        (np.zeros((3, 8, 8), dtype=np.uint8), r"an array of shape \(3, 8, 8\) and type uint8 is not an image"),
+    ],
+)
+def test_arrays_and_tensors_out_of_range_or_shape_are_refused(serving, image, refused):
+    for name in ("image processor", "hierarchical-image-classification"):
+        with pytest.raises(ValueError, match=refused):
+            serving[name](image)
+
+
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped(serving):
     grey = PIL.Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32))  # mid-grey in [0, 1]
     deep = PIL.Image.fromarray(np.full((32, 32), 32896, dtype=np.uint16))  # 128 x 257

@@ -182,6 +182,13 @@ def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
+def test_onnx_classifier_refuses_an_image_above_the_limit_from_its_header(classifier, huge_png):
+    for image in (str(huge_png), PIL.Image.open(huge_png)):  # a path, and a PIL image not decoded yet
+        with pytest.raises(ValueError, match="is 12000x12000 = 144,000,000 pixels, above the limit of 50,000,000"):
+            classifier([image])
+
+
 @pytest.mark.slow  # a fresh process imports torch and transformers
 def test_export_script_refuses_a_missing_folder(tmp_path):
     result = run_script("-m", "hierarchical.export_onnx", str(tmp_path / "missing"))
