@@ -141,8 +141,7 @@ def decode_rgb(
         load_pixels(image, where)  # `PIL.Image.open` of a file, not loaded yet
     else:
         image = load_image(source, where, max_pixels)
-    if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:  # as datasets' Image feature does
-        image = PIL.ImageOps.exif_transpose(image)
+    image = upright(image, where)
     scale = eight_bit_scale(image, where)  # from the whole source, before the reduction averages it
     if image.mode == "1":
         image = image.convert("L")
@@ -156,6 +155,18 @@ def decode_rgb(
     if scale is not None:
         image = to_eight_bit(image, where, scale)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def upright(image: PIL.Image.Image, where: str = "the image") -> PIL.Image.Image:
+    """`image` turned as its EXIF orientation says (as `datasets`' Image feature turns it); `ValueError` naming
+    `where` when its EXIF data cannot be read."""
+    try:
+        orientation = image.getexif().get(PIL.Image.ExifTags.Base.Orientation)
+        return image if orientation is None else PIL.ImageOps.exif_transpose(image)
+    except Exception as error:  # PIL raises SyntaxError, struct.error, ... for broken EXIF data
+        raise ValueError(
+            f"the EXIF data of the image of {where} cannot be read: {type(error).__name__}: {error}"
+        ) from None
 
 
 def eight_bit_scale(image: PIL.Image.Image, where: str = "the image") -> float | None:
@@ -353,4 +364,5 @@ __all__ = [
     "float_scale",
     "reduction_factors",
     "to_eight_bit",
+    "upright",
 ]

@@ -5,7 +5,9 @@ limit is read from the header everywhere; large images are reduced while decoded
 from __future__ import annotations
 
 import io
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +205,31 @@ def test_arrays_and_tensors_out_of_range_or_shape_are_refused(serving, image, re
     for name in ("image processor", "hierarchical-image-classification"):
         with pytest.raises(ValueError, match=refused):
             serving[name](image)
+
+
+def with_exif_chunk(png: bytes, exif: bytes) -> bytes:
+    """`png` with an `eXIf` chunk holding `exif`, right after its header chunk."""
+    chunk = b"eXIf" + exif
+    header_end = 8 + 25  # the signature, then IHDR: length, type, 13 bytes, CRC
+    return (
+        png[:header_end]
+        + struct.pack(">I", len(exif))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + png[header_end:]
+    )
+
+
+@given(exif=st.binary(max_size=64) | st.builds(lambda tail: b"MM\x00*" + tail, st.binary(max_size=60)))
+@example(exif=b"\x00\x01\x02\x03garbage")  # PIL: SyntaxError, not a TIFF file
+def test_any_exif_data_is_read_or_refused_naming_the_row(exif):
+    png = with_exif_chunk(encode_image(PIL.Image.new("RGB", (20, 10), (40, 90, 200))), exif)
+    try:
+        decoded = decode_image({"bytes": png, "path": None}, 5, "train", image_size=CONFIG.image_size)
+    except ValueError as error:
+        assert "row index=5 of split 'train'" in str(error)
+    else:
+        assert decoded.mode == "RGB" and sorted(decoded.size) == [10, 20]
 
 
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped(serving):
