@@ -16,7 +16,7 @@ import io
 import os
 import stat
 import warnings
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import PIL.Image
@@ -71,34 +71,50 @@ def check_pixel_limit(image: PIL.Image.Image, where: str, max_pixels: int | None
         )
 
 
+def open_image(source: str | os.PathLike | bytes | BinaryIO, where: str, max_pixels: int | None) -> PIL.Image.Image:
+    """Open (not decode) an encoded image: a file path, bytes or an open binary file; `ValueError` naming `where` for
+    a file that is not an image or an image above `max_pixels` (width x height, read from the header)."""
+    if isinstance(source, bytes | bytearray):
+        stream: Any = io.BytesIO(source)
+        named = "its bytes are"
+    elif isinstance(source, str | os.PathLike):
+        check_regular_file(source, where)  # before opening: a FIFO would block
+        stream, named = source, f"the file {str(source)!r} is"
+    else:
+        stream, named = source, f"the file {getattr(source, 'name', '')!r} is"
+    try:
+        with warnings.catch_warnings():  # PIL's own size warning: the limit that applies is `max_pixels`
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(stream)
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"the image of {where}: {named} not an image (PIL cannot identify the format)") from None
+    except Exception as error:  # OSError, PIL's DecompressionBombError, struct.error, ... for broken headers
+        raise ValueError(f"the image of {where} cannot be read: {type(error).__name__}: {error}") from None
+    try:
+        check_pixel_limit(image, where, max_pixels)
+    except ValueError:
+        image.close()
+        raise
+    return image
+
+
 def load_image(source: str | os.PathLike | bytes, where: str, max_pixels: int | None) -> PIL.Image.Image:
     """Decode an encoded image (file path or bytes) as PIL stores it; `ValueError` naming `where` for a file that
     cannot be read, is not an image or is broken, and for an image above `max_pixels` (width x height, from the
     header, before decoding)."""
     if isinstance(source, bytes | bytearray):
-        stream: Any = io.BytesIO(source)
-        named = "its bytes are"
-    else:
-        check_regular_file(source, where)  # before opening: a FIFO would block
-        named = f"the file {str(source)!r} is"
-        try:
-            # a file object, not the path: given a path PIL maps an uncompressed file into memory, and then (Pillow
-            # 13) scrambles a TIFF whose EXIF orientation swaps its sides, where the file's bytes decode right
-            stream = open(source, "rb")  # noqa: SIM115 (closed by the `with` below)
-        except OSError as error:
-            raise ValueError(
-                f"the image of {where} is the path {str(source)!r}, which cannot be read: {error}"
-            ) from None
-    with stream:
-        try:
-            with warnings.catch_warnings():  # PIL's own size warning: the limit that applies is `max_pixels`
-                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-                image = PIL.Image.open(stream)
-        except PIL.UnidentifiedImageError:
-            raise ValueError(f"the image of {where}: {named} not an image (PIL cannot identify the format)") from None
-        except Exception as error:  # OSError, PIL's DecompressionBombError, struct.error, ... for broken headers
-            raise ValueError(f"the image of {where} cannot be read: {type(error).__name__}: {error}") from None
-        check_pixel_limit(image, where, max_pixels)
+        image = open_image(source, where, max_pixels)
+        load_pixels(image, where)
+        return image
+    check_regular_file(source, where)  # before opening: a FIFO would block
+    try:
+        # a file object, not the path: given a path PIL maps an uncompressed file into memory, and then (Pillow 13)
+        # scrambles a TIFF whose EXIF orientation swaps its sides, where the file's bytes decode right
+        file = open(source, "rb")  # noqa: SIM115 (closed by the `with` below)
+    except OSError as error:
+        raise ValueError(f"the image of {where} is the path {str(source)!r}, which cannot be read: {error}") from None
+    with file:
+        image = open_image(file, where, max_pixels)
         load_pixels(image, where)
     return image
 
