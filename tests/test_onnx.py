@@ -155,17 +155,12 @@ def test_missing_extra_names_the_install_command(monkeypatch, capsys, saved_mode
         (["{model}", "--images", "{missing}"], "error: --images '{missing}' does not exist"),
         (["{model}", "--images", "{empty}"], "error: --images '{empty}' holds no image file"),
         (["{model}", "--num_images", "0"], "error: --num_images must be >= 1, got 0"),
-        (  # from its header, before the export and without decoding it (576 MB as RGB)
-            ["{model}", "--images", "{huge}"],
-            "error: the image of --images '{huge}' is 12000x12000 = 144,000,000 pixels, above the limit of 50,000,000",
-        ),
     ],
 )
-def test_bad_input_ends_with_one_error_line(tmp_path, capsys, saved_model_dir, huge_png, argv, message):
+def test_bad_input_ends_with_one_error_line(tmp_path, capsys, saved_model_dir, argv, message):
     for name in ONNX_EXTRAS:
         pytest.importorskip(name, reason=SKIP_REASON)
     paths = {"missing": str(tmp_path / "missing"), "empty": str(tmp_path), "model": str(saved_model_dir)}
-    paths["huge"] = str(huge_png)
     with pytest.raises(SystemExit) as exit_info:
         cli([part.format(**paths) for part in argv])
     assert exit_info.value.code == 2
@@ -209,5 +204,5 @@ def test_check_images_spread_over_folders_or_generated(tmp_path):
     images, source = check_images([], count=3, image_size=32)
     assert [image.size for image in images] == [(32, 32)] * 3 and "generated" in source
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"the image of --images '.*broken\.png': the file .* is not an image"):
+    with pytest.raises(ValueError, match=r"could not read the image '.*broken\.png'"):
         check_images([str(tmp_path / "a")], count=10, image_size=32)

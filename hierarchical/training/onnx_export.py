@@ -25,8 +25,8 @@ from transformers import AutoImageProcessor
 from transformers.utils import logging
 
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from hierarchical.data.decoding import to_rgb
 from hierarchical.data.hierarchy_files import IMAGE_EXTENSIONS
-from image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb
 from modeling_hierarchical import HierarchicalEfficientNetV2ForImageClassification, build_image_processor
 from prediction_hierarchical import HierarchicalPrediction
 
@@ -278,18 +278,19 @@ def image_files(paths: Sequence[str]) -> list[str]:
     return files
 
 
-def read_image(path: str, image_size: int, max_pixels: int | None) -> PIL.Image.Image:
-    """The image in the file `path`, decoded by the model's decoder (`decode_rgb`: refused above `max_pixels` from
-    its header, reduced for `image_size`); `ValueError` naming the file when it cannot be decoded."""
-    return decode_rgb(path, image_size, max_pixels, where=f"--images {path!r}")
+def read_image(path: str) -> PIL.Image.Image:
+    """The RGB image in the file `path`; `ValueError` naming the file when it cannot be decoded."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
+        raise ValueError(f"--images: could not read the image {path!r}: {type(error).__name__}: {error}") from None
 
 
-def check_images(
-    paths: Sequence[str], count: int, image_size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-) -> tuple[list[PIL.Image.Image], str]:
-    """`count` images to check an export on, and where they come from: evenly spread over the image files of `paths`
-    (an image above `max_pixels` refused from its header), or, without paths, generated ones (random pixels,
-    seeded)."""
+def check_images(paths: Sequence[str], count: int, image_size: int) -> tuple[list[PIL.Image.Image], str]:
+    """`count` images to check an export on, and where they come from: evenly spread over the image files of `paths`,
+    or, without paths, generated ones (random pixels, seeded)."""
     if not paths:
         rng = np.random.default_rng(CHECK_SEED)
         images = [
@@ -298,8 +299,7 @@ def check_images(
         return images, f"{count} generated images (random pixels; pass --images to check on real ones)"
     files = image_files(paths)
     chosen = sorted({int(i) for i in np.linspace(0, len(files) - 1, min(count, len(files)))})
-    images = [read_image(files[i], image_size, max_pixels) for i in chosen]
-    return images, f"{len(chosen)} images of {len(files)} from --images"
+    return [read_image(files[i]) for i in chosen], f"{len(chosen)} images of {len(files)} from --images"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,8 +354,7 @@ def main(argv: Sequence[str] | None = None) -> OnnxCheck:
     for name in ("onnx", "onnxscript", "onnxruntime"):  # before the minutes of an export
         import_extra(name)
     model = load_model(args.model_dir)
-    max_pixels = getattr(load_image_processor(args.model_dir, model.config), "max_image_pixels", None)
-    images, source = check_images(args.images, args.num_images, model.config.image_size, max_pixels)
+    images, source = check_images(args.images, args.num_images, model.config.image_size)
     onnx_path = export_onnx(model, os.path.join(args.model_dir, ONNX_FILE))
     size_mb = os.path.getsize(onnx_path) / 2**20
     print(f"Wrote {onnx_path} ({size_mb:.1f} MiB): input {INPUT_NAME} (batch, 3, H, W), outputs logits, coarse_logits.")
