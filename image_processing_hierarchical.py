@@ -16,7 +16,7 @@ import io
 import os
 import stat
 import warnings
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import PIL.Image
@@ -62,30 +62,69 @@ def reduction_factors(size: tuple[int, int], image_size: int | None) -> tuple[in
     return max(1, size[0] // target), max(1, size[1] // target)
 
 
-def open_image(source: str | os.PathLike | bytes, where: str, max_pixels: int | None) -> PIL.Image.Image:
-    """Open (not decode) an encoded image; `ValueError` naming `where` for a file that is not an image or an image
-    above `max_pixels` (width x height, read from the header)."""
+def check_pixel_limit(image: PIL.Image.Image, where: str, max_pixels: int | None) -> None:
+    """`ValueError` naming `where` when `image` (width x height, known from the header) is above `max_pixels`."""
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ValueError(
+            f"the image of {where} is {image.width}x{image.height} = {image.width * image.height:,} pixels, "
+            f"above the limit of {max_pixels:,} (--max_image_pixels)"
+        )
+
+
+def open_image(source: str | os.PathLike | bytes | BinaryIO, where: str, max_pixels: int | None) -> PIL.Image.Image:
+    """Open (not decode) an encoded image: a file path, bytes or an open binary file; `ValueError` naming `where` for
+    a file that is not an image or an image above `max_pixels` (width x height, read from the header)."""
     if isinstance(source, bytes | bytearray):
         stream: Any = io.BytesIO(source)
-    else:
+        named = "its bytes are"
+    elif isinstance(source, str | os.PathLike):
         check_regular_file(source, where)  # before opening: a FIFO would block
-        stream = source
+        stream, named = source, f"the file {str(source)!r} is"
+    else:
+        stream, named = source, f"the file {getattr(source, 'name', '')!r} is"
     try:
         with warnings.catch_warnings():  # PIL's own size warning: the limit that applies is `max_pixels`
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
             image = PIL.Image.open(stream)
     except PIL.UnidentifiedImageError:
-        named = "its bytes are" if isinstance(source, bytes | bytearray) else f"the file {str(source)!r} is"
         raise ValueError(f"the image of {where}: {named} not an image (PIL cannot identify the format)") from None
     except Exception as error:  # OSError, PIL's DecompressionBombError, struct.error, ... for broken headers
         raise ValueError(f"the image of {where} cannot be read: {type(error).__name__}: {error}") from None
-    if max_pixels is not None and image.width * image.height > max_pixels:
+    try:
+        check_pixel_limit(image, where, max_pixels)
+    except ValueError:
         image.close()
-        raise ValueError(
-            f"the image of {where} is {image.width}x{image.height} = {image.width * image.height:,} pixels, "
-            f"above the limit of {max_pixels:,} (--max_image_pixels)"
-        )
+        raise
     return image
+
+
+def load_image(source: str | os.PathLike | bytes, where: str, max_pixels: int | None) -> PIL.Image.Image:
+    """Decode an encoded image (file path or bytes) as PIL stores it; `ValueError` naming `where` for a file that
+    cannot be read, is not an image or is broken, and for an image above `max_pixels` (width x height, from the
+    header, before decoding)."""
+    if isinstance(source, bytes | bytearray):
+        image = open_image(source, where, max_pixels)
+        load_pixels(image, where)
+        return image
+    check_regular_file(source, where)  # before opening: a FIFO would block
+    try:
+        # a file object, not the path: given a path PIL maps an uncompressed file into memory, and then (Pillow 13)
+        # scrambles a TIFF whose EXIF orientation swaps its sides, where the file's bytes decode right
+        file = open(source, "rb")  # noqa: SIM115 (closed by the `with` below)
+    except OSError as error:
+        raise ValueError(f"the image of {where} is the path {str(source)!r}, which cannot be read: {error}") from None
+    with file:
+        image = open_image(file, where, max_pixels)
+        load_pixels(image, where)
+    return image
+
+
+def load_pixels(image: PIL.Image.Image, where: str) -> None:
+    """Decode a PIL image opened from a file (nothing for one in memory); `ValueError` naming `where` when broken."""
+    try:
+        image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
+        raise ValueError(f"could not decode the image of {where}: {type(error).__name__}: {error}") from error
 
 
 def decode_rgb(
@@ -99,34 +138,26 @@ def decode_rgb(
     Args:
         source (`str`, `os.PathLike`, `bytes` or `PIL.Image.Image`): the image.
         image_size (`int`, *optional*): the model's input size. Each side larger than 2 x `image_size` is reduced
-            by an integer factor (`Image.draft` while a JPEG is decoded, then `Image.reduce`, a box filter) to
-            [2 x, 4 x) `image_size`; `None` keeps the source size.
+            by an integer factor (`Image.reduce`, a box filter, right after the decoding) to [2 x, 4 x)
+            `image_size`; `None` keeps the source size.
         max_pixels (`int`, *optional*, defaults to 50,000,000): larger images (width x height) are refused from
             their header, before decoding.
         where (`str`, *optional*): what error messages call the image (a row, a file).
 
-    EXIF orientation is applied. Modes: "1" and "L" become grey, "P", "PA", "LA", "RGBA", "CMYK", "LAB", "YCbCr",
-    ... convert to RGB as PIL converts them (alpha dropped, palettes looked up); "I;16*" (16-bit) is divided by 257,
-    "I" and "F" follow `to_eight_bit` (their range is read before the reduction). `ValueError` names `where`.
+    The pixels depend only on the image, never on how it is given: its path, its bytes and `PIL.Image.open` of it,
+    loaded or not, decode alike (so no JPEG is decoded at a reduced scale with `Image.draft`, which only a file not
+    yet loaded allows). EXIF orientation is applied. Modes: "1" and "L" become grey, "P", "PA", "LA", "RGBA", "CMYK",
+    "LAB", "YCbCr", ... convert to RGB as PIL converts them (alpha dropped, palettes looked up); "I;16*" (16-bit) is
+    divided by 257, "I" and "F" follow `to_eight_bit` (their range is read before the reduction). `ValueError` names
+    `where`.
     """
     if isinstance(source, PIL.Image.Image):
         image = source
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise ValueError(
-                f"the image of {where} is {image.width}x{image.height} = {image.width * image.height:,} pixels, "
-                f"above the limit of {max_pixels:,} (--max_image_pixels)"
-            )
+        check_pixel_limit(image, where, max_pixels)
+        load_pixels(image, where)  # `PIL.Image.open` of a file, not loaded yet
     else:
-        image = open_image(source, where, max_pixels)
-        if image.format == "JPEG" and image_size is not None:  # decode at 1/2, 1/4 or 1/8 scale when that suffices
-            target = DECODE_SIDE_PER_IMAGE_SIZE * image_size
-            image.draft(None, (target, target))
-        try:
-            image.load()
-        except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
-            raise ValueError(f"could not decode the image of {where}: {type(error).__name__}: {error}") from error
-    if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:  # as datasets' Image feature does
-        image = PIL.ImageOps.exif_transpose(image)
+        image = load_image(source, where, max_pixels)
+    image = upright(image, where)
     scale = eight_bit_scale(image, where)  # from the whole source, before the reduction averages it
     if image.mode == "1":
         image = image.convert("L")
@@ -142,6 +173,18 @@ def decode_rgb(
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def upright(image: PIL.Image.Image, where: str = "the image") -> PIL.Image.Image:
+    """`image` turned as its EXIF orientation says (as `datasets`' Image feature turns it); `ValueError` naming
+    `where` when its EXIF data cannot be read."""
+    try:
+        orientation = image.getexif().get(PIL.Image.ExifTags.Base.Orientation)
+        return image if orientation is None else PIL.ImageOps.exif_transpose(image)
+    except Exception as error:  # PIL raises SyntaxError, struct.error, ... for broken EXIF data
+        raise ValueError(
+            f"the EXIF data of the image of {where} cannot be read: {type(error).__name__}: {error}"
+        ) from None
+
+
 def eight_bit_scale(image: PIL.Image.Image, where: str = "the image") -> float | None:
     """The factor that brings a grey image deeper than 8 bits to [0, 255], by the range its mode stands for; `None`
     for 8-bit modes.
@@ -155,21 +198,29 @@ def eight_bit_scale(image: PIL.Image.Image, where: str = "the image") -> float |
     if image.mode not in DEEP_MODES:
         return None
     low, high = (float(value) for value in image.getextrema())
+    if image.mode == "F":
+        return float_scale(low, high, where)
     if not (np.isfinite(low) and np.isfinite(high)):
         raise ValueError(f"{where}: {image.mode} pixels include NaN or infinity")
-    if image.mode == "F":
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"{where}: 32-bit float pixels in [{low:g}, {high:g}], neither in [0, 1] nor in [0, 255]; "
-                "convert the image to 8 bits"
-            )
-        return 255.0 if high <= 1.0 else 1.0
     if low < 0 or high > 65535:
         raise ValueError(
             f"{where}: 32-bit integer pixels in [{low:g}, {high:g}], beyond the 16-bit range [0, 65535]; "
             "convert the image to 8 or 16 bits"
         )
     return 1 / 257 if high > 255 else 1.0  # 16-bit data, or 8-bit data held in 32 bits
+
+
+def float_scale(low: float, high: float, where: str = "the image") -> float:
+    """The factor that brings float pixels from [`low`, `high`] to [0, 255]: 255 for [0, 1], 1 for [0, 255];
+    `ValueError` naming `where` for NaN, infinity or values beyond."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(f"{where}: float pixels include NaN or infinity")
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"{where}: float pixels in [{low:g}, {high:g}], neither in [0, 1] nor in [0, 255]; "
+            "convert the image to 8 bits"
+        )
+    return 255.0 if high <= 1.0 else 1.0
 
 
 def to_eight_bit(image: PIL.Image.Image, where: str = "the image", scale: float | None = None) -> PIL.Image.Image:
@@ -237,8 +288,8 @@ class HierarchicalImageProcessor(ViTImageProcessor):
         size (`dict`, *optional*): `{"height": S, "width": S}`, the model's image size.
         image_mean, image_std (`list[float]`, *optional*): normalisation.
 
-    Images may be PIL images (any mode), file paths, encoded bytes, `(H, W)` or `(H, W, C)` uint8 arrays or
-    `(C, H, W)` uint8 tensors. Returns a `BatchFeature` with `pixel_values` `(batch, 3, S, S)` float32.
+    Images may be PIL images (any mode), file paths, encoded bytes, `(H, W)` or `(H, W, C)` arrays or `(C, H, W)`
+    tensors (uint8, or float in [0, 1] or [0, 255]: [`array_image`]). Returns a `BatchFeature` with `pixel_values` `(batch, 3, S, S)` float32.
 
     Example:
 
@@ -271,9 +322,9 @@ class HierarchicalImageProcessor(ViTImageProcessor):
 
 
 def as_decodable(image: Any, where: str = "the input") -> str | os.PathLike | bytes | PIL.Image.Image:
-    """`image` as `decode_rgb` takes it: `(H, W)`/`(H, W, C)` arrays and `(C, H, W)` tensors become PIL images, a
-    `datasets` image as stored (`{"bytes": ..., "path": ...}`) its bytes, else its path (`ValueError` naming `where`
-    without either); `TypeError` for anything else."""
+    """`image` as `decode_rgb` takes it: `(H, W)`/`(H, W, C)` arrays and `(C, H, W)` tensors become PIL images by
+    [`array_image`], a `datasets` image as stored (`{"bytes": ..., "path": ...}`) its bytes, else its path
+    (`ValueError` naming `where` without either); `TypeError` for anything else."""
     if isinstance(image, dict):
         source = image.get("bytes") if image.get("bytes") is not None else image.get("path")
         if source is None:
@@ -281,13 +332,36 @@ def as_decodable(image: Any, where: str = "the input") -> str | os.PathLike | by
                 f"could not decode the image of {where}: the row has neither image bytes nor an image path"
             )
         return source
+    if isinstance(image, torch.Tensor):  # read as the array it holds, by the same rules
+        image = image.detach().cpu()
+        image = (image.float() if image.is_floating_point() else image).numpy()
+        if image.ndim == 3:
+            image = image.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
     if isinstance(image, np.ndarray):
-        return PIL.Image.fromarray(image)
-    if isinstance(image, torch.Tensor):
-        return v2.functional.to_pil_image(image)
+        return array_image(image, where)
     if isinstance(image, str | os.PathLike | bytes | bytearray | PIL.Image.Image):
         return image
     raise TypeError(f"images must be PIL images, file paths, bytes, arrays or tensors, got {type(image).__name__}")
+
+
+def array_image(array: np.ndarray, where: str = "the input") -> PIL.Image.Image:
+    """An `(H, W)` or `(H, W, C)` array as a PIL image for `decode_rgb`: `(H, W, 1)` is `(H, W)`; a float colour
+    image (C = 3 or 4) is brought to 8 bits by the rule of float images ([`float_scale`]: [0, 1] times 255, [0, 255]
+    as it is, rounded; others refused); everything else as `PIL.Image.fromarray` reads it (grey float, 16-bit and
+    32-bit integer images then follow `eight_bit_scale`). `ValueError` naming `where` for other shapes and types."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.dtype.kind == "f" and array.size:
+        scale = float_scale(float(array.min()), float(array.max()), where)
+        array = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+    try:
+        return PIL.Image.fromarray(array)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{where}: an array of shape {array.shape} and type {array.dtype} is not an image; give (H, W) or "
+            "(H, W, 3 or 4) values (uint8, or float in [0, 1] or [0, 255]; (H, W) also uint16 or int32), or a "
+            "(C, H, W) tensor"
+        ) from None
 
 
 HierarchicalImageProcessor.register_for_auto_class("AutoImageProcessor")
@@ -296,12 +370,15 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "HierarchicalImageProcessor",
     "ToNormalizedFloat",
+    "array_image",
     "as_decodable",
     "build_model_input_transform",
     "check_regular_file",
     "decode_rgb",
     "decoded_side_bound",
     "eight_bit_scale",
+    "float_scale",
     "reduction_factors",
     "to_eight_bit",
+    "upright",
 ]

@@ -53,8 +53,8 @@ class DecodingImageClassificationPipeline(ImageClassificationPipeline):
     refused from their header, large ones are reduced while decoded, and a file that is not an image is refused
     naming it: the pixels are those the training script evaluated.
 
-    Images may be file paths, `http(s)://` URLs, base64 strings, encoded bytes, PIL images of any mode, uint8 arrays
-    or tensors.
+    Images may be file paths, `http(s)://` URLs, base64 strings, encoded bytes, PIL images of any mode, arrays or
+    tensors (uint8, or float in [0, 1] or [0, 255]; read as the image processor reads them).
     """
 
     def __call__(self, inputs: Any = None, **kwargs: Any) -> Any:

@@ -83,3 +83,16 @@ def test_ratio_table_flags_a_measurement_problem():
     assert "1.100" in line and "0.900-1.200" in line and "MEASUREMENT PROBLEM" in line and "met" not in line
     results = {"train_ratio": 0.97, "train_ratio_low": 0.95, "train_ratio_high": 0.99, "measurement_problems": []}
     assert ratio_line("train_ratio", results).endswith(">= 0.95  met")
+
+
+@pytest.mark.slow  # two fresh processes import torch
+def test_decode_memory_benchmark_prints_its_line_and_keeps_images_within_the_bound():
+    completed = run_script("benchmarks/decode_memory.py", "--side", "1500", "--images", "4", "--batch_size", "2")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.strip().splitlines()
+    results = json.loads(lines[-1])
+    assert "| reduced while decoded |" in completed.stdout and "| decoded at the source size |" in completed.stdout
+    assert results["source_size_largest_pixels"] == 1500 * 1500
+    assert results["reduced_largest_pixels"] <= (4 * 32 - 1) ** 2  # the documented bound at 32 px
+    for key in ("reduced_peak_mb", "source_size_peak_mb"):
+        assert math.isfinite(results[key]) and results[key] >= 0, key

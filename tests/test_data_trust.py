@@ -311,8 +311,11 @@ def test_thirty_two_bit_integer_images_in_sixteen_bit_range_are_scaled():
     [
         (np.full((8, 8), 100_000, dtype=np.int32), r"32-bit integer pixels in \[100000, 100000\]"),
         (np.full((8, 8), -5, dtype=np.int32), r"32-bit integer pixels in \[-5, -5\]"),
-        (np.full((8, 8), 300.0, dtype=np.float32), r"32-bit float pixels in \[300, 300\]"),
-        (np.full((8, 8), np.nan, dtype=np.float32), "F pixels include NaN or infinity"),
+        (
+            np.full((8, 8), 300.0, dtype=np.float32),
+            r"float pixels in \[300, 300\], neither in \[0, 1\] nor in \[0, 255\]",
+        ),
+        (np.full((8, 8), np.nan, dtype=np.float32), "float pixels include NaN or infinity"),
     ],
 )
 def test_deep_pixels_out_of_any_range_are_refused_naming_the_row(array, refused):

@@ -146,6 +146,17 @@ def test_misclassified_grid_reads_a_transformed_dataset_and_is_skipped_without_i
     assert "misclassified.png" not in (tmp_path / "eval_report.md").read_text()
 
 
+def test_the_grid_decodes_images_within_the_evaluation_limit(tmp_path, predictions, images):
+    config = small_config()
+    with pytest.raises(ValueError, match=r"evaluated images is 32x32 = 1,024 pixels, above the limit of 1,000"):
+        report.write_eval_report(tmp_path, **predictions, config=config, images=images, max_image_pixels=1000)
+    large = [Image.new("1", (7100, 7100))] * len(images)  # 50.4 megapixels: above the default limit, as allowed
+    written = report.write_eval_report(
+        tmp_path, **predictions, config=config, images=large, overwrite=True, max_image_pixels=60_000_000
+    )
+    assert "misclassified" in written
+
+
 def test_without_matplotlib_the_markdown_is_still_written(tmp_path, predictions, images, monkeypatch):
     for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)  # any import of matplotlib now raises ImportError

@@ -192,6 +192,21 @@ def test_bad_input_ends_with_one_error_line(tmp_path, capsys, saved_model_dir, a
     assert not (saved_model_dir / ONNX_FILE).exists()
 
 
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 12,000 x 12,000 1-bit PNG of 17 KB: 144 megapixels, above the default limit of 50 million."""
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    PIL.Image.new("1", (12_000, 12_000)).save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_onnx_classifier_refuses_an_image_above_the_limit_from_its_header(classifier, huge_png):
+    for image in (str(huge_png), PIL.Image.open(huge_png)):  # a path, and a PIL image not decoded yet
+        with pytest.raises(ValueError, match="is 12000x12000 = 144,000,000 pixels, above the limit of 50,000,000"):
+            classifier([image])
+
+
 @pytest.mark.slow  # a fresh process imports torch and transformers
 def test_export_script_refuses_a_missing_folder(tmp_path):
     result = run_script("-m", "hierarchical.export_onnx", str(tmp_path / "missing"))

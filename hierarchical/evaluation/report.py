@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers.trainer_utils import PredictionOutput
 from transformers.utils import logging
 
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from configuration_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, HierarchicalEfficientNetV2Config
 from hierarchical.evaluation.report_data import compute_report_data
 from hierarchical.evaluation.report_figures import draw_figures
 from hierarchical.evaluation.report_markdown import FIGURE_NAMES, REPORT_NAME, render_markdown
@@ -45,6 +45,7 @@ def write_eval_report(
     split: str = "test",
     metrics: dict[str, float] | None = None,
     overwrite: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, str]:
     """Write `eval_report.md` and its PNG figures for one split into `output_dir`; return `{key: path}` written.
 
@@ -60,6 +61,8 @@ def write_eval_report(
             Trainer's `eval_*`/`test_*`); their hierarchy metrics are reported as given, others (loss) listed too.
         overwrite (`bool`, *optional*, defaults to `False`): replace a report already in `output_dir` (its figures
             included); without it such a folder is refused with a `ValueError`.
+        max_image_pixels (`int`, *optional*, defaults to 50,000,000): the evaluation's limit on decoded size
+            (`--max_image_pixels`): `images` above it are refused from their header.
 
     Figures need matplotlib; without it the markdown says how to get them.
     """
@@ -68,7 +71,7 @@ def write_eval_report(
     if images is not None and len(images) != len(data.fine_predictions):
         raise ValueError(f"images has {len(images)} entries but there are {len(data.fine_predictions)} predictions")
     os.makedirs(output_dir, exist_ok=True)
-    written = draw_figures(output_dir, data, config, labels, coarse_labels, images)
+    written = draw_figures(output_dir, data, config, labels, coarse_labels, images, max_image_pixels)
     note = ""
     if written is None:
         written = {}
@@ -94,13 +97,24 @@ def write_prediction_report(
     images: Sequence[PIL.Image.Image] | Dataset | None = None,
     split: str = "test",
     overwrite: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, str]:
     """[`write_eval_report`] from `Trainer.predict` output: predictions `(logits, coarse_logits)`, label ids
     `(labels, coarse_labels)` (the order of `label_names`) and its metrics."""
     logits, coarse_logits = prediction.predictions
     labels, coarse_labels = prediction.label_ids
     return write_eval_report(
-        output_dir, logits, coarse_logits, labels, coarse_labels, config, images, split, prediction.metrics, overwrite
+        output_dir,
+        logits,
+        coarse_logits,
+        labels,
+        coarse_labels,
+        config,
+        images,
+        split,
+        prediction.metrics,
+        overwrite,
+        max_image_pixels,
     )
 
 

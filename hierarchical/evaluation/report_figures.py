@@ -17,7 +17,7 @@ from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchical.evaluation.metrics import ECE_BINS
 from hierarchical.evaluation.report_data import MAX_CONFUSION_SUPERCLASSES, ReportData
 from hierarchical.evaluation.report_markdown import FIGURE_NAMES
-from image_processing_hierarchical import as_decodable, decode_rgb
+from image_processing_hierarchical import DEFAULT_MAX_IMAGE_PIXELS, as_decodable, decode_rgb
 
 MIN_ANSWERS_PLOTTED = 20  # the accuracy curve is drawn where at least this many images are answered
 MAX_BAR_SUPERCLASSES = 40  # above this, the accuracy figure shows the largest superclasses
@@ -33,9 +33,11 @@ def draw_figures(
     labels: np.ndarray,
     coarse_labels: np.ndarray,
     images: Sequence[PIL.Image.Image] | Dataset | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, str] | None:
     """Draw every figure into `output_dir` under the names of `FIGURE_NAMES`; return `{key: path}` drawn, or None
-    when matplotlib is not installed. The grid of misclassified images needs `images` and a mistake."""
+    when matplotlib is not installed. The grid of misclassified images needs `images` (decoded within
+    `max_image_pixels`, as the evaluation decoded them) and a mistake."""
     new_figure = _load_matplotlib()
     if new_figure is None:
         return None
@@ -49,8 +51,9 @@ def draw_figures(
     }
     drawn = {key: plot(new_figure, data, config, path[key]) for key, plot in plots.items()}
     if images is not None:
+        labels, coarse_labels = np.asarray(labels), np.asarray(coarse_labels)
         grid = plot_misclassified(
-            new_figure, data, np.asarray(labels), np.asarray(coarse_labels), images, config, path["misclassified"]
+            new_figure, data, labels, coarse_labels, images, config, path["misclassified"], max_image_pixels
         )
         if grid is not None:
             drawn["misclassified"] = grid
@@ -193,12 +196,14 @@ def plot_misclassified(
     images: Sequence[PIL.Image.Image] | Dataset,
     config: HierarchicalEfficientNetV2Config,
     path: str,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> str | None:
-    """Grid of the most confident class mistakes, captioned by [`misclassified_captions`]."""
+    """Grid of the most confident class mistakes, captioned by [`misclassified_captions`]; `images` are decoded
+    within `max_image_pixels`."""
     captions = misclassified_captions(data, labels, coarse_labels, config)
     if not captions:
         return None
-    pictures = _images_at(images, [row for row, _, _ in captions], config.image_size)
+    pictures = _images_at(images, [row for row, _, _ in captions], config.image_size, max_image_pixels)
     columns = min(4, len(captions))
     grid_rows = -(-len(captions) // columns)
     figure = new_figure(figsize=(2.6 * columns, 2.9 * grid_rows))
@@ -316,9 +321,12 @@ def plot_risk_coverage(new_figure: Any, data: ReportData, config: HierarchicalEf
     return _save(figure, path)
 
 
-def _images_at(images: Sequence[PIL.Image.Image] | Dataset, rows: list[int], image_size: int) -> list[PIL.Image.Image]:
+def _images_at(
+    images: Sequence[PIL.Image.Image] | Dataset, rows: list[int], image_size: int, max_pixels: int | None
+) -> list[PIL.Image.Image]:
     """8-bit RGB PIL images at `rows` of a sequence of images or of a `Dataset` with an `image` column (any format),
-    decoded by the model's decoder as evaluation decoded them (reduced for `image_size`)."""
+    decoded by the model's decoder as evaluation decoded them (reduced for `image_size`, refused above
+    `max_pixels`)."""
     if isinstance(images, Dataset):
         if "image" not in images.column_names:
             raise ValueError(f"images must have an 'image' column, got the columns {images.column_names}")
@@ -331,5 +339,5 @@ def _images_at(images: Sequence[PIL.Image.Image] | Dataset, rows: list[int], ima
         if not isinstance(value, PIL.Image.Image | dict):
             raise TypeError(f"images must hold PIL images, got {type(value).__name__}")
         where = f"row {row} of the evaluated images"
-        decoded.append(decode_rgb(as_decodable(value, where), image_size, where=where))
+        decoded.append(decode_rgb(as_decodable(value, where), image_size, max_pixels, where))
     return decoded

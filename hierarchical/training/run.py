@@ -376,7 +376,8 @@ def evaluate_validation(
     trainer.save_metrics("eval", eval_metrics)
     if trainer.is_world_process_zero():  # the run's own folder: a rerun replaces its report
         folder = report_folder(training_args.output_dir, "validation")
-        write_prediction_report(folder, report[0], config, report[1], report[2], overwrite=True)
+        limit = trainer.processing_class.max_image_pixels  # --max_image_pixels, as the evaluation decoded them
+        write_prediction_report(folder, report[0], config, report[1], report[2], overwrite=True, max_image_pixels=limit)
         logger.info("The validation report is in %s", folder)
     return eval_metrics
 
@@ -395,7 +396,8 @@ def evaluate_test(
     trainer.save_metrics("test", test_metrics)
     if trainer.is_world_process_zero():
         folder = report_folder(output_dir, "test")
-        write_prediction_report(folder, prediction, config, test, "test", overwrite=True)
+        limit = trainer.processing_class.max_image_pixels  # --max_image_pixels, as the evaluation decoded them
+        write_prediction_report(folder, prediction, config, test, "test", overwrite=True, max_image_pixels=limit)
         logger.info("The test report is in %s", folder)
     return test_metrics
 

@@ -91,8 +91,9 @@ def evaluate_saved_model(
     labels, coarse_labels = prediction.label_ids
     metrics = compute_hierarchy_metrics(logits, coarse_logits, labels, coarse_labels, config.fine_to_coarse)
     metrics |= evaluate_calibration(logits, coarse_logits, labels, coarse_labels, config)
+    images, limit = splits[split], data_args.max_image_pixels  # the evaluation's limit on decoded size
     write_eval_report(
-        report_dir, logits, coarse_logits, labels, coarse_labels, config, splits[split], split, metrics, overwrite
+        report_dir, logits, coarse_logits, labels, coarse_labels, config, images, split, metrics, overwrite, limit
     )
     logger.info(f"The {split} report is in {report_dir}")
     return metrics
