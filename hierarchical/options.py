@@ -73,7 +73,7 @@ def run_command(main: Callable[[], Any]) -> None:
         raise SystemExit(USER_ERROR_EXIT_STATUS) from None
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """`json.load` hook: a JSON object, refusing a key given twice (JSON would keep the last one silently)."""
     keys = [key for key, _ in pairs]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
@@ -133,7 +133,7 @@ def options_file_argv(
         raise ValueError(f"options file {path!r} does not exist")
     try:
         with open(path, encoding="utf-8-sig") as file:  # a byte-order mark, as some editors write, is skipped
-            options = json.load(file, object_pairs_hook=_reject_duplicate_keys)
+            options = json.load(file, object_pairs_hook=reject_duplicate_keys)
     except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"options file {path!r} is not a JSON object of options: {error}") from None
     if not isinstance(options, dict):

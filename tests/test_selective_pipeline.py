@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -374,12 +375,18 @@ def test_pipeline_each_head_alone_gives_no_selective_answer(calibrated_model_dir
         classifier(image, consistent=False, min_confidence=0.5)
 
 
-def test_pipeline_batches_a_list_by_default_and_warns_only_without_a_threshold(saved_model_dir, monkeypatch, caplog):
-    classifier = pipeline("hierarchical-image-classification", model=str(saved_model_dir), trust_remote_code=True)
+def counted_pipeline(model_dir, monkeypatch) -> tuple[Any, list[int]]:
+    """The hierarchical pipeline of `model_dir` and the list its model's forward appends each batch size to."""
+    classifier = pipeline("hierarchical-image-classification", model=str(model_dir), trust_remote_code=True)
     sizes = []
     forward = classifier.model.forward
     monkeypatch.setattr(classifier.model, "forward", lambda **inputs: sizes.append(len(inputs["pixel_values"])) or
                         forward(**inputs))  # fmt: skip
+    return classifier, sizes
+
+
+def test_pipeline_batches_a_list_by_default_and_warns_only_without_a_threshold(saved_model_dir, monkeypatch, caplog):
+    classifier, sizes = counted_pipeline(saved_model_dir, monkeypatch)
     images = [Image.new("RGB", (32, 32), (10 * i, 0, 0)) for i in range(5)]
     with caplog.at_level("WARNING"):
         batched = classifier(images, min_confidence=0.5)
@@ -395,11 +402,7 @@ def test_pipeline_batches_a_list_by_default_and_warns_only_without_a_threshold(s
 
 
 def test_pipeline_batches_tuples_dataset_columns_and_datasets(saved_model_dir, monkeypatch):
-    classifier = pipeline("hierarchical-image-classification", model=str(saved_model_dir), trust_remote_code=True)
-    sizes = []
-    forward = classifier.model.forward
-    monkeypatch.setattr(classifier.model, "forward", lambda **inputs: sizes.append(len(inputs["pixel_values"])) or
-                        forward(**inputs))  # fmt: skip
+    classifier, sizes = counted_pipeline(saved_model_dir, monkeypatch)
     images = [Image.new("RGB", (32, 32), (10 * i, 0, 0)) for i in range(5)]
     expected = [output["label"] for output in classifier(images, min_confidence=0.5)]
     data = datasets.Dataset.from_dict({"img": images, "label": list(range(5))}).cast_column("img", datasets.Image())

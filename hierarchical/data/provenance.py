@@ -29,6 +29,7 @@ from transformers.utils import logging
 from configuration_hierarchical import HierarchicalEfficientNetV2Config
 from hierarchical.data.checks import image_digests, split_train_validation
 from hierarchical.data.hierarchy import Hierarchy
+from hierarchical.options import reject_duplicate_keys
 
 logger = logging.get_logger(__name__)
 
@@ -138,15 +139,6 @@ def write_record(folder: str, record: DataRecord) -> str:
     return path
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """`json.load` hook: an object, refusing a key given twice (JSON would keep the last one silently)."""
-    keys = [key for key, _ in pairs]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
-    if duplicates:
-        raise ValueError(f"the key {duplicates[0]!r} is given more than once")
-    return dict(pairs)
-
-
 def _reject_constant(name: str) -> float:
     """`json.load` hook: NaN and infinities are not JSON numbers."""
     raise ValueError(f"{name} is not a number JSON allows")
@@ -204,7 +196,7 @@ def read_record(folder: str) -> DataRecord | None:
         return None
     try:
         with open(path, encoding="utf-8") as file:
-            content = json.load(file, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
+            content = json.load(file, object_pairs_hook=reject_duplicate_keys, parse_constant=_reject_constant)
     except (OSError, ValueError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} cannot be read: {error}") from error
     problem = _record_problem(content)
