@@ -101,6 +101,13 @@ def command_result(capsys, command, *args):
             "--do_predict needs a test split: the data '{data}' has the splits ['train'], none named "
             "'test'; pass --test_split_name with one of them",
         ),  # fmt: skip
+        (
+            ["--train_val_split", "0", "--do_eval", "false"],
+            "evaluating during training (--eval_strategy epoch) needs a validation split: the data '{data}' has the "
+            "splits ['train'], none named 'validation'; pass --validation_split_name with one of them, or "
+            "--train_val_split > 0 to carve one from the training split, or --eval_strategy no to train without "
+            "evaluating",
+        ),  # --do_train evaluates every epoch whatever --do_eval says: the fix is named
         (["--image_column_name", "picture"], "picture"),
         (["--hierarchy_file", "missing.csv"], "missing.csv"),
     ],
@@ -112,7 +119,7 @@ def test_a_user_error_is_one_line_with_exit_status_2(train_only_data, tmp_path, 
     assert status == 2
     assert stderr.startswith("error: ") and message.format(data=train_only_data) in stderr, stderr
     assert "Traceback" not in stderr
-    if "--do_predict" in extra:
+    if "--do_predict" in extra or "--train_val_split" in extra:
         assert not output_dir.exists(), "the output folder was made before the splits were checked"
 
 

@@ -149,9 +149,13 @@ def check_split_options(
     sizes = planned_split_sizes(data_args, {name: len(split) for name, split in raw.items()})
     found = f"the data {data_args.dataset_name!r} has the splits {list(raw)}"
     if training_args.do_eval and "validation" not in sizes:
+        strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+        during_training = training_args.do_train and strategy != "no"
+        asked = f"evaluating during training (--eval_strategy {strategy})" if during_training else "--do_eval"
         raise ValueError(
-            f"--do_eval needs a validation split: {found}, none named {data_args.validation_split_name!r}; pass "
+            f"{asked} needs a validation split: {found}, none named {data_args.validation_split_name!r}; pass "
             "--validation_split_name with one of them, or --train_val_split > 0 to carve one from the training split"
+            + (", or --eval_strategy no to train without evaluating" if during_training else "")
         )
     if training_args.do_predict and "test" not in sizes:
         raise ValueError(
