@@ -211,8 +211,8 @@ def _hierarchy_from_file(path: str, file_classes: dict[tuple[str, str], set[str]
                 f"{path!r}: {shorten_names(unknown)}"
             )
     absent = [name for name in from_file if name not in data_classes]
-    if absent:
-        logger.warning(
+    if absent:  # once: the run reads the hierarchy for the model's heads and again to check the prepared splits
+        logger.warning_once(
             f"{len(absent)} classes of --hierarchy_file {path!r} have no rows in the data: {shorten_names(absent)}; "
             "they remain classes of the model"
         )
