@@ -259,19 +259,19 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         """Freezing, regularisation, the loss, the input images, the class weights and the backbone weights."""
         self._check_fields(
             ("num_frozen_stages",),
-            lambda value: _is_integer(value) and 0 <= value <= NUM_BACKBONE_STAGES,
+            lambda value: is_integer(value) and 0 <= value <= NUM_BACKBONE_STAGES,
             f"be in [0, {NUM_BACKBONE_STAGES}] (an integer)",
         )
         for field in ("dropout", "drop_path_rate", "label_smoothing"):
             check_unit_interval(field, getattr(self, field), "[0, 1)")
         self._check_fields(
             ("coarse_loss_weight",),
-            lambda value: _is_number(value) and math.isfinite(value) and value >= 0,
+            lambda value: is_number(value) and math.isfinite(value) and value >= 0,
             "be a finite number >= 0",
         )
         self._check_fields(("fine_head_uses_coarse_logits", "channels_last"), _is_bool, "be true or false")
-        self._check_fields(("image_size",), lambda value: _is_integer(value) and value >= 16, "be an integer >= 16")
-        self._check_fields(("num_channels",), lambda value: _is_integer(value) and value == 3, "be 3 (RGB input)")
+        self._check_fields(("image_size",), lambda value: is_integer(value) and value >= 16, "be an integer >= 16")
+        self._check_fields(("num_channels",), lambda value: is_integer(value) and value == 3, "be 3 (RGB input)")
         channels = f"hold {self.num_channels} values (finite numbers)"
         self._check_fields(
             ("image_mean",),
@@ -299,7 +299,7 @@ class HierarchicalEfficientNetV2Config(PretrainedConfig):
         """The temperatures, the selective threshold and what it was chosen for."""
         self._check_fields(
             ("fine_temperature", "coarse_temperature"),
-            lambda value: _is_number(value) and TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1],
+            lambda value: is_number(value) and TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1],
             f"be a finite number > 0 in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}] (the range they are fitted in)",
         )
         check_unit_interval("selective_threshold", self.selective_threshold, "(0, 1]", allow_none=True)
@@ -339,7 +339,7 @@ def _pretrained_config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     if kwargs.get("per_layer_config") is not None:
         raise ValueError("per_layer_config is not supported: every layer of this model shares one configuration")
     num_labels = kwargs.get("num_labels")
-    if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1):
+    if num_labels is not None and (not is_integer(num_labels) or num_labels < 1):
         raise ValueError(f"num_labels must be an integer >= 1, got {num_labels!r}")
     if kwargs.get("id2label") is None and num_labels is None:
         kwargs["id2label"] = dict(enumerate(CIFAR100_FINE_LABELS))
@@ -347,7 +347,7 @@ def _pretrained_config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         id2label = kwargs["id2label"]
         if not isinstance(id2label, dict):
             raise ValueError(f"id2label must be an object of class ids and names, got {id2label!r}")
-        keys = [key for key in id2label if not _is_integer(key) and not (isinstance(key, str) and key.isdecimal())]
+        keys = [key for key in id2label if not is_integer(key) and not (isinstance(key, str) and key.isdecimal())]
         if keys:
             raise ValueError(f"id2label must have class ids (0, 1, ...) as keys, got {keys[0]!r}")
         kwargs["id2label"] = {int(key): name for key, name in id2label.items()}
@@ -372,7 +372,7 @@ def check_unit_interval(name: str, value: Any, interval: str = "(0, 1)", allow_n
         raise ValueError(f"interval must be one of {list(UNIT_INTERVALS)}, got {interval!r}")
     if value is None and allow_none:
         return None
-    if _is_number(value):
+    if is_number(value):
         above_low = value > 0 if interval[0] == "(" else value >= 0
         below_high = value < 1 if interval[-1] == ")" else value <= 1
         if above_low and below_high:
@@ -405,17 +405,17 @@ def _check_names(field: str, names: dict[int, Any]) -> None:
             raise ValueError(f"{field}[{key}] must be a name (a non-empty string), got {name!r}")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """Whether `value` is an int or float (not a bool); NaN passes here and fails the range checks."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _is_finite_number(value: Any) -> bool:
     """Whether `value` is an int or a finite float (not a bool)."""
-    return _is_number(value) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
-def _is_integer(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
     """Whether `value` is an int (not a bool: `true` in a config file is not 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -429,9 +429,9 @@ def _float_list(field: str, values: list[float] | None) -> list[float] | None:
     """`values` as floats, or None; `ValueError` naming `field` when an entry is not a number."""
     if values is None:
         return None
-    if isinstance(values, str | bytes) or not all(_is_number(value) for value in values):
+    if isinstance(values, str | bytes) or not all(is_number(value) for value in values):
         raise ValueError(f"{field} must be a list of numbers, got {values!r}")
     return [float(value) for value in values]
 
 
-__all__ = ["HierarchicalEfficientNetV2Config"]
+__all__ = ["HierarchicalEfficientNetV2Config", "is_integer", "is_number"]

@@ -26,7 +26,7 @@ import numpy as np
 from datasets import Dataset
 from transformers.utils import logging
 
-from configuration_hierarchical import HierarchicalEfficientNetV2Config
+from configuration_hierarchical import HierarchicalEfficientNetV2Config, is_integer
 from hierarchical.data.checks import image_digests, split_train_validation
 from hierarchical.data.hierarchy import Hierarchy
 from hierarchical.options import reject_duplicate_keys
@@ -144,10 +144,6 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _record_problem(content: object) -> str | None:
     """Why the parsed `provenance.json` `content` is not a record this code writes, or None: every field present
     with its type (a boolean is not a number), nothing else, and the fields consistent with where the validation
@@ -158,23 +154,23 @@ def _record_problem(content: object) -> str | None:
     if set(content) != expected:
         missing, unknown = sorted(expected - set(content)), sorted(set(content) - expected)
         return f"its keys differ from a record's: missing {missing}, unknown {unknown}"
-    if content["format"] != FORMAT_VERSION or not _is_int(content["format"]):
+    if content["format"] != FORMAT_VERSION or not is_integer(content["format"]):
         return f"format is {content['format']!r}, not {FORMAT_VERSION}"
     fingerprint, rows = content["train_fingerprint"], content["train_rows"]
     if not isinstance(fingerprint, str) or len(fingerprint) != 64 or not set(fingerprint) <= set("0123456789abcdef"):
         return f"train_fingerprint is {fingerprint!r}, not a SHA-256 in hex"
-    if not _is_int(rows) or rows < 1:
+    if not is_integer(rows) or rows < 1:
         return f"train_rows is {rows!r}, not a number of rows >= 1"
     validation, seed, fraction = content["validation"], content["seed"], content["fraction"]
     validation_rows, validation_fingerprint = content["validation_rows"], content["validation_fingerprint"]
     if validation not in VALIDATION_SOURCES:
         return f"validation is {validation!r}, not one of {list(VALIDATION_SOURCES)}"
-    if not isinstance(validation_rows, list) or not all(_is_int(row) and 0 <= row < rows for row in validation_rows):
+    if not isinstance(validation_rows, list) or not all(is_integer(row) and 0 <= row < rows for row in validation_rows):
         return f"validation_rows must be a list of row positions in [0, {rows})"
     if len(set(validation_rows)) != len(validation_rows):
         return "validation_rows names a row more than once"
     if validation == "carved":
-        if not _is_int(seed) or not (isinstance(fraction, float) and 0 < fraction < 1):
+        if not is_integer(seed) or not (isinstance(fraction, float) and 0 < fraction < 1):
             return (
                 f"a carved validation split needs an integer seed and a fraction in (0, 1), got {seed!r}, {fraction!r}"
             )

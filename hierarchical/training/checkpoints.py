@@ -23,6 +23,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_N
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from configuration_hierarchical import is_number
 from hierarchical.data.hierarchy import Hierarchy
 from hierarchical.data.provenance import folder_tables, tables_difference
 from hierarchical.training.arguments import HierarchicalTrainingArguments
@@ -93,23 +94,18 @@ def _torch_file_problem(path: str, keys: tuple[str, ...]) -> str | None:
     return f"{name} lacks {', '.join(absent)}" if absent else None
 
 
-def _is_metric(value: object) -> bool:
-    """Whether `value` is a metric's value: an int or float, not a bool."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _best_metric_problem(state: dict, path: str, metric: str, greater_is_better: bool) -> str | None:
     """Why `state`'s best checkpoint and best metric disagree with its own evaluation log, or None."""
     best, best_step = state.get("best_metric"), state.get("best_global_step")
     if best is None:
         return None
-    if not _is_metric(best):  # a boolean is not a metric: `true == 1.0` would pass below
+    if not is_number(best):  # a boolean is not a metric: `true == 1.0` would pass below
         return f"trainer_state.json has best_metric {best!r}, not a number"
     metric = metric if metric.startswith("eval_") else f"eval_{metric}"
     logged = [
         (entry["step"], entry[metric])
         for entry in state.get("log_history") or []
-        if isinstance(entry, dict) and _is_metric(entry.get(metric)) and entry.get("step") is not None
+        if isinstance(entry, dict) and is_number(entry.get(metric)) and entry.get("step") is not None
     ]
     if not logged:
         return f"trainer_state.json has best_metric {best} but its log holds no {metric}"
