@@ -116,7 +116,7 @@ def image_folder_layout(
     files = walk_files(path) if files is None else files  # `files`: this walk of `path`, made already
     images = [parts for parts in files if parts[-1].lower().endswith(IMAGE_EXTENSIONS)]
     if len(images) < len(files):
-        others = [os.path.join(*parts) for parts in files if parts not in set(images)]
+        others = [os.path.join(*parts) for parts in files if not parts[-1].lower().endswith(IMAGE_EXTENSIONS)]
         logger.info(f"Not reading {len(others)} files of {path!r} that are not images by name, e.g. {others[0]!r}")
     nested = [parts for parts in images if len(parts) > 1]
     tops = sorted({parts[0] for parts in nested})

@@ -35,6 +35,7 @@ from hierarchical.evaluation.selective_threshold import (
     check_start_coverages,
     choose_selective_threshold,
     guarantee_text,
+    seeded_split,
 )
 from hierarchical.evaluation.temperature_scaling import Array, check_predictions, fit_temperatures
 from hierarchical.options import option
@@ -275,9 +276,7 @@ def split_rows(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray
     """A seeded split of `range(num_samples)` into a `fraction` for calibration and the rest (sorted rows)."""
     if fraction >= 1.0:
         return np.arange(num_samples), None
-    count = calibration_count(num_samples, fraction)
-    order = np.random.default_rng(seed).permutation(num_samples)
-    return np.sort(order[:count]), np.sort(order[count:])
+    return seeded_split(num_samples, calibration_count(num_samples, fraction), seed)
 
 
 def subset_prediction(prediction: PredictionOutput, rows: np.ndarray) -> PredictionOutput:

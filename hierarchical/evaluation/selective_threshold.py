@@ -189,12 +189,17 @@ def choose_selective_threshold(
     return result
 
 
+def seeded_split(num_samples: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of `range(num_samples)` into `count` rows and the rest, each sorted: the one draw behind the
+    calibration part of a validation split and the start images of the threshold search."""
+    order = np.random.default_rng(seed).permutation(num_samples)
+    return np.sort(order[:count]), np.sort(order[count:])
+
+
 def start_split(num_samples: int, start_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The seeded split of `range(num_samples)` (at least 2) into the rows that place the search's starts (the share
     `start_share`, rounded, at least 1 and at most `num_samples - 1`) and the rows tested on (sorted rows)."""
-    count = min(max(round(start_share * num_samples), 1), num_samples - 1)
-    order = np.random.default_rng(seed).permutation(num_samples)
-    return np.sort(order[:count]), np.sort(order[count:])
+    return seeded_split(num_samples, min(max(round(start_share * num_samples), 1), num_samples - 1), seed)
 
 
 def fixed_sequence_tests(
@@ -268,5 +273,6 @@ __all__ = [
     "choose_selective_threshold",
     "fixed_sequence_tests",
     "guarantee_text",
+    "seeded_split",
     "start_split",
 ]
