@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -138,17 +138,12 @@ class HierarchicalEfficientNetV2PreTrainedModel(PreTrainedModel):
             for kind in ("missing_keys", "mismatched_keys")
             for key in info.get(kind) or ()
         }
-        bad = [
-            name
-            for name, value in model.state_dict().items()
-            if name not in not_loaded and value.is_floating_point() and not torch.isfinite(value).all()
-        ]
+        bad = nonfinite_tensors((name, value) for name, value in model.state_dict().items() if name not in not_loaded)
         if bad:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
             raise ValueError(
-                f"the model {str(source)!r} holds NaN or infinite values in {len(bad)} tensors: {shown}; it cannot be "
-                "trained, evaluated or used for predictions"
+                f"the model {str(source)!r} holds {nonfinite_summary(bad)}; it cannot be trained, evaluated or used "
+                "for predictions"
             )
         return (model, info) if wants_info else model
 
@@ -420,6 +415,20 @@ AutoImageProcessor.register(
     HierarchicalEfficientNetV2Config, fast_image_processor_class=HierarchicalImageProcessor, exist_ok=True
 )
 
+
+def nonfinite_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the floating-point tensors of `(name, tensor)` pairs that hold NaN or infinite values: the one
+    test of loaded weights (a saved model's, a checkpoint's file)."""
+    return [name for name, value in tensors if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+def nonfinite_summary(names: list[str]) -> str:
+    """`names` of [`nonfinite_tensors`] as messages give them: "NaN or infinite values in N tensors: a, b, ..."."""
+    return (
+        f"NaN or infinite values in {len(names)} tensors: " + ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    )
+
+
 __all__ = [
     "build_image_processor",
     "HierarchicalEfficientNetV2ForImageClassification",
@@ -429,6 +438,8 @@ __all__ = [
     "hierarchical_log_probabilities",
     "hierarchical_probabilities",
     "load_backbone_state_dict",
+    "nonfinite_summary",
+    "nonfinite_tensors",
     "skip_backbone_weights",
     "selective_answers",
 ]

@@ -28,6 +28,7 @@ from hierarchical.data.hierarchy import Hierarchy
 from hierarchical.data.provenance import folder_tables, tables_difference
 from hierarchical.training.arguments import HierarchicalTrainingArguments
 from hierarchical.training.callbacks import EMA_FILE
+from modeling_hierarchical import nonfinite_summary, nonfinite_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -61,24 +62,12 @@ def safetensors_problem(path: str, shapes: dict[str, tuple[int, ...]] | None = N
     return None
 
 
-def nonfinite_tensors(path: str) -> list[str]:
-    """Names of the floating-point tensors of the safetensors file `path` that hold NaN or infinite values."""
-    bad = []
-    with safe_open(path, framework="pt") as file:
-        for key in file.keys():  # noqa: SIM118
-            value = file.get_tensor(key)
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                bad.append(key)
-    return bad
-
-
 def nonfinite_problem(path: str) -> str | None:
-    """Why the weights in `path` cannot be used: the tensors that hold NaN or infinite values; None if all finite."""
-    bad = nonfinite_tensors(path)
-    if not bad:
-        return None
-    shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
-    return f"{os.path.basename(path)} holds NaN or infinite values in {len(bad)} tensors: {shown}"
+    """Why the weights in the safetensors file `path` cannot be used: the tensors that hold NaN or infinite values
+    ([`nonfinite_tensors`], as the model's own loading finds them); None if all finite."""
+    with safe_open(path, framework="pt") as file:
+        bad = nonfinite_tensors((key, file.get_tensor(key)) for key in file.keys())  # noqa: SIM118
+    return None if not bad else f"{os.path.basename(path)} holds {nonfinite_summary(bad)}"
 
 
 def _torch_file_problem(path: str, keys: tuple[str, ...]) -> str | None:
